@@ -1,0 +1,33 @@
+"""The run config: one YAML file holds every stage's section, mapped onto these dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from activations.config import DataConfig, HarvestConfig, ModelConfig
+from sae.configio import require
+from sae.paths import RunLayout
+
+
+@dataclass
+class RunConfig:
+    """A whole run: where it writes, the model, the text, and each stage's settings."""
+
+    run_dir: str = "runs/demo"
+    """Directory every artifact of the run is written under (layout in sae/paths.py)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_dir), "run_dir", "must be a directory path")
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(Path(self.run_dir))
+
+    @property
+    def store_url(self) -> str:
+        """The activation store: `harvest.store` if given, else `<run_dir>/activations.zarr`."""
+        return self.harvest.store or str(self.layout.activations)
