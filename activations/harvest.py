@@ -48,6 +48,10 @@ class HarvestResult:
     n_tokens: int
     tokens_harvested: int
     """Tokens this rank ran through the model in this call (0 when resuming a complete store)."""
+    shards: list[int]
+    """Shards this rank wrote in this call."""
+    rank: int
+    world_size: int
     seconds: float
 
 
@@ -69,15 +73,17 @@ def harvest(cfg: RunConfig) -> HarvestResult:
     store = ActivationStore.open(cfg.store_url, mode="r+")
     if store.complete:
         log.info("store %s is already complete (%d tokens)", store.url, store.n_tokens)
-        return HarvestResult(store.url, store.n_tokens, 0, 0.0)
+        return HarvestResult(store.url, store.n_tokens, 0, [], rank.rank, rank.world_size, 0.0)
     start = time.perf_counter()
-    harvested, n_windows = _harvest_shards(store, model, hooks, windows, rank, cfg.harvest.batch_size)
+    shards, n_windows = _harvest_shards(store, model, hooks, windows, rank, cfg.harvest.batch_size)
     barrier()
     if rank.is_main:
         finalize(store, n_windows)
     barrier()
     store = ActivationStore.open(cfg.store_url)
-    return HarvestResult(store.url, store.n_tokens, harvested, time.perf_counter() - start)
+    harvested = sum(len(store.geometry.shard_windows(s)) for s in shards) * store.context_size
+    return HarvestResult(store.url, store.n_tokens, harvested, shards, rank.rank, rank.world_size,
+                         time.perf_counter() - start)
 
 
 def _check_context_size(model: Any, context_size: int) -> None:
@@ -164,14 +170,16 @@ def _shards(windows: Iterator[np.ndarray], per_shard: int) -> Iterator[list[np.n
 
 
 def _harvest_shards(store: ActivationStore, model: Any, hooks: list[HookPoint],
-                    windows: Iterator[np.ndarray], rank: RankInfo, batch_size: int) -> tuple[int, int]:
-    """Run this rank's unfinished shards; returns (tokens harvested, windows in the dataset)."""
+                    windows: Iterator[np.ndarray], rank: RankInfo, batch_size: int
+                    ) -> tuple[list[int], int]:
+    """Run this rank's unfinished shards; returns (shards written, windows in the dataset)."""
     geometry, done = store.geometry, store.shards_done()
     mine = [s for s in range(geometry.n_shards) if s % rank.world_size == rank.rank and not done[s]]
     todo_tokens = sum(len(geometry.shard_windows(s)) for s in mine) * geometry.context_size
     bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, disable=not rank.is_main,
                desc=f"harvest {len(mine)} shards")
-    harvested, n_windows, pending = 0, 0, None
+    written: list[int] = []
+    n_windows, pending = 0, None
     with ThreadPoolExecutor(max_workers=1) as writer:  # compress and write while the model runs
         for shard, shard_windows in enumerate(_shards(windows, geometry.windows_per_shard)):
             n_windows += len(shard_windows)
@@ -181,10 +189,10 @@ def _harvest_shards(store: ActivationStore, model: Any, hooks: list[HookPoint],
             activations = _run_shard(model, hooks, token_ids, store.store_dtype, rank, batch_size, bar)
             _wait(pending, store, rank)
             pending = writer.submit(write_shard, store, shard, activations, token_ids)
-            harvested += token_ids.size
+            written.append(shard)
         _wait(pending, store, rank)
     bar.close()
-    return harvested, n_windows
+    return written, n_windows
 
 
 def _wait(pending: Future | None, store: ActivationStore, rank: RankInfo) -> None:

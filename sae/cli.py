@@ -24,6 +24,7 @@ def _harvest(cfg: RunConfig) -> None:
     from activations.harvest import harvest
 
     result = harvest(cfg)
+    print(f"rank {result.rank}/{result.world_size} harvested shards {result.shards}", flush=True)
     if result.tokens_harvested:
         rate = result.tokens_harvested / max(result.seconds, 1e-9)
         logging.getLogger("saeworks").info(

@@ -139,7 +139,12 @@ CASES: tuple[Case, ...] = (
         "gpt2",
         "gpt2",
         lambda: GPT2Config(
-            vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_MLP, n_layer=N_LAYERS, n_head=4, n_positions=64
+            vocab_size=VOCAB,
+            n_embd=D_MODEL,
+            n_inner=D_MLP,
+            n_layer=N_LAYERS,
+            n_head=4,
+            n_positions=64,
         ),
         "transformer.h",
         "transformer.ln_f",
@@ -448,10 +453,11 @@ def test_bad_hook_name_lists_valid_names(name: str) -> None:
     """Unknown or out-of-range names raise HookError listing the valid names and layers."""
     model = _model("llama")
     before = _hook_counts(model)
+    one_good_one_bad = {"blocks.0.hook_resid_post": _zeros, name: _zeros}
     for attempt in (
         lambda: resolve_hook(model, name),
         lambda: capture_activations(model, _ids(), [name]),
-        lambda: hooks_attached(model, {"blocks.0.hook_resid_post": _zeros, name: _zeros}).__enter__(),
+        lambda: hooks_attached(model, one_good_one_bad).__enter__(),
     ):
         with pytest.raises(HookError) as info:
             attempt()

@@ -1,0 +1,26 @@
+"""Shared fixtures: offline settings and the embedded model, loaded once per session."""
+
+from __future__ import annotations
+
+import os
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():  # type: ignore[no-untyped-def]
+    from activations.config import ModelConfig
+    from activations.model import load_tokenizer
+
+    return load_tokenizer(ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def embedded_model():  # type: ignore[no-untyped-def]
+    from activations.config import ModelConfig
+    from activations.model import load_model
+
+    return load_model(ModelConfig(device="cpu"))

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests: small harvest configs and a CLI runner in a fresh process."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def small_harvest_overrides(run_dir: Path, **extra: object) -> list[str]:
+    """Overrides for a quick harvest of the embedded model: shallow hooks, few tokens, tiny shards."""
+    settings: dict[str, object] = {
+        "run_dir": run_dir,
+        "harvest.hooks": "[blocks.2.hook_resid_post,blocks.3.mlp.hook_post]",
+        "harvest.max_tokens": 16 * 64,
+        "harvest.batch_size": 4,
+        "harvest.chunk_tokens": 128,
+        "harvest.chunks_per_shard": 2,
+        "data.context_size": 64,
+        "model.device": "cpu",
+    }
+    settings.update(extra)
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None, timeout: float = 600
+            ) -> subprocess.CompletedProcess:
+    """Run `saeworks ARGS` (or `LAUNCHER -m activations ARGS`) in a fresh process."""
+    command = [*launcher, "-m", "activations", *args] if launcher else [sys.executable, "-m",
+                                                                         "sae.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def shards_printed(stdout: str) -> dict[str, list[int]]:
+    """`{"rank R/W": [shards]}` from the lines `saeworks harvest` prints on every rank."""
+    pattern = r"(rank \d+/\d+) harvested shards (\[[\d, ]*\])"
+    return {rank: list(ast.literal_eval(shards)) for rank, shards in re.findall(pattern, stdout)}
