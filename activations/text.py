@@ -58,6 +58,9 @@ def _open_stream(cfg: DataConfig) -> Any:
 
     path = str(embedded_corpus()) if cfg.path == EMBEDDED else cfg.path
     files = local_files(path)
+    if files is not None and all(os.path.getsize(f) == 0 for f in files):
+        raise DataError(f"data.path: {cfg.path!r} is empty (yielded no text); point it at a "
+                        "non-empty dataset")
     try:
         if files is None:  # a hub dataset, streamed
             stream = datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=True)
@@ -72,7 +75,8 @@ def _open_stream(cfg: DataConfig) -> Any:
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for a missing hub name or bad split
-        raise DataError(f"data.path: cannot load dataset {cfg.path!r} (split {cfg.split!r}): {err}") from err
+        raise DataError(f"data.path: cannot load dataset {cfg.path!r} (split {cfg.split!r}): "
+                        f"{type(err).__name__}: {err}") from err
     if cfg.shuffle_seed is not None:
         stream = stream.shuffle(seed=cfg.shuffle_seed, buffer_size=cfg.shuffle_buffer)
     return stream
