@@ -128,10 +128,12 @@ def _coerce_scalar(hint: Any, value: Any, field: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{field}: expected true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, str):
+        value = _number_or_string(value)  # YAML reads `1e6` (no dot) as a string
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():  # 1e6 is read as a float by YAML
+        if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{field}: expected an integer, got {value!r}")
     if hint is float:
@@ -145,3 +147,10 @@ def _coerce_scalar(hint: Any, value: Any, field: str) -> Any:
             return str(value)
         raise ConfigError(f"{field}: expected a string, got {value!r}")
     raise ConfigError(f"{field}: unsupported config type {hint!r}")
+
+
+def _number_or_string(text: str) -> float | str:
+    try:
+        return float(text.replace("_", ""))
+    except ValueError:
+        return text
