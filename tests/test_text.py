@@ -11,7 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from activations.config import DataConfig
-from activations.text import DataError, excluded_token_ids, iter_documents, iter_windows, pack_windows
+from activations.text import (
+    DataError,
+    excluded_token_ids,
+    iter_documents,
+    iter_windows,
+    pack_windows,
+)
 
 DOCS = [f"Document number {i} talks about topic {i * 7} at some length." for i in range(12)]
 

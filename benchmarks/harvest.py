@@ -1,0 +1,83 @@
+"""Harvester throughput against its limit: a bare HF forward truncated at the same layer.
+
+    python benchmarks/harvest.py                       # embedded SmolLM2, layer 15, fp32 and bf16
+    python benchmarks/harvest.py --dtypes float32 --tokens 32768
+
+Both sides run the same token windows with the same batch size in the same process. The limit is
+the model's own base forward with its block list cut after the hooked layer (no hooks, no copies,
+no disk); the harvester's figure is end to end: tokenising, the forward, the float16 conversion,
+compressing and writing the Zarr store. Prints one line per dtype with the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from activations.config import ModelConfig
+from activations.harvest import harvest
+from activations.model import load_model, load_tokenizer
+from activations.text import iter_windows
+from sae.configio import load_config
+from sae.run_config import RunConfig
+
+
+def bare_truncated_forward(model: torch.nn.Module, windows: np.ndarray, last_layer: int,
+                           batch_size: int) -> float:
+    """Tokens/s of the base model running blocks 0..last_layer only."""
+    base = model.base_model
+    all_layers = base.layers
+    base.layers = all_layers[: last_layer + 1]
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(windows), batch_size):
+                base(input_ids=torch.from_numpy(windows[i:i + batch_size]).long(), use_cache=False)
+        return windows.size / (time.perf_counter() - start)
+    finally:
+        base.layers = all_layers
+
+
+def harvester(cfg: RunConfig) -> float:
+    """Tokens/s of a full harvest into a fresh temporary store."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg.run_dir = run_dir
+        result = harvest(cfg)
+        return result.tokens_harvested / result.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--tokens", type=int, default=16_384)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    args = parser.parse_args()
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    for dtype in args.dtypes:
+        cfg = load_config(RunConfig, None, [
+            f"model.dtype={dtype}", "model.device=cpu", f"harvest.hooks=[{hook}]",
+            f"harvest.max_tokens={args.tokens}", f"harvest.batch_size={args.batch_size}"])
+        model_cfg = ModelConfig(dtype=dtype, device="cpu")
+        windows = np.stack(list(iter_windows(load_tokenizer(model_cfg), cfg.data,
+                                             args.tokens // cfg.data.context_size)))
+        model = load_model(model_cfg)
+        bare_truncated_forward(model, windows[: args.batch_size], args.layer, args.batch_size)  # warm-up
+        limits, ours = [], []
+        for _ in range(args.repeats):  # interleaved: the machine is shared and noisy
+            limits.append(bare_truncated_forward(model, windows, args.layer, args.batch_size))
+            ours.append(harvester(cfg))
+        limit, rate = statistics.median(limits), statistics.median(ours)
+        print(f"harvest: {rate:,.0f} tok/s ({dtype}, {hook}, ctx {cfg.data.context_size}, batch "
+              f"{args.batch_size}, {args.tokens} tokens, float16 store) | bare truncated forward "
+              f"{limit:,.0f} tok/s | ratio {rate / limit:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

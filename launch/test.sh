@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: lint, type check, then every test (slow and distributed ones included).
+# Hardware: any CPU (2 cores suffice). Time: ~3 min on 2 cores after the first run, which also
+#   prepares the embedded model (~20 s) and corpus (~10 s) in the saeworks cache.
+# Run:  bash launch/test.sh            (extra arguments go to pytest, e.g. -m "not slow")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ruff check .
+mypy
+python -m pytest -q "$@"
