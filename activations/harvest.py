@@ -29,7 +29,7 @@ from activations.store import (
     finalize,
     identity_mismatch,
     record_progress,
-    to_numpy,
+    to_storable,
     write_shard,
 )
 from activations.text import DataError, excluded_token_ids, iter_windows
@@ -211,6 +211,8 @@ def _run_shard(model: Any, hooks: list[HookPoint], token_ids: np.ndarray, store_
         batch = torch.from_numpy(token_ids[start:start + batch_size]).to(rank.device, torch.long)
         captured = capture_activations(model, batch, names)
         for hook in hooks:
-            parts[hook.name].append(to_numpy(captured[hook.name].reshape(-1, hook.d), store_dtype))
+            parts[hook.name].append(to_storable(captured[hook.name].reshape(-1, hook.d), store_dtype,
+                                                hook.name))
         bar.update(batch.numel())
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+

@@ -172,11 +172,20 @@ def to_tensor(raw: np.ndarray, store_dtype: str) -> torch.Tensor:
     return tensor
 
 
-def to_numpy(activations: torch.Tensor, store_dtype: str) -> np.ndarray:
-    """Activations to the on-disk representation (bfloat16 as uint16 bits)."""
+def to_storable(activations: torch.Tensor, store_dtype: str, hook: str) -> np.ndarray:
+    """Activations `[rows, d]` to the on-disk representation (bfloat16 as uint16 bits).
+
+    Refuses inf/NaN: float16 overflows above 65,504, which massive activations can reach.
+    """
+    converted = activations.to(getattr(torch, store_dtype))
+    if not torch.isfinite(converted).all():
+        raise StoreError(
+            f"activations of {hook} are not finite in {store_dtype} (float16 overflows above 65504, "
+            "or the model produced NaN); set harvest.store_dtype=bfloat16 or float32"
+        )
     if store_dtype == "bfloat16":
-        return activations.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return activations.to(getattr(torch, store_dtype)).cpu().numpy()
+        return converted.view(torch.int16).cpu().numpy().view(np.uint16)
+    return converted.cpu().numpy()
 
 
 def create_store(url: str, identity: Mapping[str, Any], geometry: StoreGeometry,
