@@ -108,3 +108,36 @@ class HarvestConfig:
         require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         require(self.chunk_tokens > 0, "chunk_tokens", f"must be positive, got {self.chunk_tokens}")
         require(self.chunks_per_shard > 0, "chunks_per_shard", "must be positive")
+
+
+@dataclass
+class ReaderConfig:
+    """How training streams one hook's rows out of the store: shuffled, batched, prefetched."""
+
+    batch_size: int = 4096
+    """Rows per batch. Every rank yields the same number of batches per epoch; the rows of an
+    epoch that do not fill a last whole batch are skipped (a different random set each epoch)."""
+    buffer_chunks: int = 32
+    """Chunks whose rows are shuffled together (a block). Bounds memory: at most
+    (prefetch + 3) x buffer_chunks x chunk size is held at once (~150 MB per block for d=576 float16
+    and 4096-row chunks). More chunks, better mixing of rows from different documents."""
+    seed: int = 0
+    """Seed of the chunk order and of the row shuffles; same seed, same batches."""
+    prefetch: int = 2
+    """Blocks read and shuffled ahead in a background thread, so training never waits on disk."""
+    exclude_first_positions: int | None = None
+    """Leading window positions to skip; None takes the value the store was harvested with
+    (`data.exclude_first_positions`, saved in its `excluded` attributes)."""
+    exclude_special_tokens: bool = True
+    """Skip rows whose token is one of the store's special tokens (BOS/EOS/PAD)."""
+
+    def __post_init__(self) -> None:
+        require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        require(self.buffer_chunks > 0, "buffer_chunks", f"must be positive, got {self.buffer_chunks}")
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
+        require(self.prefetch > 0, "prefetch", f"must be positive, got {self.prefetch}")
+        require(
+            self.exclude_first_positions is None or self.exclude_first_positions >= 0,
+            "exclude_first_positions",
+            f"must be non-negative or null (the store's value), got {self.exclude_first_positions}",
+        )
