@@ -1,0 +1,30 @@
+"""The AuxK loss (Gao et al. 2024, section 2.4): dead latents learn to explain the residual.
+
+Shared by every TopK-family architecture. The top `aux_k` dead latents of each row reconstruct
+the error the live latents left; the loss is that reconstruction's squared error divided by the
+residual's total variance (scale-free, as in EleutherAI's sparsify), weighted by aux_coefficient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sae.base import SparseAutoencoder
+from sae.sparse import encoder_b_dec_grad, selected_pre_activations, sparse_decode
+
+
+def auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, x_centred: torch.Tensor, x: torch.Tensor,
+              x_hat: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
+    """Scalar AuxK loss; zero (with no graph) when no latent is dead."""
+    if dead_mask is None or not bool(dead_mask.any()):
+        return x.new_zeros(())
+    aux_k = min(sae.cfg.aux_k, int(dead_mask.sum()))
+    residual = (x - x_hat).detach()  # [batch, d_in] what the live latents missed
+    with torch.no_grad():
+        _, indices = pre.masked_fill(~dead_mask, float("-inf")).topk(aux_k, dim=1, sorted=False)
+    values = selected_pre_activations(pre, x_centred, sae.W_enc, sae.b_enc, indices)
+    if sae.cfg.apply_b_dec_to_input:
+        values = encoder_b_dec_grad(values, sae.b_dec, sae.W_enc, indices)
+    residual_hat = sparse_decode(indices, values.relu(), sae.W_dec)
+    variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return (residual_hat - residual).pow(2).sum() / variance

@@ -1,0 +1,117 @@
+"""The shared base of every SAE architecture: parameters, encode/decode, typed training output.
+
+Tensor vocabulary: `x` [batch, d_in] inputs; `latents` [batch, d_sae]; W_enc [d_in, d_sae],
+b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] are bare parameters, so the state-dict keys are
+the SAELens file keys. An architecture module subclasses `SparseAutoencoder`, implements
+`encode` and `training_forward`, and registers itself in sae/registry.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from sae.config import SAEConfig
+
+
+class TrainContext(NamedTuple):
+    """What a training step tells the SAE beyond its input."""
+
+    sparsity_coefficient: float
+    """The L1/L0 coefficient after its warm-up (ignored by the TopK family)."""
+    dead_mask: torch.Tensor | None
+    """[d_sae] bool: latents that have not fired for the configured number of tokens (AuxK)."""
+
+
+class TrainOutput(NamedTuple):
+    """One training forward; every architecture returns all fields (zeros where unused)."""
+
+    x_hat: torch.Tensor
+    """[batch, d_in] reconstruction."""
+    loss: torch.Tensor
+    """Scalar to minimise: mse + sparsity_coefficient * sparsity + aux_coefficient * aux."""
+    mse: torch.Tensor
+    """Scalar: squared error summed over d_in, averaged over rows."""
+    sparsity: torch.Tensor
+    """Scalar sparsity penalty before its coefficient (0 for the TopK family)."""
+    aux: torch.Tensor
+    """Scalar auxiliary loss before its coefficient (AuxK; 0 where unused)."""
+    l0: torch.Tensor
+    """Scalar: mean number of active latents per row."""
+    fired: torch.Tensor
+    """[d_sae] bool: latents active on at least one row of the batch."""
+
+
+class SparseAutoencoder(nn.Module):
+    """Encoder, sparsifying nonlinearity, linear decoder. Subclasses define the nonlinearity."""
+
+    architecture: ClassVar[str]
+    unit_norm_decoder: ClassVar[bool] = True
+    """Keep decoder rows at unit norm (projected gradients); the relu recipe leaves them free."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if cfg.d_in is None or cfg.d_sae is None:
+            raise ValueError("SAEConfig must be resolved (d_in, d_sae set) before building an SAE")
+        self.cfg = cfg
+        self.d_in, self.d_sae = cfg.d_in, cfg.d_sae
+        W_dec = torch.randn(self.d_sae, self.d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec * self.initial_decoder_norm())
+        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())  # tied init (Gao et al. 2024, 2.2)
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    def initial_decoder_norm(self) -> float:
+        """Norm of every decoder row at initialisation."""
+        return 1.0
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_sae] encoder pre-activations."""
+        return self.centred(x) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_sae] latent activations, per token (inference)."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[..., d_sae] -> [..., d_in]."""
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
+        """Reconstruction and losses of one batch `[batch, d_in]`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (after each optimiser step, where the recipe asks)."""
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component that would change decoder-row norms (before the step)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    def inference_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors saved for inference (SAELens names); architectures add e.g. `threshold`."""
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+    def inference_cfg(self) -> dict[str, Any]:
+        """SAELens cfg keys of the saved SAE (architecture and its knobs)."""
+        return {"architecture": self.architecture}
+
+
+def mse_per_row(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over d_in, averaged over rows (scalar)."""
+    return (x_hat - x).pow(2).sum(dim=-1).mean()

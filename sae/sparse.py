@@ -1,0 +1,90 @@
+"""Sparse kernels for the TopK family: gradients and decodes that touch only the active latents.
+
+With k active latents out of d_sae, a dense backward through the encoder costs as much as the
+encoder forward again (batch x d_in x d_sae); the active entries need batch x k x d_in. Here the
+dense pre-activations are computed once without autograd, and a custom function gives the
+selected entries a gradient that flows to W_enc, b_enc (and b_dec) through sparse products only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class _SelectedPreActivations(torch.autograd.Function):
+    """values[b, j] = x[b] @ W_enc[:, indices[b, j]] + b_enc[indices[b, j]], sparse backward."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, indices)
+        ctx.d_sae = W_enc.shape[1]
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor) -> tuple[Any, ...]:
+        x, indices = ctx.saved_tensors  # x [batch, d_in], indices [batch, k]
+        batch, k = indices.shape
+        rows = torch.arange(batch, device=x.device).repeat_interleave(k)
+        flat = indices.reshape(-1)
+        grad = grad_values.reshape(-1).to(x.dtype)
+        # Gradient of W_enc^T [d_sae, d_in] = G^T @ x with G the sparse [batch, d_sae] gradient.
+        g_t = torch.sparse_coo_tensor(torch.stack([flat, rows]), grad, (ctx.d_sae, batch),
+                                      check_invariants=False)
+        grad_W_enc = torch.sparse.mm(g_t, x).T if ctx.needs_input_grad[2] else None
+        grad_b_enc = None
+        if ctx.needs_input_grad[3]:
+            grad_b_enc = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=x.device).index_add_(0, flat, grad)
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("the selected pre-activations do not propagate gradients to x")
+        return None, grad_x, grad_W_enc, grad_b_enc, None
+
+
+def selected_pre_activations(pre: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor,
+                             b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Gather `pre` [batch, d_sae] at `indices` [batch, k], differentiable in W_enc and b_enc.
+
+    `pre` must equal x_centred @ W_enc + b_enc (computed without autograd). When b_dec is
+    subtracted from the input, its encoder-side gradient is -W_enc @ (column sums of the sparse
+    gradient); it is added by `encoder_b_dec_grad` below rather than through x.
+    """
+    values = pre.gather(1, indices)
+    return _SelectedPreActivations.apply(values, x_centred.detach(), W_enc, b_enc, indices)
+
+
+class _BDecThroughEncoder(torch.autograd.Function):
+    """Identity on `values` whose backward also sends -W_enc @ colsum(grad) to b_dec."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor,
+                indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(W_enc, indices)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor) -> tuple[Any, ...]:
+        W_enc, indices = ctx.saved_tensors
+        per_latent = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device)
+        per_latent.index_add_(0, indices.reshape(-1), grad_values.reshape(-1).to(W_enc.dtype))
+        return grad_values, -(W_enc.detach() @ per_latent), None, None
+
+
+def encoder_b_dec_grad(values: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor,
+                       indices: torch.Tensor) -> torch.Tensor:
+    """Route the encoder-side gradient of b_dec (input centring) through the selected values."""
+    return _BDecThroughEncoder.apply(values, b_dec, W_enc, indices)
+
+
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """sum_j values[b, j] * W_dec[indices[b, j]]: [batch, d_in] from k active latents per row."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+def dense_latents(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """Scatter k active latents per row into a dense [batch, d_sae] tensor."""
+    return torch.zeros(values.shape[0], d_sae, dtype=values.dtype, device=values.device).scatter_(
+        1, indices, values)

@@ -1,0 +1,62 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations of each token, ReLU'd.
+
+Training touches only the active latents: one dense encoder matmul without autograd, then the
+selected entries get a sparse gradient and a sparse (embedding-bag) decode, see sae/sparse.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sae.auxk import auxk_loss
+from sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
+from sae.sparse import dense_latents, encoder_b_dec_grad, selected_pre_activations, sparse_decode
+
+
+class TopKSAE(SparseAutoencoder):
+    """Exactly k active latents per token, at training and at inference."""
+
+    architecture = "topk"
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) [batch, k] of the latents this architecture keeps."""
+        return pre.topk(self.cfg.k, dim=-1, sorted=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
+        x_centred = self.centred(x)
+        with torch.no_grad():
+            pre = x_centred @ self.W_enc + self.b_enc  # [batch, d_sae], no graph
+            _, indices = self.select(pre)
+        values = self.active_values(pre, x_centred, indices)  # [batch, k]
+        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        mse = mse_per_row(x, x_hat)
+        aux = auxk_loss(self, pre, x_centred, x, x_hat, ctx.dead_mask)
+        active = values > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[indices[active]] = True
+        return TrainOutput(x_hat, mse + self.cfg.aux_coefficient * aux, mse, x.new_zeros(()), aux,
+                           active.sum(dim=1).float().mean(), fired)
+
+    def active_values(self, pre: torch.Tensor, x_centred: torch.Tensor,
+                      indices: torch.Tensor) -> torch.Tensor:
+        """ReLU of the selected pre-activations, differentiable through sparse kernels."""
+        values = selected_pre_activations(pre, x_centred, self.W_enc, self.b_enc, indices)
+        if self.cfg.apply_b_dec_to_input:
+            values = encoder_b_dec_grad(values, self.b_dec, self.W_enc, indices)
+        return values.relu()
+
+    def inference_cfg(self) -> dict[str, Any]:
+        return {"architecture": "topk", "k": self.cfg.k}
+
+    def dense_training_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, d_sae] latents as training sees them (for tests against the dense path)."""
+        pre = self.pre_activations(x)
+        values, indices = self.select(pre.detach())
+        return dense_latents(indices, pre.gather(1, indices).relu(), self.d_sae)
