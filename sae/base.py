@@ -94,7 +94,7 @@ class SparseAutoencoder(nn.Module):
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (after each optimiser step, where the recipe asks)."""
         if self.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:

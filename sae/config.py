@@ -41,7 +41,8 @@ class SAEConfig:
     """Subtract b_dec from the input before encoding (Gao et al. 2024's b_pre)."""
 
     def __post_init__(self) -> None:
-        require(self.expansion_factor > 0, "expansion_factor", f"must be positive, got {self.expansion_factor}")
+        require(self.expansion_factor > 0, "expansion_factor",
+                f"must be positive, got {self.expansion_factor}")
         require(self.d_sae is None or self.d_sae > 0, "d_sae", f"must be positive, got {self.d_sae}")
         require(self.d_in is None or self.d_in > 0, "d_in", f"must be positive, got {self.d_in}")
         require(self.k > 0, "k", f"must be positive, got {self.k}")

@@ -58,5 +58,5 @@ class TopKSAE(SparseAutoencoder):
     def dense_training_latents(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, d_sae] latents as training sees them (for tests against the dense path)."""
         pre = self.pre_activations(x)
-        values, indices = self.select(pre.detach())
+        _, indices = self.select(pre.detach())
         return dense_latents(indices, pre.gather(1, indices).relu(), self.d_sae)
