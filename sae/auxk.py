@@ -18,10 +18,12 @@ def auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, x_centred: torch.Tensor
     """Scalar AuxK loss; zero (with no graph) when no latent is dead."""
     if dead_mask is None or not bool(dead_mask.any()):
         return x.new_zeros(())
-    aux_k = min(sae.cfg.aux_k, int(dead_mask.sum()))
+    dead = dead_mask.nonzero().squeeze(1)  # [n_dead] latent ids
+    aux_k = min(sae.cfg.aux_k if sae.cfg.aux_k is not None else sae.d_in // 2, len(dead))
     residual = (x - x_hat).detach()  # [batch, d_in] what the live latents missed
-    with torch.no_grad():
-        _, indices = pre.masked_fill(~dead_mask, float("-inf")).topk(aux_k, dim=1, sorted=False)
+    with torch.no_grad():  # top aux_k among the dead columns only
+        _, local = pre.index_select(1, dead).topk(aux_k, dim=1, sorted=False)
+        indices = dead[local]  # [batch, aux_k]
     values = selected_pre_activations(pre, x_centred, sae.W_enc, sae.b_enc, indices)
     if sae.cfg.apply_b_dec_to_input:
         values = encoder_b_dec_grad(values, sae.b_dec, sae.W_enc, indices)

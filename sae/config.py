@@ -33,8 +33,9 @@ class SAEConfig:
     """Initial threshold of every latent (jumprelu)."""
     matryoshka_prefixes: list[int] | None = None
     """Nested dictionary sizes, ascending, the last one d_sae (matryoshka_batchtopk)."""
-    aux_k: int = 512
-    """Dead latents used by the AuxK loss per token (Gao et al. 2024, section 2.4: 512)."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss per token; None: d_in // 2, as EleutherAI's sparsify
+    (Gao et al. 2024, section 2.4, used 512 for far wider models)."""
     aux_coefficient: float = 1 / 32
     """Weight of the AuxK loss (Gao et al. 2024: 1/32)."""
     apply_b_dec_to_input: bool = True
@@ -46,7 +47,7 @@ class SAEConfig:
         require(self.d_sae is None or self.d_sae > 0, "d_sae", f"must be positive, got {self.d_sae}")
         require(self.d_in is None or self.d_in > 0, "d_in", f"must be positive, got {self.d_in}")
         require(self.k > 0, "k", f"must be positive, got {self.k}")
-        require(self.aux_k > 0, "aux_k", f"must be positive, got {self.aux_k}")
+        require(self.aux_k is None or self.aux_k > 0, "aux_k", f"must be positive, got {self.aux_k}")
         require(self.l1_coefficient >= 0, "l1_coefficient", "must be non-negative")
         require(self.l0_coefficient >= 0, "l0_coefficient", "must be non-negative")
         require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth", "must be positive")

@@ -34,7 +34,7 @@ class _SelectedPreActivations(torch.autograd.Function):
         # Gradient of W_enc^T [d_sae, d_in] = G^T @ x with G the sparse [batch, d_sae] gradient.
         g_t = torch.sparse_coo_tensor(torch.stack([flat, rows]), grad, (ctx.d_sae, batch),
                                       check_invariants=False)
-        grad_W_enc = torch.sparse.mm(g_t, x).T if ctx.needs_input_grad[2] else None
+        grad_W_enc = torch.sparse.mm(g_t, x).T.contiguous() if ctx.needs_input_grad[2] else None
         grad_b_enc = None
         if ctx.needs_input_grad[3]:
             grad_b_enc = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=x.device).index_add_(0, flat, grad)
