@@ -32,7 +32,7 @@ class TopKSAE(SparseAutoencoder):
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
         with torch.no_grad():
-            pre = x_centred @ self.W_enc + self.b_enc  # [batch, d_sae], no graph
+            pre = torch.addmm(self.b_enc, x_centred, self.W_enc)  # [batch, d_sae], no graph
             _, indices = self.select(pre)
         values = self.active_values(pre, x_centred, indices)  # [batch, k]
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
