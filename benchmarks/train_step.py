@@ -24,19 +24,8 @@ from activations.reader import ActivationReader
 from activations.store import ActivationStore
 from sae.base import TrainContext
 from sae.config import SAEConfig
+from sae.limits import matmul_seconds
 from sae.registry import ARCHITECTURES, create_sae
-
-
-def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Median time of one [batch, d_in] @ [d_in, d_sae] matmul."""
-    x, w = torch.randn(batch, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
-    x @ w
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x @ w
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_seconds(cfg: SAEConfig, reader: ActivationReader, scale: float, steps: int,
