@@ -60,7 +60,7 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(self.d_sae, self.d_in)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec * self.initial_decoder_norm())
-        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())  # tied init (Gao et al. 2024, 2.2)
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())  # tied init (Gao et al. 2.2)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
 
@@ -106,6 +106,11 @@ class SparseAutoencoder(nn.Module):
     def inference_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors saved for inference (SAELens names); architectures add e.g. `threshold`."""
         return {name: p.detach() for name, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def load_inference_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the weights from tensors named as `inference_tensors` names them (the inverse)."""
+        self.load_state_dict({name: tensors[name] for name in self.state_dict()})
 
     def inference_cfg(self) -> dict[str, Any]:
         """SAELens cfg keys of the saved SAE (architecture and its knobs)."""

@@ -1,6 +1,7 @@
 """`saeworks`: one console command, a subcommand per stage.
 
     saeworks harvest CONFIG [key=value ...]
+    saeworks train CONFIG [key=value ...]
 
 Every expected failure (bad config, unknown hook, missing data, a store from another run) ends
 with one line saying what was wrong and how to fix it, and a non-zero exit status.
@@ -16,8 +17,12 @@ from collections.abc import Callable, Sequence
 
 from sae.configio import ConfigError, load_config
 from sae.run_config import RunConfig
+from train.errors import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 143
+"""SIGTERM stopped training after a checkpoint (128 + SIGTERM, as a shell reports a killed job):
+not a success, since the SAEs are not trained yet; rerun with train.resume=true."""
 
 
 def _harvest(cfg: RunConfig) -> None:
@@ -33,8 +38,23 @@ def _harvest(cfg: RunConfig) -> None:
     print(f"activation store: {result.store_url} ({result.n_tokens} tokens)")
 
 
+def _train(cfg: RunConfig) -> None:
+    from train.run import train
+
+    result = train(cfg)
+    if result.rank != 0:
+        return
+    for sae in result.saes:
+        if sae.path is not None:
+            print(f"saved SAE {sae.name} to {sae.path} (FVU {sae.fvu:.4f}, L0 {sae.l0:.1f})")
+    if not result.finished:
+        print(f"stopped after {result.tokens} tokens (train.stop_after_tokens); checkpoint "
+              f"{result.checkpoint}; rerun with train.resume=true to continue")
+
+
 STAGES: dict[str, tuple[Callable[[RunConfig], None], str]] = {
     "harvest": (_harvest, "run the model over the dataset and write activations to a Zarr store"),
+    "train": (_train, "train the SAEs of the `train:` section on stored (or on-the-fly) activations"),
 }
 
 
@@ -44,8 +64,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from activations.model import ModelLoadError
     from activations.store import StoreError
     from activations.text import DataError
+    from sae.io import SAEFormatError
+    from sae.registry import UnknownArchitectureError
+    from train.errors import CheckpointError, TrainingDivergedError
 
-    return (ConfigError, HookError, DataError, StoreError, ModelLoadError, CorpusError)
+    return (ConfigError, HookError, DataError, StoreError, ModelLoadError, CorpusError,
+            UnknownArchitectureError, SAEFormatError, CheckpointError, TrainingDivergedError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"saeworks {args.stage}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingInterrupted as err:
+        print(f"saeworks {args.stage}: {err}; a checkpoint was written: rerun with "
+              "train.resume=true to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -51,6 +51,7 @@ class SAEConfig:
         require(self.l1_coefficient >= 0, "l1_coefficient", "must be non-negative")
         require(self.l0_coefficient >= 0, "l0_coefficient", "must be non-negative")
         require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth", "must be positive")
+        require(self.jumprelu_init_threshold > 0, "jumprelu_init_threshold", "must be positive")
         if self.d_sae is not None:
             require(self.k <= self.d_sae, "k", f"k={self.k} exceeds d_sae={self.d_sae}")
 

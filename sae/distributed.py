@@ -69,3 +69,42 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _launched_distributed() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
+
+
+def _active() -> bool:
+    return _launched_distributed() and torch.distributed.is_initialized()
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average every tensor over ranks in place, through ONE flattened buffer (no-op in one process).
+
+    One collective per call however many tensors: the trainer passes every SAE's gradients plus the
+    step's small statistics, so a step costs one all-reduce.
+    """
+    if not _active() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])  # [sum of numels]
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `[rows, ...]` tensor (same shape on all ranks) in rank order."""
+    if not _active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's JSON-able object, in rank order (a one-element list in one process)."""
+    if not _active():
+        return [obj]
+    gathered: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

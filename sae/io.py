@@ -9,6 +9,11 @@
 Training runs on inputs scaled by `input_scale`; saving folds that scale into the weights, so a
 saved SAE works on the model's raw activations. A directory is written to a temporary sibling and
 renamed into place: a killed save never leaves a half-written SAE that looks complete.
+
+Saved architectures are SAELens': relu saves as "standard", topk as "topk", and jumprelu,
+batchtopk and matryoshka_batchtopk as "jumprelu" (the last two with their one running threshold
+repeated per latent); loading builds the class of sae.registry.SAVED_ARCHITECTURES. The folded
+scale leaves pre-activations (hence thresholds) unchanged: loaded(x) == trained(scale * x) / scale.
 """
 
 from __future__ import annotations
@@ -21,15 +26,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae.base import SparseAutoencoder
 from sae.config import SAEConfig
-from sae.registry import architecture_class
+from sae.configio import ConfigError
+from sae.registry import UnknownArchitectureError, saved_architecture_class
 from sae.version import package_version
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""Written as metadata.sae_lens_version. SAELens 6 (handle_config_defaulting in
+sae_lens/loading/pretrained_sae_loaders.py) treats a cfg.json without a version >= 6.0.0 as the
+flat pre-6 layout and rebuilds `metadata` from top-level keys, which would drop ours."""
+
+METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos",
+                 "dataset_path", "exclude_special_tokens", "seqpos_slice", "model_class_name",
+                 "model_from_pretrained_kwargs", "neuronpedia_id")
+"""SAELens 6 `SAEMetadata` fields, written (None when unknown) so every reader finds them."""
 
 
 class SAEFormatError(ValueError):
@@ -61,7 +78,8 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, input_scale: float =
         "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"hook_head_index": None, **(metadata or {})},
+        "metadata": {**dict.fromkeys(METADATA_KEYS), "sae_lens_version": SAELENS_FORMAT_VERSION,
+                     "sae_lens_training_version": None, **(metadata or {})},
         "saeworks": {"version": package_version(), "training_architecture": sae.architecture,
                      "input_scale": input_scale, "config": vars(sae.cfg)},
     }
@@ -83,26 +101,60 @@ def read_cfg(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CFG_FILE
     if not Path(directory).is_dir():
         raise SAEFormatError(f"no SAE directory at {str(directory)!r}")
-    if not path.is_file() or not (Path(directory) / WEIGHTS_FILE).is_file():
-        raise SAEFormatError(f"{str(directory)!r} is not an SAE directory: it needs {CFG_FILE} and "
-                             f"{WEIGHTS_FILE}")
+    missing = [name for name in (CFG_FILE, WEIGHTS_FILE) if not (Path(directory) / name).is_file()]
+    if missing:
+        raise SAEFormatError(f"{str(directory)!r} is not an SAE directory: it lacks {' and '.join(missing)}")
     try:
-        return dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SAEFormatError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{path} holds a JSON {type(cfg).__name__}, not an object")
+    return cfg
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or an SAEFormatError."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise SAEFormatError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def sae_from_parts(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> SparseAutoencoder:
+    """The inference SAE a SAELens-style cfg and its tensors describe (`where` names them in errors)."""
+    try:
+        cls = saved_architecture_class(str(cfg.get("architecture", "standard")))
+    except UnknownArchitectureError as err:
+        raise UnknownArchitectureError(f"{where}: {err}") from err
+    required = ("d_in", "d_sae", "k") if cls.architecture == "topk" else ("d_in", "d_sae")
+    absent = [key for key in required if key not in cfg]
+    if absent:
+        raise SAEFormatError(f"{where}: {CFG_FILE} lacks {', '.join(absent)}")
+    try:
+        sae = cls(SAEConfig(architecture=cls.architecture, d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),
+                            k=int(cfg.get("k") or 1),
+                            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True))))
+    except (ConfigError, TypeError, ValueError) as err:
+        raise SAEFormatError(f"{where}: bad {CFG_FILE} values: {err}") from err
+    expected = sae.inference_tensors()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise SAEFormatError(f"{where}: the weights lack {', '.join(missing)}")
+    wrong = [f"{name} {tuple(tensors[name].shape)} (expected {tuple(t.shape)})"
+             for name, t in expected.items() if tensors[name].shape != t.shape]
+    if wrong:
+        raise SAEFormatError(f"{where}: wrong tensor shapes: {'; '.join(wrong)}")
+    sae.load_inference_tensors({name: tensors[name].float() for name in expected})
+    return sae
 
 
 def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an SAE directory (ours or SAELens') for inference on raw activations."""
+    """Load an SAE directory (ours or SAELens 6's) for inference on raw activations.
+
+    BatchTopK and Matryoshka SAEs come back as JumpReLU SAEs (their saved, per-token form).
+    Older SAELens layouts: sae.importers.import_saelens.
+    """
     cfg = read_cfg(directory)
-    cls = architecture_class(str(cfg.get("architecture", "standard")))
-    sae_cfg = SAEConfig(architecture=cls.architecture, d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),
-                        k=int(cfg.get("k", 1) or 1),
-                        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
-    sae = cls(sae_cfg)
-    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
-    missing = set(sae.state_dict()) - set(tensors)
-    if missing:
-        raise SAEFormatError(f"{directory}: {WEIGHTS_FILE} lacks {sorted(missing)}")
-    sae.load_state_dict({name: tensors[name] for name in sae.state_dict()})
-    return sae.to(device).eval()
+    tensors = read_tensors(Path(directory) / WEIGHTS_FILE)
+    return sae_from_parts(cfg, tensors, str(directory)).to(device).eval()

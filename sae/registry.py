@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from sae.base import SparseAutoencoder
+from sae.batchtopk import BatchTopKSAE
 from sae.config import SAEConfig
+from sae.jumprelu import JumpReLUSAE
+from sae.matryoshka import MatryoshkaBatchTopKSAE
+from sae.relu import ReLUSAE
 from sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.architecture: cls for cls in (TopKSAE,)
+    cls.architecture: cls
+    for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE)
 }
+"""What can be trained, by the `architecture` string of SAEConfig."""
+
+SAVED_ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    "standard": ReLUSAE,
+    "topk": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+}
+"""What can be loaded: the SAELens `architecture` of a saved cfg.json -> the class that runs it.
+BatchTopK and Matryoshka save as "jumprelu" (a per-token threshold), ReLU as "standard"."""
 
 
 class UnknownArchitectureError(ValueError):
@@ -22,6 +36,16 @@ def architecture_class(name: str) -> type[SparseAutoencoder]:
             f"unknown SAE architecture {name!r}; registered: {', '.join(sorted(ARCHITECTURES))}"
         )
     return ARCHITECTURES[name]
+
+
+def saved_architecture_class(name: str) -> type[SparseAutoencoder]:
+    """The class that loads a saved SAE of SAELens architecture `name`, or an error listing them."""
+    if name not in SAVED_ARCHITECTURES:
+        raise UnknownArchitectureError(
+            f"cannot load SAE architecture {name!r}; loadable (SAELens names): "
+            f"{', '.join(sorted(SAVED_ARCHITECTURES))}; trainable: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return SAVED_ARCHITECTURES[name]
 
 
 def create_sae(cfg: SAEConfig) -> SparseAutoencoder:

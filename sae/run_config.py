@@ -8,6 +8,7 @@ from pathlib import Path
 from activations.config import DataConfig, HarvestConfig, ModelConfig
 from sae.configio import require
 from sae.paths import RunLayout
+from train.config import TrainConfig
 
 
 @dataclass
@@ -19,6 +20,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         require(bool(self.run_dir), "run_dir", "must be a directory path")

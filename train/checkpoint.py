@@ -1,0 +1,146 @@
+"""Checkpoints: everything a resumed run needs to continue exactly, written atomically.
+
+    <run_dir>/checkpoints/tokens-000000409600/
+        state.safetensors   SAE weights (unfolded, as trained), Adam moments and steps,
+                            dead-latent counters
+        state.json          format, step, tokens, input scale, the config fingerprint, and per
+                            rank its batch-source position and its torch/numpy/python RNG states
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a directory
+named `tokens-*` is always complete; older ones are removed after the new one is in place.
+Resuming compares the fingerprint (everything that shapes the trajectory: SAEs, data, batch size,
+world size, recipe) and refuses a checkpoint made under another config, listing the differences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.configio import to_dict
+from train.config import TrainConfig
+from train.data import SourceInfo
+from train.errors import CheckpointError
+from train.plan import TrainPlan
+
+FORMAT_VERSION = 1
+PREFIX = "tokens-"
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+FREE_FIELDS = ("resume", "log_every_steps", "wandb", "wandb_mode", "wandb_project", "device",
+               "checkpoint_every_tokens", "stop_after_tokens", "store", "saes", "reader.prefetch",
+               "reader.batch_size")
+"""Fields that may change between a run and its resumption: they do not change the trajectory
+(`store` is compared by content, `saes` resolved, the reader's batch size is derived)."""
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint read back from disk."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint with the most tokens under `root`, if any."""
+    found = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def write_checkpoint(root: Path, tokens: int, tensors: dict[str, torch.Tensor],
+                     state: dict[str, Any]) -> Path:
+    """Write atomically under `root` (rank 0 only); remove older checkpoints once it is in place."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"{PREFIX}{tokens:012d}"
+    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / STATE_TENSORS))
+        (scratch / STATE_JSON).write_text(json.dumps({"format": FORMAT_VERSION, **state}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(scratch, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for older in root.glob(f"{PREFIX}*"):
+        if older.name < final.name:
+            shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    state = json.loads((path / STATE_JSON).read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state.get('format')!r}; this "
+                                      f"version reads format {FORMAT_VERSION}")
+    return Checkpoint(path, load_file(str(path / STATE_TENSORS)), state)
+
+
+def fingerprint(cfg: TrainConfig, plan: TrainPlan, info: SourceInfo) -> dict[str, Any]:
+    """Flat `{dotted field: value}` of everything a resumed run must share with the saved one."""
+    flat = _flatten({"train": to_dict(cfg)})
+    free = tuple(f"train.{name}" for name in FREE_FIELDS)
+    flat = {key: value for key, value in flat.items() if not key.startswith(free)}
+    flat.update(_flatten({"train.saes": [to_dict(sae) for sae in plan.saes]}))
+    flat.update(_flatten({"data": info.identity, "world_size": plan.world_size}))
+    return dict(json.loads(json.dumps(flat)))  # as it reads back from JSON (tuples -> lists)
+
+
+def check_fingerprint(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint made under another config, listing every difference."""
+    keys = sorted(set(saved) | set(current))
+    diffs = [f"{k}: {saved.get(k, '<unset>')!r} in the checkpoint, {current.get(k, '<unset>')!r} now"
+             for k in keys if saved.get(k, "<unset>") != current.get(k, "<unset>")]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written under another config ({'; '.join(diffs)}); restore "
+            "those values, use another run_dir, or delete the checkpoints to start over")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(tree, list | tuple) and any(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, value in enumerate(tree):
+            out.update(_flatten(value, f"{prefix}[{i}]"))
+        return out | {f"{prefix}.count": len(tree)}
+    return {prefix: tree}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's torch (and CUDA), numpy and python RNG states, JSON-able."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [kind, np.asarray(keys).tolist(), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)

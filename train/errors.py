@@ -1,0 +1,15 @@
+"""The expected ways a training run ends early, each with a message that says what to do."""
+
+from __future__ import annotations
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss or weight became NaN/Inf: the run stops, and no SAE is saved from it."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM arrived: a checkpoint was written at the next step boundary, then the run stopped."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (another config) or would be overwritten without resume."""

@@ -1,0 +1,136 @@
+"""`train.source: model`: activations made on the fly by the model, never written to disk.
+
+The same code as the harvester makes the rows: `iter_windows` packs the configured text into the
+same deterministic window stream, `capture_activations` runs the model just far enough to read the
+hook. Windows are grouped into blocks of `model_buffer_rows` rows (the bounded shuffle buffer);
+block b belongs to rank b mod world size, as harvest shards do. A block's kept rows (excluded
+positions and special tokens dropped) are shuffled by a permutation seeded by (reader seed,
+epoch, rank, block), and batches are cut from the concatenation of the rank's shuffled blocks. The
+position (epoch, block, rows taken from it) is a checkpoint's resume point: resuming recomputes
+that one block and continues exactly. When the text runs out, the next epoch starts over with the
+same windows and new row shuffles. A row's id is the store row it would have had:
+window * context_size + position.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from activations.harvest import _check_context_size
+from activations.hooks import HookPoint, capture_activations, resolve_hook
+from activations.model import load_model, load_tokenizer, resolve_source
+from activations.reader import ReaderBatch
+from activations.text import DataError, excluded_token_ids, iter_windows
+from sae.distributed import RankInfo
+from sae.run_config import RunConfig
+from train.data import SourceInfo
+
+
+class LoadedModel(NamedTuple):
+    model: Any
+    tokenizer: Any
+    hook: HookPoint
+
+
+def open_model(cfg: RunConfig, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]:
+    """Load the model on this rank's device and bind the hook (HookError lists the valid names)."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, rank.device)
+    hook = resolve_hook(model, cfg.train.hook or cfg.harvest.hooks[0])
+    _check_context_size(model, cfg.data.context_size)
+    data, reader = cfg.data, cfg.train.reader
+    first = data.exclude_first_positions if reader.exclude_first_positions is None else \
+        reader.exclude_first_positions
+    special = excluded_token_ids(tokenizer, data) if reader.exclude_special_tokens else []
+    source = resolve_source(cfg.model)
+    identity = {"model": {**source.identity, "dtype": cfg.model.dtype}, "hook": hook.name,
+                "dataset": {"path": data.path, "name": data.name, "split": data.split,
+                            "text_field": data.text_field, "shuffle_seed": data.shuffle_seed,
+                            "shuffle_buffer": data.shuffle_buffer, "prepend_bos": data.prepend_bos},
+                "context_size": data.context_size, "excluded": [first, special]}
+    metadata = {"model_name": source.identity["name"], "hook_name": hook.name,
+                "context_size": data.context_size, "prepend_bos": data.prepend_bos,
+                "dataset_path": data.path, "exclude_special_tokens": special or False,
+                "seqpos_slice": [first, None]}
+    info = SourceInfo(hook.name, hook.d, f"hook {hook.name} of model {cfg.model.name!r}", identity,
+                      metadata)
+    return LoadedModel(model, tokenizer, hook), info
+
+
+class ModelSource:
+    """This rank's shuffled rows of the model's activations at one hook (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, info: SourceInfo, cfg: RunConfig, batch_size: int,
+                 rank: RankInfo) -> None:
+        self.loaded, self.cfg, self.batch_size, self.rank = loaded, cfg, batch_size, rank
+        self.context = cfg.data.context_size
+        self.windows_per_block = max(1, cfg.train.model_buffer_rows // self.context)
+        self.first_positions, self.special = info.metadata["seqpos_slice"][0], info.identity["excluded"][1]
+        self.seed = cfg.train.reader.seed
+        self.position = (0, rank.rank, 0)  # (epoch, block, rows of that block already yielded)
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, block, offset = self.position
+        return {"epoch": epoch, "block": block, "offset": offset, "world_size": self.rank.world_size,
+                "batch_size": self.batch_size, "windows_per_block": self.windows_per_block}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        wrong = [k for k in ("world_size", "batch_size", "windows_per_block") if state.get(k) != mine[k]]
+        if wrong:
+            raise ValueError(f"model source state was saved with other {', '.join(wrong)}")
+        self.position = (int(state["epoch"]), int(state["block"]), int(state["offset"]))
+
+    def __iter__(self) -> Iterator[ReaderBatch]:
+        epoch, block, offset = self.position
+        carry: list[tuple[torch.Tensor, torch.Tensor]] = []  # a batch begun in an earlier block
+        while True:
+            blocks = 0
+            for index, activations, rows in self._blocks(epoch, block):
+                blocks += 1
+                while offset < len(rows):
+                    take = min(self.batch_size - sum(len(r) for _, r in carry), len(rows) - offset)
+                    carry.append((activations[offset:offset + take], rows[offset:offset + take]))
+                    offset += take
+                    if sum(len(r) for _, r in carry) == self.batch_size:
+                        done = offset == len(rows)
+                        self.position = (epoch, index + self.rank.world_size, 0) if done else \
+                            (epoch, index, offset)
+                        yield ReaderBatch(torch.cat([a for a, _ in carry]), torch.cat([r for _, r in carry]))
+                        carry = []
+                offset = 0
+            if blocks == 0 and block == self.rank.rank:
+                raise DataError(f"data.path: dataset {self.cfg.data.path!r} has too few windows to "
+                                f"give each of {self.rank.world_size} processes a block of "
+                                f"{self.windows_per_block} windows; lower train.model_buffer_rows")
+            epoch, block = epoch + 1, self.rank.rank
+
+    def _blocks(self, epoch: int, first: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(block index, [kept rows, d] shuffled activations, [kept rows] row ids) of this rank's
+        blocks from block `first` on."""
+        windows = iter_windows(self.loaded.tokenizer, self.cfg.data, sys.maxsize)
+        index = 0
+        while block := list(islice(windows, self.windows_per_block)):
+            if index >= first and index % self.rank.world_size == self.rank.rank:
+                yield index, *self._block_rows(epoch, index, np.stack(block))
+            index += 1
+
+    def _block_rows(self, epoch: int, index: int, token_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        model, hook, device = self.loaded.model, self.loaded.hook, self.rank.device
+        parts, step = [], self.cfg.harvest.batch_size  # windows per forward pass, as the harvester
+        for start in range(0, len(token_ids), step):
+            ids = torch.from_numpy(token_ids[start:start + step]).to(device, torch.long)
+            parts.append(capture_activations(model, ids, [hook.name])[hook.name].reshape(-1, hook.d))
+        activations = torch.cat(parts)  # [windows * context, d]
+        keep = (np.arange(token_ids.size) % self.context >= self.first_positions) & \
+            ~np.isin(token_ids.reshape(-1), np.asarray(self.special, dtype=np.int64))
+        kept = np.flatnonzero(keep)
+        kept = kept[np.random.default_rng([self.seed, epoch, self.rank.rank, index]).permutation(len(kept))]
+        rows = torch.from_numpy(kept + index * self.windows_per_block * self.context)
+        return activations[torch.from_numpy(kept).to(device)], rows
