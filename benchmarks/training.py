@@ -9,7 +9,8 @@ SAE on windows the store does not hold (later windows of the same seeded text st
 - CE-loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), next-token cross-entropy with the
   SAE's reconstruction spliced in at its hook (clean activations kept at the excluded positions,
   which training never saw), versus the hook zero-ablated at the same positions;
-- dead latents: never active on the held-out rows.
+- dead latents: silent for `train.dead_after_tokens` training tokens at the end (the trainer's
+  counter), and never active on the held-out rows (a small sample: rare latents look dead there).
 The limit is the encoder matmul [batch, d_in] @ [d_in, d_sae] in float32 on this machine,
 measured in the same run. One line of figures at the end.
 """
@@ -17,6 +18,7 @@ measured in the same run. One line of figures at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -109,12 +111,15 @@ def main() -> None:
         sae = load_sae(cfg.layout.sae(sae_cfg.display_name))
         hook = cfg.train.hook or store.hooks[0]
         scores = quality(cfg, sae, hook, store.geometry.n_windows, args.held_out_windows)
+        last = json.loads(cfg.layout.metrics.read_text().splitlines()[-1])
+        trained_dead = last["dead"] / sae.d_sae  # silent for train.dead_after_tokens tokens
     limit = cfg.train.batch_size / matmul_seconds(cfg.train.batch_size, sae.d_in, sae.d_sae, torch.float32)
     rate = store.n_tokens / seconds
     print(f"train: {rate:,.0f} tok/s end to end ({sae_cfg.display_name}, {store.n_tokens:,} tokens, one "
           f"pass, {cfg.train.autocast}, {torch.get_num_threads()} threads) | encoder matmul limit "
           f"{limit:,.0f} tok/s | ratio {rate / limit:.2f} | held-out FVU {scores['fvu']:.3f}, L0 "
-          f"{scores['l0']:.1f}, dead {scores['dead']:.2%}, CE recovered {scores['ce_recovered']:.3f} "
+          f"{scores['l0']:.1f}, dead {trained_dead:.2%} (training) {scores['dead']:.2%} (held-out rows), "
+          f"CE recovered {scores['ce_recovered']:.3f} "
           f"(clean {scores['ce_clean']:.3f}, SAE {scores['ce_sae']:.3f}, zero {scores['ce_zero']:.3f})")
 
 

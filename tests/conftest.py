@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,3 +27,12 @@ def embedded_model():  # type: ignore[no-untyped-def]
     from activations.model import load_model
 
     return load_model(ModelConfig(device="cpu"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny shapes run fastest, and steadiest on a busy machine, with one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ shared math (batch-level top-k, geometric median) is right."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,13 +52,7 @@ def sparse_data(n: int, seed: int = 1, n_features: int = 48, active: int = 3) ->
     return x * math.sqrt(D_IN / float(x.pow(2).sum(dim=1).mean()))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These shapes are tiny: one thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is fastest
 
 
 def train(sae: SparseAutoencoder, x: torch.Tensor, steps: int, coefficient: float,

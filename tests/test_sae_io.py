@@ -4,7 +4,6 @@ layout, atomic saves, clear errors, and the SAELens / sparsify importers."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,7 @@ METADATA = {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post", "cont
             "prepend_bos": True, "dataset_path": "some/dataset", "seqpos_slice": [1, None]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is fastest
 
 
 def trained_like(architecture: str) -> SparseAutoencoder:
