@@ -8,6 +8,7 @@ the SAELens file keys. An architecture module subclasses `SparseAutoencoder`, im
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -44,7 +45,7 @@ class TrainOutput(NamedTuple):
     """[d_sae] bool: latents active on at least one row of the batch."""
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(nn.Module, ABC):
     """Encoder, sparsifying nonlinearity, linear decoder. Subclasses define the nonlinearity."""
 
     architecture: ClassVar[str]
@@ -75,9 +76,9 @@ class SparseAutoencoder(nn.Module):
         """[..., d_sae] encoder pre-activations."""
         return self.centred(x) @ self.W_enc + self.b_enc
 
+    @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae] latent activations, per token (inference)."""
-        raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[..., d_sae] -> [..., d_in]."""
@@ -86,9 +87,9 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    @abstractmethod
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         """Reconstruction and losses of one batch `[batch, d_in]`."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
