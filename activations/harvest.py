@@ -20,7 +20,13 @@ import torch
 from tqdm import tqdm
 
 from activations.hooks import HookPoint, capture_activations, resolve_hooks
-from activations.model import load_model, load_tokenizer, model_revision, resolve_source
+from activations.model import (
+    check_context_size,
+    load_model,
+    load_tokenizer,
+    model_revision,
+    resolve_source,
+)
 from activations.store import (
     ActivationStore,
     StoreError,
@@ -61,7 +67,7 @@ def harvest(cfg: RunConfig) -> HarvestResult:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, rank.device)
     hooks = resolve_hooks(model, cfg.harvest.hooks)
-    _check_context_size(model, cfg.data.context_size)
+    check_context_size(model, cfg.data.context_size)
     windows = _windows_or_error(tokenizer, cfg)
     geometry = StoreGeometry.plan(cfg.harvest.max_tokens // cfg.data.context_size,
                                   cfg.data.context_size, cfg.harvest.chunk_tokens,
@@ -84,15 +90,6 @@ def harvest(cfg: RunConfig) -> HarvestResult:
     harvested = sum(len(store.geometry.shard_windows(s)) for s in shards) * store.context_size
     return HarvestResult(store.url, store.n_tokens, harvested, shards, rank.rank, rank.world_size,
                          time.perf_counter() - start)
-
-
-def _check_context_size(model: Any, context_size: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and context_size > limit:
-        raise ConfigError(
-            f"data.context_size: {context_size} exceeds the model's maximum of {limit} positions; "
-            f"set data.context_size={min(limit, 1024)} or less"
-        )
 
 
 def _windows_or_error(tokenizer: Any, cfg: RunConfig) -> Iterator[np.ndarray]:

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from activations.config import ModelConfig
+from sae.configio import ConfigError
 from sae.paths import cache_root
 from sae.version import package_version
 
@@ -141,3 +142,13 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     plain.load_state_dict(quantised.state_dict(), strict=True)
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def check_context_size(model: PreTrainedModel, context_size: int) -> None:
+    """Refuse windows longer than the model's position embeddings, naming the field to change."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context_size > limit:
+        raise ConfigError(
+            f"data.context_size: {context_size} exceeds the model's maximum of {limit} positions; "
+            f"set data.context_size={min(limit, 1024)} or less"
+        )

@@ -26,6 +26,7 @@ from sae.base import TrainContext
 from sae.config import SAEConfig
 from sae.limits import matmul_seconds
 from sae.registry import ARCHITECTURES, create_sae
+from train.schedule import sparsity_coefficient
 
 
 def step_seconds(cfg: SAEConfig, reader: ActivationReader, scale: float, steps: int,
@@ -34,7 +35,7 @@ def step_seconds(cfg: SAEConfig, reader: ActivationReader, scale: float, steps: 
     torch.manual_seed(0)
     sae = create_sae(cfg)
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 * (2**14 / sae.d_sae) ** 0.5)
-    context = TrainContext(cfg.l1_coefficient if cfg.architecture == "relu" else 0.0, None)
+    context = TrainContext(sparsity_coefficient(cfg), None)
     batches, times = iter(reader), []
     for step in range(steps + 2):
         start = time.perf_counter()

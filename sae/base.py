@@ -49,6 +49,8 @@ class SparseAutoencoder(nn.Module, ABC):
     """Encoder, sparsifying nonlinearity, linear decoder. Subclasses define the nonlinearity."""
 
     architecture: ClassVar[str]
+    sparsity_coefficient_field: ClassVar[str | None] = None
+    """SAEConfig field weighting this architecture's sparsity penalty (None: no penalty, TopK family)."""
     unit_norm_decoder: ClassVar[bool] = True
     """Keep decoder rows at unit norm (projected gradients); the relu recipe leaves them free."""
 

@@ -73,6 +73,7 @@ class JumpReLUSAE(SparseAutoencoder):
     """Per-latent learned thresholds; L0 penalty; unit-norm decoder rows."""
 
     architecture = "jumprelu"
+    sparsity_coefficient_field = "l0_coefficient"
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

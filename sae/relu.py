@@ -21,6 +21,7 @@ class ReLUSAE(SparseAutoencoder):
     """ReLU latents, L1 penalty weighted by decoder-row norms."""
 
     architecture = "relu"
+    sparsity_coefficient_field = "l1_coefficient"
     unit_norm_decoder = False
 
     def initial_decoder_norm(self) -> float:

@@ -22,9 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from activations.harvest import _check_context_size
 from activations.hooks import HookPoint, capture_activations, resolve_hook
-from activations.model import load_model, load_tokenizer, resolve_source
+from activations.model import check_context_size, load_model, load_tokenizer, resolve_source
 from activations.reader import ReaderBatch
 from activations.text import DataError, excluded_token_ids, iter_windows
 from sae.distributed import RankInfo
@@ -43,7 +42,7 @@ def open_model(cfg: RunConfig, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, rank.device)
     hook = resolve_hook(model, cfg.train.hook or cfg.harvest.hooks[0])
-    _check_context_size(model, cfg.data.context_size)
+    check_context_size(model, cfg.data.context_size)
     data, reader = cfg.data, cfg.train.reader
     first = data.exclude_first_positions if reader.exclude_first_positions is None else \
         reader.exclude_first_positions

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from sae.config import SAEConfig
+from sae.registry import architecture_class
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,7 @@ def default_lr(d_sae: int) -> float:
 
 
 def sparsity_coefficient(cfg: SAEConfig) -> float:
-    """The configured weight of an architecture's sparsity penalty before its warm-up.
-
-    JumpReLU penalises L0 (`l0_coefficient`); the ReLU recipe penalises L1 (`l1_coefficient`); the
-    TopK family has no penalty and ignores the value.
-    """
-    return cfg.l0_coefficient if cfg.architecture.startswith("jumprelu") else cfg.l1_coefficient
+    """The configured weight of an architecture's sparsity penalty before its warm-up (0 for the
+    TopK family, which has none); each architecture names its field."""
+    field = architecture_class(cfg.architecture).sparsity_coefficient_field
+    return float(getattr(cfg, field)) if field else 0.0
