@@ -65,8 +65,14 @@ class DataConfig:
     residual norm ~50x the median (see README)."""
     exclude_special_tokens: bool = True
     """Also skip rows whose token is a special token (BOS/EOS/PAD between documents)."""
+    holdout_fraction: float = 0.05
+    """Fraction of documents set aside for evaluation, chosen by a hash of each document's text
+    (so the split does not depend on order, seed or process): harvesting and on-the-fly training
+    never see them; `saeworks evaluate` reads only them. 0 disables the split."""
 
     def __post_init__(self) -> None:
+        require(0 <= self.holdout_fraction < 1, "holdout_fraction",
+                f"must be in [0, 1), got {self.holdout_fraction}")
         require(self.context_size >= 2, "context_size", f"must be at least 2, got {self.context_size}")
         require(self.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1")
         require(

@@ -152,3 +152,20 @@ def check_context_size(model: PreTrainedModel, context_size: int) -> None:
             f"data.context_size: {context_size} exceeds the model's maximum of {limit} positions; "
             f"set data.context_size={min(limit, 1024)} or less"
         )
+
+
+def model_config_of_store(identity: dict[str, Any], device: str = "auto") -> ModelConfig:
+    """The ModelConfig that loads the model a store was harvested from (its `identity` attribute)."""
+    model = identity.get("model", {})
+    if not model.get("name"):
+        raise ModelLoadError("the store does not record which model made it (identity.model.name)")
+    embedded = model.get("gguf_file") == EMBEDDED_GGUF and model["name"] == EMBEDDED_ORIGIN
+    return ModelConfig(name=EMBEDDED if embedded else model["name"],
+                       revision=None if embedded else model.get("revision"),
+                       gguf_file=None if embedded else model.get("gguf_file"),
+                       dtype=model.get("dtype", "float32"), device=device)
+
+
+def model_name(cfg: ModelConfig) -> str:
+    """The name artifacts record for this model (what SAE metadata.model_name and stores hold)."""
+    return str(resolve_source(cfg).identity["name"])

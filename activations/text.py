@@ -9,6 +9,7 @@ gives the same windows, which is what lets a killed harvest resume and processes
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -82,8 +83,19 @@ def _open_stream(cfg: DataConfig) -> Any:
     return stream
 
 
-def iter_documents(cfg: DataConfig) -> Iterator[str]:
-    """The dataset's texts in the configured order (non-string and empty texts skipped)."""
+def is_held_out(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split: a hash of its text, so the split is the
+    same whatever the order, the shuffle seed or the process that reads it."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def iter_documents(cfg: DataConfig, held_out: bool = False) -> Iterator[str]:
+    """The dataset's texts in the configured order (non-string and empty texts skipped): the
+    training split by default, or only the held-out documents (`data.holdout_fraction`)."""
+    if held_out and cfg.holdout_fraction == 0:
+        raise DataError("data.holdout_fraction is 0, so there are no held-out documents to evaluate "
+                        "on; set it (e.g. 0.05) and harvest again, or evaluate on a store")
     for row in _open_stream(cfg):
         if cfg.text_field not in row:
             raise DataError(
@@ -91,7 +103,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
                 f"are {', '.join(row)}"
             )
         text = row[cfg.text_field]
-        if isinstance(text, str) and text:
+        if isinstance(text, str) and text and is_held_out(text, cfg.holdout_fraction) == held_out:
             yield text
 
 
@@ -127,9 +139,11 @@ def _tokenized(texts: Iterator[str], tokenizer: Any) -> Iterator[list[int]]:
         yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
 
 
-def iter_windows(tokenizer: Any, cfg: DataConfig, max_windows: int) -> Iterator[np.ndarray]:
-    """At most `max_windows` token windows `[context_size]` of the configured text."""
+def iter_windows(tokenizer: Any, cfg: DataConfig, max_windows: int, held_out: bool = False
+                 ) -> Iterator[np.ndarray]:
+    """At most `max_windows` token windows `[context_size]` of the configured text (of its
+    training documents, or of its held-out ones)."""
     bos, separator = separator_ids(tokenizer)
-    tokens = _tokenized(iter_documents(cfg), tokenizer)
+    tokens = _tokenized(iter_documents(cfg, held_out), tokenizer)
     windows = pack_windows(tokens, cfg.context_size, bos if cfg.prepend_bos else None, separator)
     return islice(windows, max_windows)

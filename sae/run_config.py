@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from activations.config import DataConfig, HarvestConfig, ModelConfig
+from eval.config import AnalyzeConfig, EvaluateConfig
 from sae.configio import require
 from sae.paths import RunLayout
 from train.config import TrainConfig
@@ -21,6 +22,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
     def __post_init__(self) -> None:
         require(bool(self.run_dir), "run_dir", "must be a directory path")

@@ -51,7 +51,8 @@ def open_model(cfg: RunConfig, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]
     identity = {"model": {**source.identity, "dtype": cfg.model.dtype}, "hook": hook.name,
                 "dataset": {"path": data.path, "name": data.name, "split": data.split,
                             "text_field": data.text_field, "shuffle_seed": data.shuffle_seed,
-                            "shuffle_buffer": data.shuffle_buffer, "prepend_bos": data.prepend_bos},
+                            "shuffle_buffer": data.shuffle_buffer, "prepend_bos": data.prepend_bos,
+                             "holdout_fraction": data.holdout_fraction},
                 "context_size": data.context_size, "excluded": [first, special]}
     metadata = {"model_name": source.identity["name"], "hook_name": hook.name,
                 "context_size": data.context_size, "prepend_bos": data.prepend_bos,
