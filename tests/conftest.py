@@ -36,3 +36,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A real store of the embedded model and a small TopK SAE trained on it (tests/eval_helpers.py).
+    Shared and read-only: tests that write copy what they change."""
+    from tests.eval_helpers import build_tiny_run
+
+    return build_tiny_run(tmp_path_factory.mktemp("tiny-run"))

@@ -1,0 +1,72 @@
+"""A tiny real run shared by the evaluation, analysis and dictionary tests.
+
+The embedded model's early layer over a few windows of the embedded text, a small TopK SAE
+trained on that store: real activations, real tokens, a real SAE, in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae.configio import load_config
+from sae.run_config import RunConfig
+
+TINY_HOOK = "blocks.3.hook_resid_post"
+TINY_CONTEXT = 32
+TINY_WINDOWS = 96
+TINY_SAE_NAME = "topk-k8-256"
+
+
+def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
+    """Config overrides of the tiny run: 96 windows of 32 tokens, layer 3, a 256-latent TopK."""
+    settings: dict[str, object] = {
+        "run_dir": run_dir,
+        "model.device": "cpu",
+        "data.context_size": TINY_CONTEXT,
+        "harvest.hooks": f"[{TINY_HOOK}]",
+        "harvest.max_tokens": TINY_WINDOWS * TINY_CONTEXT,
+        "harvest.batch_size": 16,
+        "harvest.chunk_tokens": 256,
+        "harvest.chunks_per_shard": 4,
+        "harvest.store_dtype": "float32",
+        "train.saes": "[{k: 8, d_sae: 256}]",
+        "train.total_tokens": 256 * 60,
+        "train.batch_size": 256,
+        "train.lr": 3e-3,
+        "train.init_sample_rows": 512,
+        "train.wandb": "false",
+        "train.device": "cpu",
+        "train.reader.buffer_chunks": 4,
+        "train.dead_after_tokens": 4096,
+        "evaluate.held_out_tokens": 8 * TINY_CONTEXT,
+        "evaluate.batch_size": 4,
+        "evaluate.device": "cpu",
+        "analyze.batch_size": 512,
+        "analyze.top_n": 5,
+        "analyze.bands": 2,
+        "analyze.samples_per_band": 2,
+        "analyze.context_before": 6,
+        "analyze.context_after": 2,
+        "analyze.device": "cpu",
+    }
+    settings.update(extra)
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    cfg: RunConfig
+    store_url: str
+    sae_dir: Path
+
+
+def build_tiny_run(run_dir: Path) -> TinyRun:
+    """Harvest and train the tiny run under `run_dir` (about 15 s on 2 cores)."""
+    from activations.harvest import harvest
+    from train.run import train
+
+    cfg = load_config(RunConfig, None, tiny_overrides(run_dir))
+    harvest(cfg)
+    train(cfg)
+    return TinyRun(cfg, cfg.store_url, cfg.layout.sae(TINY_SAE_NAME))
