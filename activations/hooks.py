@@ -39,12 +39,14 @@ class ArchitectureMap:
     """Block submodule whose output is exactly what the MLP adds to the residual stream."""
     mlp_down: str
     """The MLP's output projection: its input is the MLP's hidden activation (`mlp.hook_post`)."""
+    final_norm: str
+    """Dotted path from the causal-LM module to the norm applied before the unembedding."""
 
 
-_LLAMA_LIKE = ArchitectureMap("model.layers", "self_attn", "mlp", "mlp.down_proj")
+_LLAMA_LIKE = ArchitectureMap("model.layers", "self_attn", "mlp", "mlp.down_proj", "model.norm")
 # Gemma 2/3 normalise each sublayer's output before adding it to the residual stream.
 _GEMMA2_LIKE = ArchitectureMap(
-    "model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "mlp.down_proj"
+    "model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "mlp.down_proj", "model.norm"
 )
 ARCHITECTURES: dict[str, ArchitectureMap] = {
     "llama": _LLAMA_LIKE,
@@ -54,8 +56,10 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _GEMMA2_LIKE,
     "gemma3_text": _GEMMA2_LIKE,
-    "gpt2": ArchitectureMap("transformer.h", "attn", "mlp", "mlp.c_proj"),
-    "gpt_neox": ArchitectureMap("gpt_neox.layers", "attention", "mlp", "mlp.dense_4h_to_h"),
+    "gpt2": ArchitectureMap("transformer.h", "attn", "mlp", "mlp.c_proj", "transformer.ln_f"),
+    "gpt_neox": ArchitectureMap(
+        "gpt_neox.layers", "attention", "mlp", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"
+    ),
 }
 
 

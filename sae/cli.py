@@ -2,6 +2,9 @@
 
     saeworks harvest CONFIG [key=value ...]
     saeworks train CONFIG [key=value ...]
+    saeworks evaluate SAE_DIR [CONFIG | STORE] [key=value ...] [--out metrics.json]
+    saeworks analyze SAE_DIR [CONFIG | STORE] [key=value ...] [--out DICTIONARY_DIR]
+    saeworks run CONFIG [key=value ...]          harvest, train, evaluate, analyze, report
 
 Every expected failure (bad config, unknown hook, missing data, a store from another run) ends
 with one line saying what was wrong and how to fix it, and a non-zero exit status.
@@ -14,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from sae.configio import ConfigError, load_config
 from sae.run_config import RunConfig
@@ -52,9 +56,67 @@ def _train(cfg: RunConfig) -> None:
               f"{result.checkpoint}; rerun with train.resume=true to continue")
 
 
+def _run(cfg: RunConfig) -> None:
+    from eval.pipeline import run_pipeline
+
+    summary = run_pipeline(cfg)
+    if not summary.is_main:
+        return
+    print(f"\nactivation store: {summary.store}")
+    for path in summary.saes:
+        name = path.name
+        values = summary.metrics.get(name, {}).get("metrics", {})
+        print(f"SAE {name}: {path}")
+        print(f"  metrics: {path / 'metrics.json'}  " + _headline(values))
+    for directory in summary.dictionaries:
+        print(f"feature dictionary: {directory}  (report: {directory / 'report.md'})")
+    if summary.report is not None:
+        print(f"run report: {summary.report}")
+    print("times: " + ", ".join(f"{t.stage} {t.seconds:.0f} s" for t in summary.times)
+          + f" (total {sum(t.seconds for t in summary.times):.0f} s)")
+    if summary.dictionaries:
+        print(f"open it: python -c \"from eval.dictionary import FeatureDictionary; "
+              f"d = FeatureDictionary.open('{summary.dictionaries[0]}'); print(d.feature(0))\"")
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    """The figures a user looks at first, on one line."""
+    names = (("fvu", "FVU"), ("l0", "L0"), ("ce_recovered", "CE recovered"), ("kl", "KL"),
+             ("dead_fraction", "dead"))
+    return ", ".join(f"{label} {metrics[key]:.3f}" for key, label in names
+                     if isinstance(metrics.get(key), float))
+
+
 STAGES: dict[str, tuple[Callable[[RunConfig], None], str]] = {
     "harvest": (_harvest, "run the model over the dataset and write activations to a Zarr store"),
     "train": (_train, "train the SAEs of the `train:` section on stored (or on-the-fly) activations"),
+    "run": (_run, "harvest, train, evaluate and analyze from one config, then write the run report"),
+}
+
+
+def _evaluate(sae_dir: Path, cfg: RunConfig, store: str | None, out: Path | None) -> None:
+    from eval.pipeline import evaluate_sae
+
+    report, path = evaluate_sae(sae_dir, cfg, store, out)
+    print(report.table())
+    print(f"metrics: {path}")
+
+
+def _analyze(sae_dir: Path, cfg: RunConfig, store: str | None, out: Path | None) -> None:
+    from eval.pipeline import build_dictionary
+
+    built = build_dictionary(sae_dir, cfg, store, out)
+    for line in built.summary:
+        print(line)
+    print(f"analysed {built.tokens_per_s:,.0f} tokens/s ({built.seconds:.1f} s)")
+    print(f"feature dictionary: {built.directory} (report: {built.directory / 'report.md'})")
+
+
+SAE_STAGES: dict[str, tuple[Callable[[Path, RunConfig, str | None, Path | None], None], str]] = {
+    "evaluate": (_evaluate, "measure an SAE (reconstruction, sparsity, CE-loss recovered, KL) and "
+                            "write metrics.json"),
+    "analyze": (_analyze, "analyse every feature of an SAE over a store and write its feature "
+                          "dictionary"),
 }
 
 
@@ -64,12 +126,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from activations.model import ModelLoadError
     from activations.store import StoreError
     from activations.text import DataError
+    from eval.dictionary import DictionaryError
+    from eval.evaluate import EvaluationError
     from sae.io import SAEFormatError
     from sae.registry import UnknownArchitectureError
     from train.errors import CheckpointError, TrainingDivergedError
 
     return (ConfigError, HookError, DataError, StoreError, ModelLoadError, CorpusError,
-            UnknownArchitectureError, SAEFormatError, CheckpointError, TrainingDivergedError)
+            UnknownArchitectureError, SAEFormatError, CheckpointError, TrainingDivergedError,
+            EvaluationError, DictionaryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,22 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", nargs="?", help="YAML run config (defaults: the embedded demo)")
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="override any config field, dotted for sections: harvest.max_tokens=20000")
+    for name, (_, help_text) in SAE_STAGES.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("sae_dir", type=Path, help="an SAE directory (cfg.json + sae_weights.safetensors)")
+        sub.add_argument("target", nargs="?",
+                         help="a YAML run config (held-out documents of its dataset; its run's store) "
+                              "or an activation store URL (its rows; the model it was made with)")
+        sub.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="override config fields, e.g. evaluate.held_out_tokens=32768")
+        sub.add_argument("--out", type=Path, default=None,
+                         help="where to write (default: SAE_DIR/metrics.json for evaluate, "
+                              "<run_dir>/dictionaries/<sae name> for analyze)")
     return parser
+
+
+def split_target(target: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(config file, store URL, overrides) from the optional TARGET argument of evaluate/analyze."""
+    if target is None:
+        return None, None, overrides
+    if "=" in target and not Path(target).exists():
+        return None, None, [target, *overrides]
+    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
+        return target, None, overrides
+    return None, target, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
-    if args.config is not None and "=" in args.config:  # only overrides were given
+    if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
         overrides.insert(0, args.config)
         args.config = None
     is_main = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    stage, _ = STAGES[args.stage]
     try:
-        cfg = load_config(RunConfig, args.config, overrides)
-        stage(cfg)
+        if args.stage in SAE_STAGES:
+            config, store, overrides = split_target(args.target, overrides)
+            cfg = load_config(RunConfig, config, overrides)
+            SAE_STAGES[args.stage][0](args.sae_dir, cfg, store, args.out)
+        else:
+            cfg = load_config(RunConfig, args.config, overrides)
+            STAGES[args.stage][0](cfg)
     except _user_errors() as err:
         print(f"saeworks {args.stage}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

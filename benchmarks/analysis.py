@@ -1,0 +1,89 @@
+"""Feature-analysis throughput on a store, against the SAE encoder matmul limit.
+
+    python benchmarks/analysis.py --store runs/demo/activations.zarr --sae runs/demo/saes/NAME
+    python benchmarks/analysis.py --store STORE --sae SAE --max-tokens 65536 --model   # + logit effects
+
+The analysis (eval/analysis.py) makes two passes over the same rows: pass 1 (count, sum, max,
+top-N with contexts), pass 2 (histograms, band samples with contexts). Each pass covers every row
+of the windows it reads, excluded rows included. Pass 2 replays pass 1's non-zero activations up
+to `--replay-bytes` (default 1 GiB) and encodes only the rest again, so the SAE encodes each row
+between once and twice: `encode passes` in the output. Then weight-only work: decoder neighbours,
+and logit effects when `--model` loads the store's model. Tokens/s counts the analysed (kept)
+rows over all of that. The limit is one bare [batch, d_in] @ [d_in, d_sae] float32 matmul per
+batch of rows, measured in the same run: the analysis cannot beat rows / matmul time / encode
+passes. Prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from activations.model import load_model, model_config_of_store
+from activations.store import ActivationStore
+from eval.analysis import REPLAY_BYTES, analyze_features
+from eval.config import AnalyzeConfig
+from sae.base import SparseAutoencoder
+from sae.io import load_sae, read_cfg
+from sae.limits import matmul_seconds
+
+
+def encode_seconds(sae: SparseAutoencoder, store: ActivationStore, hook: str, rows: int) -> float:
+    """Median time of `sae.encode` on one batch of the store's rows: the SAE's own cost per pass."""
+    x = store.read_rows(hook, 0, rows).float().to(sae.W_enc.device)
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            start = time.perf_counter()
+            sae.encode(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--sae", required=True, help="SAE directory")
+    parser.add_argument("--hook", default=None, help="default: the SAE's metadata.hook_name, else the first")
+    parser.add_argument("--max-tokens", type=int, default=AnalyzeConfig.max_tokens)
+    parser.add_argument("--batch-size", type=int, default=AnalyzeConfig.batch_size)
+    parser.add_argument("--model", action="store_true", help="load the store's model for logit effects")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--replay-bytes", type=int, default=REPLAY_BYTES,
+                        help="pass 1 activations held for pass 2 (0: encode every row twice)")
+    args = parser.parse_args()
+    store = ActivationStore.open(args.store)
+    hook = args.hook or read_cfg(args.sae).get("metadata", {}).get("hook_name") or store.hooks[0]
+    sae = load_sae(args.sae, args.device)
+    cfg = dataclasses.replace(AnalyzeConfig(), max_tokens=args.max_tokens, batch_size=args.batch_size,
+                              device=args.device)
+    model = None
+    if args.model:
+        model_cfg = dataclasses.replace(model_config_of_store(store.attrs.get("identity", {})),
+                                        device=args.device)
+        model = load_model(model_cfg, args.device)
+    analysis = analyze_features(sae, store, hook, cfg, model, args.device, progress=False,
+                                replay_bytes=args.replay_bytes)
+    info = analysis.info
+    batch = max(1, cfg.batch_size // store.context_size) * store.context_size
+    limit = batch / matmul_seconds(batch, sae.d_in, sae.d_sae, sae.W_enc.dtype)  # rows/s of one encode
+    encode_rate = batch / encode_seconds(sae, store, hook, batch)
+    passes = info["encode_passes"]
+    tokens_per_s = info["tokens_per_s"]
+    per_pass = [info["n_tokens"] / info[f"pass{p}_seconds"] for p in (1, 2)]
+    print(f"analysis: {tokens_per_s:,.0f} tok/s, {sae.d_sae / info['seconds']:,.1f} features/s over "
+          f"{info['n_tokens']:,} tokens (d_in {sae.d_in}, d_sae {sae.d_sae}, batch {batch}; "
+          f"{info['rows_per_pass']:,} rows per pass, {passes:.2f} encode passes) | encoder matmul limit "
+          f"{limit:,.0f} tok/s per encode, {limit / passes:,.0f} for {passes:.2f} | ratio "
+          f"{tokens_per_s / (limit / passes):.2f} of that limit | pass 1 {per_pass[0]:,.0f} tok/s "
+          f"({per_pass[0] / limit:.2f} of one matmul; sae.encode alone {encode_rate:,.0f} tok/s, "
+          f"{encode_rate / limit:.2f}), pass 2 {per_pass[1]:,.0f} tok/s | neighbours "
+          f"{info['neighbour_seconds']:.1f} s, logit effects {info['logit_seconds']:.1f} s "
+          f"({info['logit_effects']})", flush=True)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,527 @@
+"""The streaming feature analysis: per-latent statistics and contexts of one SAE over a store.
+
+Two passes over the same rows, in store order, in batches of whole windows:
+
+1. count, sum and max of every latent, and its top-N activating rows;
+2. (max now known) a fine histogram of every latent over (0, max], from which the output histogram
+   and the quantiles come, and uniform samples from each activation band below the top.
+
+Pass 2 reuses pass 1's encoding: the non-zero (row, latent, value) entries of pass 1 are held,
+12 bytes each, up to `replay_bytes` (default 1 GiB: ~2.8M tokens at L0 32), and only the batches
+after those are read and encoded again. So a store that fits is encoded once, a larger one at most
+twice, and memory stays bounded whatever the number of tokens.
+
+Batches hold whole windows and every window's rows are encoded, excluded ones too (positions before
+the store's `first_positions`, special tokens: they are not analysed, but they do appear in
+contexts, with the activation the SAE gives them). So the context of any row lies in the batch
+that holds the row: a top-N row or band sample takes its context when it enters its table, and no
+third pass is needed. A batch is `batch_size // context_size` windows (at least one).
+
+Memory: the tables below, O(d_sae x slots); one batch ([batch, d_sae] inside `sae.encode`, then
+only its non-zero entries); the bounded replay. Nothing is ever [n_tokens, d_sae]. All per-batch
+work is batched over the batch's non-zero entries; no Python loop runs per latent.
+
+Tables (`SlotTable`) keep, per group, the entries with the smallest keys: top-N uses the negated
+activation (ties: the earlier row wins), bands use a seed-free hash of (row, latent), i.e. priority
+sampling, so band samples are a uniform sample without replacement of the band's rows outside the
+top-N. Both are exact functions of the data: the result does not depend on the batch size.
+
+Histogram resolution: each latent's (0, max] is cut into `SUB_BINS` x histogram_bins equal
+sub-bins (summed down for the output histogram); quantiles interpolate torch.quantile's linear
+rule within them and are within max / (SUB_BINS x histogram_bins) of the exact value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from activations.rows import RowSelection
+from activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
+from eval.config import AnalyzeConfig
+from eval.features import Contexts, FeatureAnalysis
+from eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
+from sae.base import SparseAutoencoder
+from sae.topk import TopKSAE
+
+SUB_BINS = 8
+"""Fine histogram sub-bins per output bin: the quantiles' resolution is max / (SUB_BINS x bins)."""
+EMPTY_KEY = 1 << 32
+"""Key of an empty table slot: larger than every real key (real keys are below 2^32)."""
+_KEY_BITS = 33
+_MASK32 = 0xFFFFFFFF
+_FLOAT_KEY_BASE = 0x7FFFFFFF
+_CONTEXT_QUERIES = 1 << 20
+"""Context look-ups done at once (bounds the temporaries of a large first batch)."""
+
+
+class WindowBatch(NamedTuple):
+    """Consecutive whole windows of a store, every row (kept or not)."""
+
+    start: int
+    """Store row of the first row (a window boundary)."""
+    x: torch.Tensor
+    """[rows, d] float32 activations."""
+    tokens: torch.Tensor
+    """[rows] int64 token ids."""
+    keep: torch.Tensor
+    """[rows] bool: rows analysed (not excluded, within max_rows)."""
+
+    def to(self, device: torch.device) -> WindowBatch:
+        return WindowBatch(self.start, self.x.to(device), self.tokens.to(device), self.keep.to(device))
+
+
+def window_batches(store: ActivationStore, hook: str, selection: RowSelection, windows_per_batch: int,
+                   first_window: int = 0, kept_before: int = 0) -> Iterator[WindowBatch]:
+    """Batches of `windows_per_batch` whole windows in store order, until `selection.max_rows` kept
+    rows. Kept rows are those `activations.rows.iter_kept_rows` yields; a thread reads one batch ahead.
+    `first_window`, `kept_before`: resume after the batches that held that many kept rows."""
+    store.require_complete()
+    if hook not in store.hooks:
+        raise StoreError(f"store {store.url!r} has no hook {hook!r}; it holds {', '.join(store.hooks)}")
+    context, n_windows = store.context_size, store.n_tokens // store.context_size
+    values, token_ids = store.array(hook), store.array(TOKEN_IDS)
+    special = torch.tensor(selection.special_token_ids, dtype=torch.int64)
+    limit = selection.max_rows if selection.max_rows is not None else store.n_tokens
+
+    def read(first_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = first_window * context
+        stop = min(first_window + windows_per_batch, n_windows) * context
+        x = to_tensor(np.asarray(values[start:stop]), store.store_dtype).float()
+        return x, torch.from_numpy(np.asarray(token_ids[start:stop]).astype(np.int64))
+
+    starts = range(first_window, n_windows, windows_per_batch)
+    kept = kept_before
+    if kept >= limit:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, starts[0]) if starts else None
+        for i, first_window in enumerate(starts):
+            assert pending is not None
+            x, tokens = pending.result()
+            pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+            positions = torch.arange(x.shape[0]) % context
+            keep = (positions >= selection.first_positions) & ~torch.isin(tokens, special)
+            keep &= keep.cumsum(0) <= limit - kept
+            kept += int(keep.sum())
+            yield WindowBatch(first_window * context, x, tokens, keep)
+            if kept >= limit:
+                break
+
+
+class EncodedBatch:
+    """A window batch's SAE activations as their non-zero entries, sorted by (row, latent)."""
+
+    def __init__(self, batch: WindowBatch, local: torch.Tensor, features: torch.Tensor,
+                 values: torch.Tensor, d_sae: int, context_size: int) -> None:
+        self.batch = batch
+        self.local = local.long()
+        """[nnz] int64: row within the batch."""
+        self.features = features.long()
+        """[nnz] int64: latent."""
+        self.values = values
+        """[nnz] float32 > 0: activation."""
+        self.d_sae, self.context_size = d_sae, context_size
+        self._keys = self.local * d_sae + self.features  # [nnz] ascending
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """[nnz] bool: entries on analysed rows."""
+        return self.batch.keep[self.local]
+
+    def lookup(self, local: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Activations at (row within batch, latent) pairs of any shape (0 where inactive)."""
+        if self._keys.numel() == 0:
+            return torch.zeros(local.shape, device=local.device)
+        wanted = local * self.d_sae + features
+        at = torch.searchsorted(self._keys, wanted).clamp_(max=self._keys.numel() - 1)
+        return torch.where(self._keys[at] == wanted, self.values[at], 0.0)
+
+    def contexts(self, local: torch.Tensor, features: torch.Tensor, before: int, after: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [n, C] int32 (-1 outside the window) and latent activations [n, C] float32 (0 outside)
+        at offsets -before..after of each (row, latent), within the row's window."""
+        offsets = torch.arange(-before, after + 1, device=local.device)  # [C]
+        tokens = torch.empty(local.shape[0], offsets.shape[0], dtype=torch.int32, device=local.device)
+        acts = torch.empty(tokens.shape, device=local.device)
+        step = max(1, _CONTEXT_QUERIES // offsets.shape[0])
+        for lo in range(0, local.shape[0], step):
+            rows, feats = local[lo:lo + step], features[lo:lo + step]
+            position = (rows % self.context_size)[:, None] + offsets  # [n, C], batches start at windows
+            inside = (position >= 0) & (position < self.context_size)
+            target = torch.where(inside, rows[:, None] + offsets, 0)
+            tokens[lo:lo + step] = torch.where(inside, self.batch.tokens[target], -1).int()
+            found = self.lookup(target, feats[:, None].expand_as(target))
+            acts[lo:lo + step] = torch.where(inside, found, 0.0)
+        return tokens, acts
+
+
+@torch.no_grad()
+def encode_batch(sae: SparseAutoencoder, batch: WindowBatch, context_size: int) -> EncodedBatch:
+    """Encode every row of the batch and keep the non-zero entries.
+
+    A TopK SAE (with its own `encode`) skips the dense [rows, d_sae] result: the entries come
+    straight from the same top-k of the same pre-activations, so the values are identical."""
+    if type(sae).encode is TopKSAE.encode:
+        values, indices = sae.pre_activations(batch.x).topk(sae.cfg.k, dim=-1, sorted=False)  # [B, k]
+        indices, order = indices.sort(dim=1)
+        values = values.gather(1, order).relu()
+        local = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
+        active = values > 0
+        local, features, values = local[active], indices[active], values[active]
+    else:
+        acts = sae.encode(batch.x)  # [B, d_sae]
+        local, features = acts.nonzero(as_tuple=True)
+        values = acts[local, features]
+        del acts
+        active = values > 0
+        local, features, values = local[active], features[active], values[active]
+    return EncodedBatch(batch, local, features, values.float(), sae.d_sae, context_size)
+
+
+class Replay:
+    """Pass 1's encoded batches, held compactly (int32 indices, no input rows) up to `budget` bytes,
+    so that pass 2 re-encodes only the batches after them: one encode pass when all fit."""
+
+    def __init__(self, budget: int, d_sae: int, context_size: int) -> None:
+        self.budget, self.bytes, self.d_sae, self.context_size = budget, 0, d_sae, context_size
+        self.held: deque[tuple[WindowBatch, torch.Tensor, torch.Tensor, torch.Tensor]] = deque()
+        self.complete = True
+        """Every batch offered so far is held."""
+        self.next_window = self.kept = 0
+        """Where reading resumes after the held batches, and the kept rows they hold."""
+
+    def hold(self, encoded: EncodedBatch) -> None:
+        batch = encoded.batch
+        size = encoded.values.numel() * 12 + batch.tokens.numel() * 9
+        if not self.complete or self.bytes + size > self.budget:
+            self.complete = False
+            return
+        self.held.append((batch._replace(x=batch.x.new_empty(0)), encoded.local.int(), encoded.features.int(),
+                          encoded.values))
+        self.bytes += size
+        self.next_window = (batch.start + batch.tokens.shape[0]) // self.context_size
+        self.kept += int(batch.keep.sum())
+
+    def replay(self) -> Iterator[EncodedBatch]:
+        """The held batches in order, each released as it is handed out."""
+        while self.held:
+            batch, local, features, values = self.held.popleft()
+            yield EncodedBatch(batch, local, features, values, self.d_sae, self.context_size)
+
+
+def sample_keys(rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """[n] int64 in [0, 2^32): a seed-free pseudo-random key per (store row, latent), the same on
+    every device (murmur3's 32-bit finaliser in exact int64 arithmetic). Distinct within a latent
+    for rows below 2^32."""
+    key = _fmix32(_mul32(features & _MASK32, 0x9E3779B1) ^ (rows & _MASK32))
+    return _fmix32(key ^ ((rows >> 32) & _MASK32))
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a * c) mod 2^32 for a in [0, 2^32), without int64 overflow."""
+    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def descending_keys(values: torch.Tensor) -> torch.Tensor:
+    """[n] int64 in [0, 2^31): smaller for larger positive float32 values (their bits are monotone)."""
+    return _FLOAT_KEY_BASE - values.contiguous().view(torch.int32).long()
+
+
+ContextFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Candidate indices [n] -> their context tokens [n, C] and activations [n, C]."""
+
+
+class SlotTable:
+    """Per group, the `slots` entries with the smallest keys seen so far, with their contexts.
+
+    Ties go to the entry offered first; entries are offered in store-row order, so to the earlier
+    row. Empty slots have key EMPTY_KEY, row -1, value 0 and zero context.
+    """
+
+    def __init__(self, groups: int, slots: int, width: int, device: torch.device) -> None:
+        self.slots = slots
+        self.keys = torch.full((groups, slots), EMPTY_KEY, dtype=torch.int64, device=device)
+        self.values = torch.zeros(groups, slots, device=device)
+        self.rows = torch.full((groups, slots), -1, dtype=torch.int64, device=device)
+        self.tokens = torch.zeros(groups, slots, width, dtype=torch.int32, device=device)
+        self.context = torch.zeros(groups, slots, width, device=device)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, "rows": self.rows, "tokens": self.tokens,
+                "context": self.context}
+
+    def worst(self, groups: torch.Tensor) -> torch.Tensor:
+        """[n] the key a candidate of each group must beat."""
+        return self.keys[groups, -1]
+
+    def offer(self, groups: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+              context_of: ContextFn) -> None:
+        """Merge candidates (in ascending row order) into their groups' slots; `context_of` is asked
+        only for the candidates that get in."""
+        if groups.numel() == 0:
+            return
+        affected, group_of = torch.unique(groups, return_inverse=True)  # [A], [n]
+        n_affected, slots, n_old = affected.shape[0], self.slots, affected.shape[0] * self.slots
+        device = groups.device
+        all_groups = torch.cat([torch.arange(n_affected, device=device).repeat_interleave(slots), group_of])
+        all_keys = torch.cat([self.keys[affected].flatten(), keys])
+        order = torch.sort((all_groups << _KEY_BITS) | all_keys, stable=True).indices
+        sizes = slots + torch.bincount(group_of, minlength=n_affected)  # [A] entries per group
+        group_start = sizes.cumsum(0) - sizes
+        sorted_groups = all_groups[order]
+        rank = torch.arange(order.shape[0], device=device) - group_start[sorted_groups]
+        source = order[rank < slots]  # [A * slots]: group-major, best first
+        from_old = source < n_old
+        new = ~from_old
+
+        self.keys[affected] = all_keys[source].view(n_affected, slots)
+        self.values[affected] = torch.cat([self.values[affected].flatten(), values])[source].view(
+            n_affected, slots)
+        self.rows[affected] = torch.cat([self.rows[affected].flatten(), rows])[source].view(n_affected, slots)
+        width = self.tokens.shape[2]
+        old_tokens = self.tokens[affected].view(n_old, width)
+        old_context = self.context[affected].view(n_old, width)
+        tokens = torch.empty_like(old_tokens)
+        context = torch.empty_like(old_context)
+        tokens[from_old] = old_tokens[source[from_old]]
+        context[from_old] = old_context[source[from_old]]
+        tokens[new], context[new] = context_of(source[new] - n_old)
+        self.tokens[affected] = tokens.view(n_affected, slots, width)
+        self.context[affected] = context.view(n_affected, slots, width)
+
+    def contexts(self, groups_per_row: int = 1) -> Contexts:
+        """The table as `Contexts` on the CPU, `groups_per_row` consecutive groups per output row."""
+        rows = self.keys.shape[0] // groups_per_row
+        width = self.tokens.shape[2]
+        return Contexts(self.values.reshape(rows, -1).cpu(), self.rows.reshape(rows, -1).cpu(),
+                        self.tokens.reshape(rows, -1, width).cpu(),
+                        self.context.reshape(rows, -1, width).cpu())
+
+
+class TopPass:
+    """Pass 1: count, sum, max and the top-N rows of every latent."""
+
+    def __init__(self, d_sae: int, cfg: AnalyzeConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.count = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.max = torch.zeros(d_sae, device=device)
+        self.top = SlotTable(d_sae, cfg.top_n, cfg.context_before + 1 + cfg.context_after, device)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count, "sum": self.sum, "max": self.max,
+                **{f"top.{k}": v for k, v in self.top.state().items()}}
+
+    def add(self, encoded: EncodedBatch) -> None:
+        kept = encoded.kept
+        local, features, values = encoded.local[kept], encoded.features[kept], encoded.values[kept]
+        self.count += torch.bincount(features, minlength=self.count.shape[0])
+        self.sum.index_add_(0, features, values.double())
+        self.max.scatter_reduce_(0, features, values, "amax")
+        keys = descending_keys(values)
+        better = keys < self.top.worst(features)
+        local, features, values, keys = local[better], features[better], values[better], keys[better]
+        self.top.offer(features, keys, values, local + encoded.batch.start,
+                       lambda i: encoded.contexts(local[i], features[i], self.cfg.context_before,
+                                                  self.cfg.context_after))
+
+
+class DistributionPass:
+    """Pass 2: fine histograms over (0, max] and band samples outside the top-N."""
+
+    def __init__(self, first: TopPass, cfg: AnalyzeConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.max, self.top_rows = first.max, first.top.rows
+        d_sae = self.max.shape[0]
+        self.sub_bins = SUB_BINS * cfg.histogram_bins
+        self.fine = torch.zeros(d_sae, self.sub_bins, dtype=torch.int64, device=device)
+        self.band_edges = band_edges(cfg.bands)
+        self._inner_edges = self.band_edges[1:-1].to(device)  # [bands - 1]
+        self.bands = SlotTable(d_sae * cfg.bands, cfg.samples_per_band,
+                               cfg.context_before + 1 + cfg.context_after, device)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"fine_histogram": self.fine, **{f"bands.{k}": v for k, v in self.bands.state().items()}}
+
+    def add(self, encoded: EncodedBatch) -> None:
+        kept = encoded.kept
+        local, features, values = encoded.local[kept], encoded.features[kept], encoded.values[kept]
+        maxima = self.max[features]
+        sub_bin = fine_bin(values, maxima, self.sub_bins)
+        self.fine.view(-1).index_add_(0, features * self.sub_bins + sub_bin, torch.ones_like(sub_bin))
+        band = (values[:, None] <= self._inner_edges * maxima[:, None]).sum(1)  # [n]
+        groups = features * self.cfg.bands + band
+        rows = local + encoded.batch.start
+        keys = sample_keys(rows, features)
+        chosen = torch.nonzero(keys < self.bands.worst(groups)).squeeze(1)
+        chosen = chosen[~(self.top_rows[features[chosen]] == rows[chosen, None]).any(1)]  # not top-N
+        local, features, values = local[chosen], features[chosen], values[chosen]
+        self.bands.offer(groups[chosen], keys[chosen], values, rows[chosen],
+                         lambda i: encoded.contexts(local[i], features[i], self.cfg.context_before,
+                                                    self.cfg.context_after))
+
+    def histogram(self) -> torch.Tensor:
+        """[d_sae, histogram_bins] int64 on the CPU."""
+        return self.fine.view(self.fine.shape[0], -1, SUB_BINS).sum(-1).cpu()
+
+
+def band_edges(bands: int) -> torch.Tensor:
+    """[bands + 1] float32 fractions of max, descending from 1 to 0; band b is
+    (edges[b + 1] * max, edges[b] * max]."""
+    return torch.tensor([1 - b / bands for b in range(bands + 1)], dtype=torch.float32)
+
+
+def fine_bin(values: torch.Tensor, maxima: torch.Tensor, sub_bins: int) -> torch.Tensor:
+    """[n] int64: sub-bin j of (0, max] holding each value, j covering (j, j + 1] * max / sub_bins."""
+    return ((values / maxima * sub_bins).ceil().long() - 1).clamp_(0, sub_bins - 1)
+
+
+def histogram_quantiles(fine: torch.Tensor, maxima: torch.Tensor, levels: list[float]) -> torch.Tensor:
+    """[d_sae, len(levels)] float32 quantiles from fine histograms [d_sae, S] over (0, max].
+
+    torch.quantile's linear rule: position t = q (n - 1) between sorted elements k = floor(t) and
+    k + 1. Each element is placed inside its (known) sub-bin as if the sub-bin's values were spread
+    evenly, so each is off by less than a sub-bin, and so is their interpolation: error < max / S.
+    """
+    sub_bins = fine.shape[1]
+    n = fine.sum(1)  # [d_sae]
+    cumulative = fine.cumsum(1)  # [d_sae, S]
+    position = torch.tensor(levels, dtype=torch.float64, device=fine.device) * (n - 1).clamp(min=0)[:, None]
+    below = position.floor()
+    width = (maxima.double() / sub_bins)[:, None]
+
+    def element(rank: torch.Tensor) -> torch.Tensor:  # [d_sae, Q] integer ranks -> estimated values
+        j = torch.searchsorted(cumulative, rank.long(), right=True).clamp_(max=sub_bins - 1)
+        in_bin = fine.gather(1, j)
+        before = cumulative.gather(1, j) - in_bin
+        return (j + (rank - before + 0.5) / in_bin.clamp(min=1)) * width
+
+    low = element(below)
+    high = element(torch.minimum(below + 1, (n - 1).clamp(min=0)[:, None].double()))
+    quantiles = low + (position - below) * (high - low)
+    return torch.where(n[:, None] > 0, quantiles, 0.0).float().cpu()
+
+
+def _run_pass(name: str, add: Callable[[EncodedBatch], None], batches: Iterator[tuple[EncodedBatch, bool]],
+              device: torch.device, total: int, progress: bool) -> tuple[float, int, int]:
+    """Feed every (batch, freshly encoded) to `add`; returns (seconds, rows encoded, rows analysed)."""
+    start, encoded_rows, kept_rows = time.perf_counter(), 0, 0
+    with tqdm(total=total, unit="tok", desc=name, disable=not progress) as bar:
+        for encoded, fresh in batches:
+            add(encoded)
+            kept = int(encoded.batch.keep.sum())
+            encoded_rows += encoded.batch.tokens.shape[0] if fresh else 0
+            kept_rows += kept
+            bar.update(kept)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, encoded_rows, kept_rows
+
+
+REPLAY_BYTES = 1 << 30
+"""Default budget for holding pass 1's non-zero activations for pass 2 (12 bytes per entry)."""
+
+
+@torch.no_grad()
+def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, cfg: AnalyzeConfig,
+                     model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
+                     progress: bool = True, replay_bytes: int = REPLAY_BYTES) -> FeatureAnalysis:
+    """Analyse every latent of `sae` over the first `cfg.max_tokens` kept rows of `hook` in `store`.
+
+    The SAE is moved to `device`. `model` (the causal LM the store was harvested with) is used only
+    for logit effects; without it, or for a hook outside the residual stream, those are [d_sae, 0].
+    Pass 1's non-zero activations are held for pass 2 up to `replay_bytes` (0: encode twice); the
+    result is the same either way.
+    """
+    device = torch.device(device)
+    sae = sae.to(device).eval()
+    if store.d(hook) != sae.d_in:
+        raise ValueError(f"the SAE reads {sae.d_in}-wide activations but {hook} in {store.url!r} is "
+                         f"{store.d(hook)} wide")
+    clock = time.perf_counter()
+    selection = RowSelection.of_store(store, cfg.max_tokens)
+    context = store.context_size
+    windows = max(1, cfg.batch_size // context)
+    total = min(cfg.max_tokens or store.n_tokens, store.n_tokens)
+    replay = Replay(replay_bytes, sae.d_sae, context)
+
+    def encoded(first_window: int = 0, kept_before: int = 0) -> Iterator[tuple[EncodedBatch, bool]]:
+        for batch in window_batches(store, hook, selection, windows, first_window, kept_before):
+            yield encode_batch(sae, batch.to(device), context), True
+
+    def first_pass() -> Iterator[tuple[EncodedBatch, bool]]:
+        for item in encoded():
+            replay.hold(item[0])
+            yield item
+
+    def second_pass() -> Iterator[tuple[EncodedBatch, bool]]:
+        complete, next_window, kept = replay.complete, replay.next_window, replay.kept
+        yield from ((batch, False) for batch in replay.replay())
+        if not complete:
+            yield from encoded(next_window, kept)
+
+    first = TopPass(sae.d_sae, cfg, device)
+    seconds1, rows1, n_tokens = _run_pass("analysis pass 1/2", first.add, first_pass(), device, total,
+                                          progress)
+    second = DistributionPass(first, cfg, device)
+    seconds2, rows2, _ = _run_pass("analysis pass 2/2", second.add, second_pass(), device, total, progress)
+    quantiles = histogram_quantiles(second.fine, first.max, list(cfg.quantiles))
+    start = time.perf_counter()
+    W_dec = sae.W_dec.detach()
+    logits, logit_note = logit_effects_for(W_dec, hook, model, cfg.logit_tokens)
+    logit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    neighbours = decoder_neighbours(W_dec, cfg.neighbours)
+    neighbour_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - clock
+
+    info: dict[str, Any] = {
+        "store": store.url, "hook": hook, "n_tokens": n_tokens, "d_sae": sae.d_sae, "context_size": context,
+        "prepend_bos": store.attrs.get("identity", {}).get("dataset", {}).get("prepend_bos"),
+        "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
+        "pass1_seconds": seconds1, "pass2_seconds": seconds2, "logit_seconds": logit_seconds,
+        "neighbour_seconds": neighbour_seconds, "rows_per_pass": rows1,
+        "rows_encoded": {"pass1": rows1, "pass2": rows2}, "encode_passes": (rows1 + rows2) / max(rows1, 1),
+        "histogram_sub_bins": second.sub_bins, "logit_effects": logit_note,
+        "model": getattr(getattr(model, "config", None), "name_or_path", None),
+        "device": str(device), "analyze": asdict(cfg),
+    }
+    return FeatureAnalysis(
+        n_tokens=n_tokens, count=first.count.cpu(), sum=first.sum.cpu(), max=first.max.cpu(),
+        quantile_levels=list(cfg.quantiles), quantiles=quantiles,
+        histogram=second.histogram(), top=first.top.contexts(), band_edges=second.band_edges,
+        bands=second.bands.contexts(groups_per_row=cfg.bands),
+        logit_positive_ids=logits.positive_ids, logit_positive_values=logits.positive_values,
+        logit_negative_ids=logits.negative_ids, logit_negative_values=logits.negative_values,
+        neighbour_ids=neighbours.ids, neighbour_cosines=neighbours.cosines, info=info,
+    )
+
+
+def logit_effects_for(W_dec: torch.Tensor, hook: str, model: torch.nn.Module | None, k: int
+                      ) -> tuple[LogitEffects, str]:
+    """Logit effects of decoder rows read at `hook`, or empty ones ([d_sae, 0]) and why not."""
+    d_sae = W_dec.shape[0]
+    if model is None:
+        return LogitEffects.empty(d_sae), "skipped: no model"
+    d_model = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hook.endswith("mlp.hook_post") or W_dec.shape[1] != d_model:
+        return LogitEffects.empty(d_sae), (f"skipped: {hook} is not in the residual stream "
+                                           f"(d_in {W_dec.shape[1]}, d_model {d_model})")
+    return model_logit_effects(W_dec, model, k), "computed: (W_dec ⊙ final-norm gain) @ W_U^T"

@@ -1,0 +1,810 @@
+"""The feature dictionary: one SAE's features, analysed over a store, in a directory you can query.
+
+    <dictionary>/
+      dictionary.json   format version, saeworks version, SAE name and weights hash, d_sae, d_in,
+                        hook, model config, tokens analysed, store, analyze settings, created time
+      sae/              the SAE (cfg.json, sae_weights.safetensors), so the dictionary stands alone
+      features.sqlite   every feature (schema below)
+      metrics.json      the SAE's evaluation, {"metrics": {...}, "info": {...}} (when it was given)
+      plots/            density_histogram.png, activation_histograms.png
+      report.md         headline metrics, the plots, the most frequent features with a context
+
+The directory is built in a hidden temporary sibling and renamed into place, so a killed build
+never leaves a directory that opens as a dictionary. Rebuilding an SAE's dictionary (same weights
+hash) keeps the labels a user wrote.
+
+features.sqlite (JSON columns are text; BLOBs are little-endian arrays):
+
+    meta(key TEXT PRIMARY KEY, value TEXT)      format_version, activation_dtype (float16|float32)
+    features(id INTEGER PRIMARY KEY,            latent index, 0..d_sae-1
+             density REAL,                      fraction of analysed tokens where it is active
+             count INTEGER,                     analysed tokens where it is active (0: dead)
+             mean_activation REAL,              mean over the tokens where it is active
+             max_activation REAL,
+             quantiles TEXT,                    JSON [[level, value], ...] of its non-zero activations
+             histogram TEXT,                    JSON [count, ...]: bin i of n covers
+                                                (i/n, (i+1)/n] * max_activation
+             label TEXT, label_source TEXT,     'auto' (eval/labels.py) or 'user' (set_label)
+             top_tokens TEXT,                   JSON [[token, count], ...]: its activating tokens in
+                                                the top contexts, most frequent first
+             logit_positive TEXT,               JSON [[token, logit effect], ...], strongest first
+             logit_negative TEXT,               JSON [[token, logit effect], ...], most negative first
+             neighbours TEXT)                   JSON [[feature id, decoder cosine], ...]
+    contexts(feature_id INTEGER, kind TEXT,     'top' (top-N by activation) or 'band' (samples)
+             rank INTEGER,                      slot within its kind: top by activation descending;
+                                                band samples band by band
+             band INTEGER,                      band index, 0 the highest (NULL for 'top')
+             activation REAL,                   the activation on the activating token
+             row INTEGER,                       store row of the activating token
+             window INTEGER, position INTEGER,  its window and position (NULL if unknown)
+             focus INTEGER, length INTEGER,     the context shows store rows row-focus ..
+                                                row-focus+length-1; the activating token is at focus
+             activations BLOB,                  the feature's activation on each shown token
+                                                (meta.activation_dtype)
+             PRIMARY KEY (feature_id, kind, rank))
+    row_tokens(row INTEGER PRIMARY KEY, token_id INTEGER)   the token of every store row shown in a
+                                                context, stored once (contexts overlap heavily)
+    tokens(id INTEGER PRIMARY KEY, text TEXT)   decoded text of every token id used; index on text
+    feature_tokens(token_id, feature_id, count, max_activation, PRIMARY KEY (token_id, feature_id))
+                                                how often a token is the activating token of a
+                                                feature's top contexts: lookup by token
+    features_fts USING fts5(label, tokens)      rowid = feature id; tokens = its top tokens joined
+                                                by U+001F; index features_label on features(label)
+
+A context's tokens in SQL: `SELECT t.text FROM row_tokens r JOIN tokens t ON t.id = r.token_id
+WHERE r.row BETWEEN c.row - c.focus AND c.row - c.focus + c.length - 1 ORDER BY r.row`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import torch
+
+from activations.config import ModelConfig
+from eval.features import Contexts, FeatureAnalysis
+from eval.labels import auto_label
+from sae.io import CFG_FILE, WEIGHTS_FILE, read_cfg
+from sae.version import package_version
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "saeworks-feature-dictionary"
+INFO_FILE = "dictionary.json"
+DB_FILE = "features.sqlite"
+METRICS_FILE = "metrics.json"
+SAE_DIR = "sae"
+PLOTS_DIR = "plots"
+REPORT_FILE = "report.md"
+TOP_TOKENS = 10
+TOKEN_SEPARATOR = "\x1f"
+FLOAT16_LIMIT = 60_000.0
+BUILD_HINT = "`saeworks analyze SAE_DIR` builds one"
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE features (
+    id INTEGER PRIMARY KEY, density REAL NOT NULL, count INTEGER NOT NULL,
+    mean_activation REAL NOT NULL, max_activation REAL NOT NULL, quantiles TEXT NOT NULL,
+    histogram TEXT NOT NULL, label TEXT NOT NULL,
+    label_source TEXT NOT NULL CHECK (label_source IN ('auto', 'user')),
+    top_tokens TEXT NOT NULL, logit_positive TEXT NOT NULL, logit_negative TEXT NOT NULL,
+    neighbours TEXT NOT NULL);
+CREATE TABLE contexts (
+    feature_id INTEGER NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('top', 'band')),
+    rank INTEGER NOT NULL, band INTEGER, activation REAL NOT NULL, row INTEGER NOT NULL,
+    window INTEGER, position INTEGER, focus INTEGER NOT NULL, length INTEGER NOT NULL,
+    activations BLOB NOT NULL, PRIMARY KEY (feature_id, kind, rank)) WITHOUT ROWID;
+CREATE TABLE row_tokens (row INTEGER PRIMARY KEY, token_id INTEGER NOT NULL);
+CREATE TABLE tokens (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE feature_tokens (
+    token_id INTEGER NOT NULL, feature_id INTEGER NOT NULL, count INTEGER NOT NULL,
+    max_activation REAL NOT NULL, PRIMARY KEY (token_id, feature_id)) WITHOUT ROWID;
+CREATE VIRTUAL TABLE features_fts USING fts5(label, tokens);
+"""
+INDEXES = """
+CREATE INDEX tokens_text ON tokens(text);
+CREATE INDEX features_label ON features(label);
+"""
+TABLES = ("meta", "features", "contexts", "row_tokens", "tokens", "feature_tokens", "features_fts")
+
+
+class DictionaryError(RuntimeError):
+    """A directory that is not a readable feature dictionary, or a request it cannot answer."""
+
+
+class FeatureNotFoundError(DictionaryError, IndexError):
+    """A feature id outside 0..d_sae-1."""
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def write_dictionary(directory: str | Path, analysis: FeatureAnalysis, sae_dir: str | Path, tokenizer: Any,
+                     model_cfg: ModelConfig, hook: str, metrics: dict[str, Any] | None = None,
+                     info: dict[str, Any] | None = None) -> Path:
+    """Write the feature dictionary of the SAE in `sae_dir` to `directory`, atomically.
+
+    `analysis` is eval/analysis.py's pass over a store; `tokenizer` decodes its token ids;
+    `metrics` is the SAE's metrics.json content; `info` (e.g. the store URL) joins analysis.info.
+    An existing dictionary there is replaced (keeping user labels if the SAE is the same); any
+    other existing non-empty directory is refused.
+    """
+    directory, sae_dir = Path(directory), Path(sae_dir)
+    sae_cfg = read_cfg(sae_dir)
+    if int(sae_cfg.get("d_sae", -1)) != analysis.d_sae:
+        raise DictionaryError(f"the analysis has {analysis.d_sae} features but the SAE in {sae_dir} has "
+                              f"d_sae={sae_cfg.get('d_sae')}: they do not belong together")
+    sha = _sha256(sae_dir / WEIGHTS_FILE)
+    _refuse_foreign(directory)
+    user_labels = _user_labels(directory, sha)
+    merged = {**analysis.info, **(info or {})}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-building-"))
+    try:
+        (scratch / SAE_DIR).mkdir()
+        for name in (CFG_FILE, WEIGHTS_FILE):
+            shutil.copy2(sae_dir / name, scratch / SAE_DIR / name)
+        header = _header(analysis, sae_dir, sae_cfg, sha, model_cfg, hook, merged)
+        labels = _write_sqlite(scratch / DB_FILE, analysis, tokenizer, header, user_labels)
+        if metrics is not None:
+            (scratch / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))
+        _write_plots(scratch / PLOTS_DIR, analysis, labels)
+        (scratch / INFO_FILE).write_text(json.dumps(header, indent=2, default=str))
+        from eval.report import dictionary_report
+
+        dictionary_report(scratch)
+        _swap_into_place(scratch, directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return directory
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _refuse_foreign(directory: Path) -> None:
+    """Never replace a directory that is not a dictionary (a typo must not delete an SAE)."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) \
+            and not (directory / INFO_FILE).is_file():
+        raise DictionaryError(f"{directory} exists and is not a feature dictionary; refusing to replace "
+                              "it: choose another output directory")
+
+
+def _user_labels(directory: Path, sha: str) -> dict[int, str]:
+    """Labels a user wrote in an existing dictionary of the same SAE weights ({} otherwise)."""
+    try:
+        with FeatureDictionary.open(directory, readonly=True) as old:
+            if old.info.get("sae_sha256") != sha:
+                return {}
+            rows = old.con.execute("SELECT id, label FROM features WHERE label_source = 'user'")
+            return {int(i): str(label) for i, label in rows}
+    except (DictionaryError, sqlite3.Error):
+        return {}
+
+
+def _swap_into_place(scratch: Path, directory: Path) -> None:
+    """Rename the finished build onto `directory`; an old dictionary there is moved aside first."""
+    if not directory.exists():
+        os.replace(scratch, directory)
+        return
+    old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-old-"))
+    os.replace(directory, old / "dictionary")
+    try:
+        os.replace(scratch, directory)
+    except OSError:
+        os.replace(old / "dictionary", directory)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _focus_slot(analysis: FeatureAnalysis, info: dict[str, Any]) -> int:
+    """Context slot of the activating token: analyze.context_before, else the slot whose per-token
+    activation equals the sample's activation most often."""
+    analyze = info.get("analyze")
+    if dataclasses.is_dataclass(analyze) and not isinstance(analyze, type):
+        analyze = asdict(analyze)
+    if isinstance(analyze, dict) and "context_before" in analyze:
+        return int(analyze["context_before"])
+    top = analysis.top
+    matches = (top.activations == top.values.unsqueeze(-1)) & (top.rows >= 0).unsqueeze(-1)
+    return int(matches.sum(dim=(0, 1)).argmax())
+
+
+def _context_size(info: dict[str, Any]) -> int | None:
+    """Tokens per store window (to give each context its window and position): from the info,
+    else from the store it names, else unknown."""
+    if info.get("context_size"):
+        return int(info["context_size"])
+    try:
+        from activations.store import ActivationStore
+
+        return ActivationStore.open(str(info["store"])).context_size
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError):  # no store, or it is gone
+        return None
+
+
+def _header(analysis: FeatureAnalysis, sae_dir: Path, sae_cfg: dict[str, Any], sha: str,
+            model_cfg: ModelConfig, hook: str, info: dict[str, Any]) -> dict[str, Any]:
+    analyze = info.get("analyze")
+    focus = _focus_slot(analysis, info)
+    width = int(analysis.top.token_ids.shape[-1])
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "saeworks_version": package_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sae_name": sae_dir.resolve().name, "sae_sha256": sha,
+        "architecture": sae_cfg.get("architecture"), "d_sae": analysis.d_sae, "d_in": int(sae_cfg["d_in"]),
+        "hook": hook, "model": asdict(model_cfg), "n_tokens": int(analysis.n_tokens),
+        "store": info.get("store"),
+        "analyze": asdict(analyze) if dataclasses.is_dataclass(analyze) and not isinstance(analyze, type)
+        else analyze,
+        "context_size": _context_size(info), "prepend_bos": bool(info.get("prepend_bos", True)),
+        "context_before": focus, "context_after": width - 1 - focus,
+        "quantile_levels": [float(q) for q in analysis.quantile_levels],
+        "histogram_bins": int(analysis.histogram.shape[1]),
+        "band_edges": [float(e) for e in analysis.band_edges],
+        "info": info,
+    }
+
+
+@dataclass
+class _ContextRows:
+    """The contexts of one kind, flattened to the rows of the contexts table."""
+
+    records: list[tuple[Any, ...]]
+    shown_rows: np.ndarray
+    """[m] int64 store rows of every shown token, with `shown_tokens` their token ids."""
+    shown_tokens: np.ndarray
+
+
+def _context_rows(ctx: Contexts, kind: str, focus: int, context_size: int | None, per_band: int,
+                  dtype: str) -> _ContextRows:
+    rows, tokens = ctx.rows.numpy(), ctx.token_ids.numpy()
+    acts = ctx.activations.numpy().astype(dtype)
+    values = ctx.values.numpy()
+    f_idx, n_idx = np.nonzero(rows >= 0)
+    shown = tokens[f_idx, n_idx] >= 0  # [m, C]: slots inside the window, contiguous
+    first = shown.argmax(axis=1)
+    last = shown.shape[1] - 1 - shown[:, ::-1].argmax(axis=1)
+    records = []
+    for f, n, a, b in zip(f_idx.tolist(), n_idx.tolist(), first.tolist(), last.tolist(), strict=True):
+        row = int(rows[f, n])
+        window, position = (row // context_size, row % context_size) if context_size else (None, None)
+        records.append((f, kind, n, n // per_band if kind == "band" else None, float(values[f, n]), row,
+                        window, position, focus - a, b - a + 1, acts[f, n, a:b + 1].tobytes()))
+    slot_rows = rows[f_idx, n_idx][:, None] - focus + np.arange(shown.shape[1])
+    return _ContextRows(records, slot_rows[shown], tokens[f_idx, n_idx][shown].astype(np.int64))
+
+
+def _token_texts(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
+    unique = np.unique(ids[ids >= 0]).tolist()
+    texts = tokenizer.batch_decode([[i] for i in unique], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    return dict(zip(unique, texts, strict=True))
+
+
+def _write_sqlite(path: Path, analysis: FeatureAnalysis, tokenizer: Any, header: dict[str, Any],
+                  user_labels: dict[int, str]) -> dict[int, str]:
+    """Fill features.sqlite in one transaction; returns every feature's label."""
+    focus = int(header["context_before"])
+    top_values = analysis.top.activations[analysis.top.rows >= 0]
+    band_values = analysis.bands.activations[analysis.bands.rows >= 0]
+    peak = max(float(top_values.abs().max()) if top_values.numel() else 0.0,
+               float(band_values.abs().max()) if band_values.numel() else 0.0)
+    dtype = "<f2" if peak < FLOAT16_LIMIT else "<f4"
+    per_band = max(1, int(analysis.bands.rows.shape[1]) // max(1, len(analysis.band_edges) - 1))
+    parts = [_context_rows(ctx, kind, focus, header["context_size"], per_band, dtype)
+             for ctx, kind in ((analysis.top, "top"), (analysis.bands, "band"))]
+    shown_rows = np.concatenate([p.shown_rows for p in parts])
+    shown_tokens = np.concatenate([p.shown_tokens for p in parts])
+    unique_rows, first = np.unique(shown_rows, return_index=True)
+    row_tokens = shown_tokens[first]
+    focus_ids = analysis.top.token_ids[:, :, focus].long().masked_fill(analysis.top.rows < 0, -1)
+    texts = _token_texts(tokenizer, np.concatenate([
+        row_tokens, analysis.logit_positive_ids.flatten().numpy(),
+        analysis.logit_negative_ids.flatten().numpy(), focus_ids.flatten().numpy()]))
+    features, fts, feature_tokens, labels = _feature_rows(analysis, focus_ids, texts, user_labels)
+    con = sqlite3.connect(path)
+    try:
+        con.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;" + SCHEMA)
+        with con:
+            con.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("format_version", str(FORMAT_VERSION)), ("activation_dtype", np.dtype(dtype).name)])
+            con.executemany(f"INSERT INTO features VALUES ({', '.join('?' * 13)})", features)
+            con.executemany("INSERT INTO features_fts (rowid, label, tokens) VALUES (?, ?, ?)", fts)
+            for part in parts:
+                con.executemany(f"INSERT INTO contexts VALUES ({', '.join('?' * 11)})", part.records)
+            con.executemany("INSERT INTO row_tokens VALUES (?, ?)",
+                            zip(unique_rows.tolist(), row_tokens.tolist(), strict=True))
+            con.executemany("INSERT INTO tokens VALUES (?, ?)", texts.items())
+            con.executemany("INSERT INTO feature_tokens VALUES (?, ?, ?, ?)", feature_tokens)
+            con.executescript(INDEXES)
+        con.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        con.close()
+    return labels
+
+
+def _f32_json(values: torch.Tensor) -> list[list[str]]:
+    """[rows][cols] JSON numbers: the shortest decimals that read back as the same float32
+    (keeps the file small and the values readable: 0.1, not 0.10000000149011612)."""
+    text = values.float().numpy().astype(str)
+    bad = ~np.isfinite(values.float().numpy())
+    text[bad] = [json.dumps(float(v)) for v in values.float().numpy()[bad]]
+    return text.tolist()
+
+
+def _pairs(keys: list[str], numbers: list[str]) -> str:
+    """JSON [[key, number], ...] from already-encoded JSON keys and numbers."""
+    return "[" + ", ".join(f"[{k}, {n}]" for k, n in zip(keys, numbers, strict=True)) + "]"
+
+
+def _logit_rows(ids: torch.Tensor, values: torch.Tensor, texts: dict[int, str]) -> list[str]:
+    """Per feature, JSON [[token, logit effect], ...] (ids < 0 left out)."""
+    numbers, id_rows = _f32_json(values), ids.tolist()
+    encoded = {i: json.dumps(t) for i, t in texts.items()}
+    return [_pairs([encoded[i] for i in row if i >= 0], [n for i, n in zip(row, nums, strict=True) if i >= 0])
+            for row, nums in zip(id_rows, numbers, strict=True)]
+
+
+def _feature_rows(analysis: FeatureAnalysis, focus_ids: torch.Tensor, texts: dict[int, str],
+                  user_labels: dict[int, str]
+                  ) -> tuple[list[tuple], list[tuple], list[tuple], dict[int, str]]:
+    """Rows of features, features_fts and feature_tokens, and the label of every feature."""
+    density, mean = analysis.density.tolist(), analysis.mean_active.tolist()
+    count, peak = analysis.count.tolist(), analysis.max.tolist()
+    levels = [json.dumps(float(q)) for q in analysis.quantile_levels]
+    quantiles, histogram = _f32_json(analysis.quantiles), analysis.histogram.tolist()
+    positive = _logit_rows(analysis.logit_positive_ids, analysis.logit_positive_values, texts)
+    negative = _logit_rows(analysis.logit_negative_ids, analysis.logit_negative_values, texts)
+    near_ids, near_cos = analysis.neighbour_ids.tolist(), _f32_json(analysis.neighbour_cosines)
+    top_values = analysis.top.values.tolist()
+    features: list[tuple] = []
+    fts: list[tuple] = []
+    feature_tokens: list[tuple] = []
+    labels: dict[int, str] = {}
+    for f, ids in enumerate(focus_ids.tolist()):
+        counter = Counter(i for i in ids if i >= 0)
+        best: dict[int, float] = {}
+        for i, value in zip(ids, top_values[f], strict=True):
+            if i >= 0:
+                best.setdefault(i, value)
+        feature_tokens.extend((i, f, c, best[i]) for i, c in counter.items())
+        top_tokens = [(texts[i], c) for i, c in counter.most_common(TOP_TOKENS)]
+        promoted = [texts[i] for i in analysis.logit_positive_ids[f].tolist() if i >= 0]
+        auto = auto_label([t for t, _ in top_tokens], promoted, dead=count[f] == 0)
+        label, source = (user_labels[f], "user") if f in user_labels else (auto, "auto")
+        labels[f] = label
+        neighbours = _pairs([str(i) for i in near_ids[f] if i >= 0],
+                            [c for i, c in zip(near_ids[f], near_cos[f], strict=True) if i >= 0])
+        features.append((f, density[f], count[f], mean[f], peak[f], _pairs(levels, quantiles[f]),
+                         json.dumps(histogram[f]), label, source, json.dumps(top_tokens), positive[f],
+                         negative[f], neighbours))
+        fts.append((f, label, TOKEN_SEPARATOR.join(t for t, _ in top_tokens)))
+    return features, fts, feature_tokens, labels
+
+
+def _write_plots(directory: Path, analysis: FeatureAnalysis, labels: dict[int, str]) -> None:
+    from eval import plots
+
+    plots.density_histogram(analysis.density, directory / plots.DENSITY_PLOT)
+    plots.activation_histograms(analysis, spread_ids(analysis.density), directory / plots.ACTIVATIONS_PLOT,
+                                labels)
+
+
+def spread_ids(density: torch.Tensor, n: int = 8) -> list[int]:
+    """`n` alive features evenly spread over the density ranks, densest first (for small multiples)."""
+    order = [i for i in torch.argsort(density, descending=True).tolist() if density[i] > 0]
+    if len(order) <= n:
+        return order
+    return [order[round(j * (len(order) - 1) / (n - 1))] for j in range(n)]
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Context:
+    """One sampled activation of a feature with the tokens around it (within its window)."""
+
+    kind: str
+    """'top' (top-N by activation) or 'band' (a uniform sample from an activation band)."""
+    rank: int
+    band: int | None
+    activation: float
+    row: int
+    """Store row of the activating token."""
+    window: int | None
+    position: int | None
+    focus: int
+    """Index of the activating token in `tokens`."""
+    token_ids: list[int]
+    tokens: list[str]
+    activations: list[float]
+    """The feature's activation on each token (float16 precision in most dictionaries)."""
+
+    def text(self, mark: tuple[str, str] = ("«", "»")) -> str:
+        """The context as text with the activating token between `mark`s."""
+        left, right = mark
+        return "".join(f"{left}{t}{right}" if i == self.focus else t for i, t in enumerate(self.tokens))
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """A feature in a list of results: enough to choose which one to open."""
+
+    id: int
+    label: str
+    label_source: str
+    density: float
+    max_activation: float
+    top_tokens: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """Everything the dictionary knows about one feature."""
+
+    id: int
+    density: float
+    count: int
+    mean_activation: float
+    max_activation: float
+    quantiles: list[tuple[float, float]]
+    """(level, value) of its non-zero activations."""
+    histogram: list[int]
+    label: str
+    label_source: str
+    top_tokens: list[tuple[str, int]]
+    logit_positive: list[tuple[str, float]]
+    logit_negative: list[tuple[str, float]]
+    neighbours: list[tuple[int, float]]
+    contexts: list[Context]
+    """Top contexts (by activation, descending), then band samples (highest band first)."""
+
+    @property
+    def dead(self) -> bool:
+        return self.count == 0
+
+    @property
+    def histogram_edges(self) -> list[float]:
+        """Bin edges of `histogram`: equal bins over (0, max_activation]."""
+        bins = len(self.histogram)
+        return [self.max_activation * i / bins for i in range(bins + 1)]
+
+    @property
+    def top_contexts(self) -> list[Context]:
+        return [c for c in self.contexts if c.kind == "top"]
+
+    @property
+    def band_contexts(self) -> list[Context]:
+        return [c for c in self.contexts if c.kind == "band"]
+
+
+@dataclass(frozen=True)
+class TokenFeature:
+    """A feature that a token activates: how often it is the activating token of its top contexts."""
+
+    feature: FeatureSummary
+    count: int
+    max_activation: float
+
+
+@dataclass(frozen=True)
+class FeatureActivation:
+    id: int
+    activation: float
+    label: str
+
+
+@dataclass(frozen=True)
+class TokenActivations:
+    """One token of a text and the features most active on it."""
+
+    position: int
+    """Position in the model's input (BOS, when prepended, is position 0 and not reported)."""
+    token_id: int
+    token: str
+    features: list[FeatureActivation]
+
+
+SUMMARY_COLUMNS = "id, label, label_source, density, max_activation, top_tokens"
+FEATURE_COLUMNS = ("id, density, count, mean_activation, max_activation, quantiles, histogram, label, "
+                   "label_source, top_tokens, logit_positive, logit_negative, neighbours")
+ORDERINGS = ("density", "max_activation", "count", "mean_activation")
+
+
+def _summary(row: tuple) -> FeatureSummary:
+    i, label, source, density, peak, top = row
+    return FeatureSummary(int(i), label, source, float(density), float(peak),
+                          [(t, int(c)) for t, c in json.loads(top)])
+
+
+class FeatureDictionary:
+    """An open feature dictionary: look features up by id, token or text, label them, and read
+    which features fire on new text (the model and the SAE load on first use)."""
+
+    def __init__(self, path: Path, con: sqlite3.Connection, info: dict[str, Any], readonly: bool,
+                 device: str) -> None:
+        self.path, self.con, self.info, self.readonly, self.device = path, con, info, readonly, device
+        self.activation_dtype = dict(con.execute("SELECT key, value FROM meta"))["activation_dtype"]
+        self._runtime: tuple[Any, Any, Any] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, readonly: bool = False, device: str = "cpu") -> FeatureDictionary:
+        """Open a dictionary directory, or raise a DictionaryError saying what is wrong with it."""
+        path = Path(path)
+        if not path.is_dir():
+            raise DictionaryError(f"no feature dictionary at {str(path)!r}: no such directory; {BUILD_HINT}")
+        missing = [name for name in (INFO_FILE, DB_FILE) if not (path / name).is_file()]
+        if missing:
+            what = " (it looks like an SAE directory)" if (path / CFG_FILE).is_file() else ""
+            raise DictionaryError(f"{str(path)!r} is not a feature dictionary{what}: it lacks "
+                                  f"{' and '.join(missing)}; {BUILD_HINT}")
+        info = _read_info(path / INFO_FILE)
+        con = _connect(path / DB_FILE, readonly, int(info["d_sae"]))
+        return cls(path, con, info, readonly, device)
+
+    def __len__(self) -> int:
+        return int(self.info["d_sae"])
+
+    def __enter__(self) -> FeatureDictionary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        """The SAE's metrics.json ({"metrics": {...}, "info": {...}}), or None if not evaluated."""
+        path = self.path / METRICS_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        try:
+            return self.con.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise DictionaryError(f"{self.path / DB_FILE} cannot be read ({err}); rebuild it: "
+                                  f"{BUILD_HINT}") from err
+
+    def _check_id(self, i: int) -> int:
+        if not 0 <= int(i) < len(self):
+            raise FeatureNotFoundError(f"feature {i} does not exist: this dictionary has {len(self)} "
+                                       f"features, ids 0 to {len(self) - 1}")
+        return int(i)
+
+    def feature(self, i: int) -> Feature:
+        """Feature `i` with its contexts decoded to tokens."""
+        (row,) = self._query(f"SELECT {FEATURE_COLUMNS} FROM features WHERE id = ?", (self._check_id(i),))
+        fid, density, count, mean, peak, quantiles, histogram, label, source, top, pos, neg, near = row
+        return Feature(fid, density, count, mean, peak,
+                       [(float(q), float(v)) for q, v in json.loads(quantiles)], json.loads(histogram),
+                       label, source, [(t, int(c)) for t, c in json.loads(top)],
+                       [(t, float(v)) for t, v in json.loads(pos)],
+                       [(t, float(v)) for t, v in json.loads(neg)],
+                       [(int(j), float(c)) for j, c in json.loads(near)], self._contexts(fid))
+
+    def _contexts(self, i: int) -> list[Context]:
+        rows = self._query("SELECT kind, rank, band, activation, row, window, position, focus, length, "
+                           "activations FROM contexts WHERE feature_id = ? ORDER BY kind DESC, rank", (i,))
+        contexts = []
+        for kind, rank, band, activation, row, window, position, focus, length, blob in rows:
+            start = row - focus
+            tokens = self._query("SELECT r.token_id, t.text FROM row_tokens r JOIN tokens t "
+                                 "ON t.id = r.token_id WHERE r.row BETWEEN ? AND ? ORDER BY r.row",
+                                 (start, start + length - 1))
+            values = np.frombuffer(blob, dtype=np.dtype(self.activation_dtype).newbyteorder("<"))
+            contexts.append(Context(kind, rank, band, activation, row, window, position, focus,
+                                    [int(t) for t, _ in tokens], [text for _, text in tokens],
+                                    values.astype(np.float64).tolist()))
+        return contexts
+
+    def summaries(self, ids: list[int]) -> list[FeatureSummary]:
+        """Summaries of `ids`, in that order."""
+        found = {s.id: s for s in map(_summary, self._query(
+            f"SELECT {SUMMARY_COLUMNS} FROM features WHERE id IN ({', '.join('?' * len(ids))})", ids))}
+        return [found[i] for i in ids if i in found]
+
+    def top_features(self, n: int = 10, by: str = "density") -> list[FeatureSummary]:
+        """The `n` alive features with the highest `by` (density, max_activation, count, mean_activation)."""
+        if by not in ORDERINGS:
+            raise DictionaryError(f"cannot order features by {by!r}; choose one of {', '.join(ORDERINGS)}")
+        return [_summary(r) for r in self._query(
+            f"SELECT {SUMMARY_COLUMNS} FROM features WHERE count > 0 ORDER BY {by} DESC, id LIMIT ?", (n,))]
+
+    def search(self, query: str, limit: int = 20) -> list[FeatureSummary]:
+        """Features whose label or top tokens match `query`: full-text words first (best match
+        first), then plain substring matches (for tokens with spaces or punctuation)."""
+        words = re.findall(r"\w+", query)
+        ids: list[int] = []
+        if words:
+            fts_query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+            ids = [int(r[0]) for r in self._query(
+                "SELECT rowid FROM features_fts WHERE features_fts MATCH ? ORDER BY rank LIMIT ?",
+                (fts_query, limit))]
+        if len(ids) < limit and query:
+            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", query) + "%"
+            for (i,) in self._query("SELECT rowid FROM features_fts WHERE label LIKE ?1 ESCAPE '\\' "
+                                    "OR tokens LIKE ?1 ESCAPE '\\' ORDER BY rowid", (pattern,)):
+                if len(ids) < limit and int(i) not in ids:
+                    ids.append(int(i))
+        return self.summaries(ids)
+
+    def token_ids(self, token: str | int) -> list[int]:
+        """Ids of a token given as an id or as text (exact text first, else ignoring case and
+        surrounding whitespace)."""
+        if isinstance(token, int):
+            return [token]
+        exact = self._query("SELECT id FROM tokens WHERE text = ?", (token,))
+        if not exact and token.strip():
+            exact = self._query("SELECT id FROM tokens WHERE lower(trim(text)) = lower(?)", (token.strip(),))
+        return [int(r[0]) for r in exact]
+
+    def features_for_token(self, token: str | int, limit: int = 20) -> list[TokenFeature]:
+        """Features whose top contexts activate on `token`, most often first."""
+        ids = self.token_ids(token)
+        if not ids:
+            return []
+        rows = self._query(
+            "SELECT feature_id, sum(count) AS n, max(max_activation) AS m FROM feature_tokens "
+            f"WHERE token_id IN ({', '.join('?' * len(ids))}) GROUP BY feature_id "
+            "ORDER BY n DESC, m DESC LIMIT ?", [*ids, limit])
+        summaries = {s.id: s for s in self.summaries([int(r[0]) for r in rows])}
+        return [TokenFeature(summaries[int(f)], int(n), float(m)) for f, n, m in rows]
+
+    def set_label(self, i: int, text: str | None) -> None:
+        """Give feature `i` a user label (kept by rebuilds and relabelling); None or "" restores
+        its automatic label."""
+        i = self._check_id(i)
+        if self.readonly:
+            raise DictionaryError(f"{self.path} was opened read-only; open it with readonly=False to label")
+        text = (text or "").strip()
+        label, source = (text, "user") if text else (self._auto_label(i), "auto")
+        with self.con:
+            self.con.execute("UPDATE features SET label = ?, label_source = ? WHERE id = ?",
+                             (label, source, i))
+            self.con.execute("UPDATE features_fts SET label = ? WHERE rowid = ?", (label, i))
+
+    def _auto_label(self, i: int) -> str:
+        (row,) = self._query("SELECT count, top_tokens, logit_positive FROM features WHERE id = ?", (i,))
+        return auto_label([t for t, _ in json.loads(row[1])], [t for t, _ in json.loads(row[2])],
+                          dead=row[0] == 0)
+
+    def relabel(self) -> int:
+        """Recompute every automatic label (user labels stay); returns how many changed."""
+        changed = []
+        for i, old in self._query("SELECT id, label FROM features WHERE label_source = 'auto'"):
+            new = self._auto_label(int(i))
+            if new != old:
+                changed.append((new, int(i)))
+        with self.con:
+            self.con.executemany("UPDATE features SET label = ? WHERE id = ?", changed)
+            self.con.executemany("UPDATE features_fts SET label = ? WHERE rowid = ?", changed)
+        return len(changed)
+
+    def counts(self, dense_threshold: float = 0.1) -> dict[str, int]:
+        """Features alive (active at least once), dead, and dense (density > `dense_threshold`)."""
+        ((alive, dense),) = self._query("SELECT count(*) FILTER (WHERE count > 0), count(*) "
+                                        "FILTER (WHERE density > ?) FROM features", (dense_threshold,))
+        return {"alive": int(alive), "dead": len(self) - int(alive), "dense": int(dense)}
+
+    def labels(self, ids: list[int]) -> dict[int, str]:
+        return {s.id: s.label for s in self.summaries(ids)}
+
+    def features_on(self, text: str, top: int = 5) -> list[TokenActivations]:
+        """Per token of `text`: its `top` most active features. The text is tokenised as the
+        harvester did (BOS first), run through the model up to the hook, and encoded by the SAE.
+        The analysis skipped the first positions of every window (attention sinks); their
+        features here can be outliers."""
+        from activations.hooks import capture_activations
+        from activations.text import separator_ids
+
+        model, tokenizer, sae = self._load_runtime()
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        first = 1 if self.info.get("prepend_bos", True) else 0
+        if first:
+            ids.insert(0, separator_ids(tokenizer)[0])
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) > limit:
+            raise DictionaryError(f"the text is {len(ids)} tokens; the model reads at most {limit}")
+        if len(ids) <= first:
+            return []
+        hook = str(self.info["hook"])
+        x = capture_activations(model, torch.tensor([ids], device=self.device), [hook])[hook][0]
+        with torch.no_grad():
+            values, latents = sae.encode(x.float()).topk(min(top, len(self)), dim=-1)
+        values, latents = values.cpu().tolist(), latents.cpu().tolist()
+        labels = self.labels(sorted({j for row in latents for j in row}))
+        texts = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        return [TokenActivations(p, ids[p], texts[p], [FeatureActivation(j, v, labels.get(j, ""))
+                                                       for v, j in zip(values[p], latents[p], strict=True)
+                                                       if v > 0])
+                for p in range(first, len(ids))]
+
+    def _load_runtime(self) -> tuple[Any, Any, Any]:
+        """The model, tokenizer and SAE, loaded once."""
+        if self._runtime is None:
+            from activations.model import load_model, load_tokenizer
+            from sae.io import load_sae
+
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            model_cfg = ModelConfig(**{**{k: v for k, v in self.info["model"].items() if k in known},
+                                       "device": self.device})
+            self._runtime = (load_model(model_cfg, self.device), load_tokenizer(model_cfg),
+                             load_sae(self.path / SAE_DIR, self.device))
+        return self._runtime
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DictionaryError(f"{path} is not valid JSON ({err}); {BUILD_HINT}") from err
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        raise DictionaryError(f"{path} is not a feature dictionary's {INFO_FILE}; {BUILD_HINT}")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise DictionaryError(f"{path.parent} has dictionary format version {info.get('format_version')}; "
+                              f"this saeworks ({package_version()}) reads version {FORMAT_VERSION}: "
+                              f"rebuild it, {BUILD_HINT}")
+    return info
+
+
+def _connect(db: Path, readonly: bool, d_sae: int) -> sqlite3.Connection:
+    """Open features.sqlite and check it is whole: its tables, format version and feature count."""
+    con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode={'ro' if readonly else 'rw'}", uri=True)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [t for t in TABLES if t not in tables]
+        if missing:
+            raise DictionaryError(f"{db} lacks the tables {', '.join(missing)}")
+        meta = dict(con.execute("SELECT key, value FROM meta"))
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise DictionaryError(f"{db} has format version {meta.get('format_version')}, expected "
+                                  f"{FORMAT_VERSION}")
+        (count,) = con.execute("SELECT count(*) FROM features").fetchone()
+        if count != d_sae:
+            raise DictionaryError(f"{db} holds {count} features, dictionary.json says {d_sae}")
+        con.execute("SELECT count(*) FROM contexts").fetchone()
+    except sqlite3.DatabaseError as err:
+        con.close()
+        raise DictionaryError(f"{db} is not a readable SQLite database ({err}); {BUILD_HINT}") from err
+    except DictionaryError as err:
+        con.close()
+        raise DictionaryError(f"{err}; {BUILD_HINT}") from err
+    return con
+
+
+def dictionary_summary(directory: str | Path, top: int = 10, by: str = "density") -> list[str]:
+    """Lines to print after `saeworks analyze`: feature counts and the `top` features by `by`."""
+    with FeatureDictionary.open(directory, readonly=True) as d:
+        counts = d.counts()
+        lines = [f"{len(d)} features of {d.info['sae_name']} at {d.info['hook']} over "
+                 f"{d.info['n_tokens']:,} tokens: {counts['alive']} alive, {counts['dead']} dead, "
+                 f"{counts['dense']} dense (>10% of tokens)",
+                 f"top {top} by {by}:"]
+        for s in d.top_features(top, by):
+            lines.append(f"  #{s.id:<6} density {s.density:.2e}  max {s.max_activation:7.2f}  {s.label}")
+    return lines

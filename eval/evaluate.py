@@ -1,0 +1,352 @@
+"""`evaluate`: measure a saved SAE on held-out documents or on a store's rows.
+
+Two targets:
+- held-out documents of the config's dataset (no store): windows of documents that harvest and
+  training never see (`data.holdout_fraction`), cut at the SAE's context size. Pass 1 captures
+  the hook (a forward cut short after it) and scores the SAE on the rows it was trained on
+  (positions from its seqpos_slice start, special tokens skipped); pass 2 runs the whole model
+  four times per batch (clean, SAE spliced in, zero- and mean-ablated) for the downstream figures.
+- a store: reconstruction and sparsity on its kept rows (the model is not needed), downstream on
+  its first windows with the model and dtype the store was harvested with.
+
+Positions before the seqpos_slice start are never rewritten nor scored (eval/metrics.py); every
+position from it on is rewritten in the downstream forwards, special tokens included, while the
+reconstruction figures and the ablation mean skip special-token rows, as training did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from activations.hooks import HookFn, capture_activations, hooks_attached, resolve_hook
+from activations.model import (
+    check_context_size,
+    load_model,
+    load_tokenizer,
+    model_config_of_store,
+    model_name,
+)
+from activations.rows import RowSelection, iter_kept_rows
+from activations.store import TOKEN_IDS, ActivationStore
+from activations.text import iter_windows
+from eval.metrics import (
+    DownstreamAccumulator,
+    ReconstructionAccumulator,
+)
+from sae.base import SparseAutoencoder
+from sae.distributed import rank_info
+from sae.interventions import ablate_mean, ablate_zero, splice_sae
+from sae.io import load_sae, read_cfg
+from sae.run_config import RunConfig
+from sae.version import package_version
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+DESCRIPTIONS = {
+    "mse": "squared error per token, summed over dimensions",
+    "fvu": "fraction of variance unexplained",
+    "cosine": "mean cosine(x, x_hat)",
+    "relative_norm": "mean ||x_hat|| / ||x|| (< 1: shrinkage)",
+    "l0": "mean active latents per token",
+    "l1": "mean sum of latent activations per token",
+    "dead_fraction": "latents never active on these tokens",
+    "dense_fraction": "latents active on more than dense_threshold of tokens",
+    "ce_clean": "next-token CE, clean model",
+    "ce_spliced": "next-token CE, SAE reconstruction spliced in",
+    "ce_zero": "next-token CE, hook zero-ablated",
+    "ce_mean": "next-token CE, hook mean-ablated",
+    "ce_recovered": "(ce_zero - ce_spliced) / (ce_zero - ce_clean)",
+    "ce_recovered_mean": "(ce_mean - ce_spliced) / (ce_mean - ce_clean)",
+    "kl": "mean KL(p_clean || p_spliced) per prediction",
+}
+
+
+class EvaluationError(ValueError):
+    """An SAE that cannot be evaluated on the given target (other model, width, context...)."""
+
+
+@dataclass(frozen=True)
+class SAEMetadata:
+    """What evaluation needs from an SAE's cfg.json `metadata` (SAELens names)."""
+
+    hook: str
+    model_name: str | None
+    context_size: int | None
+    first_kept: int
+    """Start of seqpos_slice: earlier positions were never trained on, so never rewritten nor scored."""
+    special_token_ids: list[int] | None
+    """Token ids whose rows are skipped; None: the target's own special tokens (metadata `true`)."""
+    prepend_bos: bool | None
+
+    @classmethod
+    def read(cls, sae_dir: str | Path) -> SAEMetadata:
+        """Parse the metadata of `sae_dir` (SAEFormatError if it is not an SAE directory)."""
+        meta = read_cfg(sae_dir).get("metadata") or {}
+        hook = meta.get("hook_name")
+        if not hook:
+            raise EvaluationError(f"SAE {str(sae_dir)!r}: cfg.json metadata lacks hook_name, so the "
+                                  "hook point to evaluate it at is unknown; add it")
+        seqpos = list(meta.get("seqpos_slice") or [None])
+        if len(seqpos) > 1 and seqpos[1] is not None:
+            raise EvaluationError(f"SAE {str(sae_dir)!r}: seqpos_slice {seqpos} ends before the window "
+                                  "end; only [start, null] is supported")
+        special = meta.get("exclude_special_tokens")
+        return cls(
+            hook=str(hook),
+            model_name=meta.get("model_name"),
+            context_size=int(meta["context_size"]) if meta.get("context_size") else None,
+            first_kept=int(seqpos[0] or 0),
+            special_token_ids=None if special is True else [int(t) for t in special or []],
+            prepend_bos=meta.get("prepend_bos") if isinstance(meta.get("prepend_bos"), bool) else None,
+        )
+
+
+@dataclass
+class EvalReport:
+    """The figures of one SAE on one target, and where they came from."""
+
+    metrics: dict[str, float]
+    """Flat: RECONSTRUCTION_KEYS, then DOWNSTREAM_KEYS when downstream was measured."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """SAE, hook, model, target, token counts, dead/dense counts, timing, saeworks version."""
+    density: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    """[d_sae] float64: fraction of evaluated tokens on which each latent is active."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data (non-finite figures as null)."""
+        return {"metrics": {k: v if math.isfinite(v) else None for k, v in self.metrics.items()},
+                "info": self.info, "density": self.density.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalReport:
+        metrics = {k: float("nan") if v is None else float(v) for k, v in data["metrics"].items()}
+        return cls(metrics, dict(data["info"]), torch.tensor(data["density"], dtype=torch.float64))
+
+    def write(self, path: str | Path) -> Path:
+        """Write the JSON to `path` atomically (temporary sibling, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(self.to_json(), out, indent=2, default=str)
+            os.replace(scratch, path)
+        finally:
+            if os.path.exists(scratch):
+                os.unlink(scratch)
+        return path
+
+    def table(self) -> str:
+        """The figures as an aligned, readable table with one-line descriptions."""
+        info, target = self.info, self.info.get("target", {})
+        lines = [f"SAE {info.get('sae_name')} at {info.get('hook')} of {info.get('model')}",
+                 f"on {target.get('kind', '?').replace('_', ' ')}: {info.get('n_tokens')} tokens, "
+                 f"{info.get('n_predictions')} predictions, positions >= {info.get('first_kept')}"]
+        width = max(len(key) for key in self.metrics)
+        for key, value in self.metrics.items():
+            note = DESCRIPTIONS.get(key, "")
+            if key == "dead_fraction":
+                note += f" ({info.get('dead_count')} latents)"
+            elif key == "dense_fraction":
+                note = note.replace("dense_threshold", str(info.get("dense_threshold")))
+                note += f" ({info.get('dense_count')} latents)"
+            lines.append(f"  {key:<{width}}  {value:>12.6g}  {note}")
+        lines.append(f"{info.get('seconds', 0):.1f} s, {info.get('tokens_per_s', 0):,.0f} tokens/s")
+        return "\n".join(lines)
+
+
+def write_metrics(report: EvalReport, sae_dir_or_path: str | Path) -> Path:
+    """Write `report` as `<dir>/metrics.json` when given a directory, else to the given file."""
+    path = Path(sae_dir_or_path)
+    return report.write(path / METRICS_FILE if path.is_dir() else path)
+
+
+def read_report(path: str | Path) -> EvalReport:
+    """An EvalReport written by `write` (a metrics.json file or the directory holding it)."""
+    path = Path(path)
+    return EvalReport.from_json(json.loads((path / METRICS_FILE if path.is_dir() else path).read_text()))
+
+
+@torch.no_grad()
+def evaluate(sae_dir: str | Path, cfg: RunConfig, store_url: str | None = None) -> EvalReport:
+    """Evaluate the SAE in `sae_dir` on held-out documents of `cfg.data` (store_url None) or on the
+    store at `store_url`, as `cfg.evaluate` says."""
+    start = time.perf_counter()
+    meta = SAEMetadata.read(sae_dir)
+    device = evaluation_device(cfg.evaluate.device)
+    sae = load_sae(sae_dir, device)
+    if store_url is None:
+        run = _on_held_out_documents(sae_dir, sae, meta, cfg, device)
+    else:
+        run = _on_store(sae_dir, sae, meta, cfg, store_url, device)
+    rec, down = run.reconstruction, run.downstream
+    if rec.n_tokens == 0:
+        raise EvaluationError(f"nothing to evaluate: every row of the {run.target['kind']} target is before "
+                              f"position {meta.first_kept} or a special token")
+    metrics = rec.result()
+    if down is not None:
+        metrics.update(down.result())
+    seconds = time.perf_counter() - start
+    info = {
+        "sae_dir": str(sae_dir), "sae_name": Path(sae_dir).name, "architecture": sae.architecture,
+        "d_in": sae.d_in, "d_sae": sae.d_sae, "hook": meta.hook, "model": run.model, "target": run.target,
+        "n_tokens": rec.n_tokens, "n_predictions": down.n_predictions if down else 0,
+        "dead_count": rec.dead_count, "dense_count": rec.dense_count,
+        "dense_threshold": cfg.evaluate.dense_threshold, "first_kept": meta.first_kept,
+        "special_token_ids": run.special_token_ids, "device": str(device), "seconds": seconds,
+        "tokens_per_s": rec.n_tokens / seconds if seconds > 0 else 0.0,
+        "saeworks_version": package_version(),
+    }
+    return EvalReport(metrics, info, rec.density)
+
+
+@dataclass
+class _Run:
+    reconstruction: ReconstructionAccumulator
+    downstream: DownstreamAccumulator | None
+    model: str
+    target: dict[str, Any]
+    special_token_ids: list[int]
+
+
+def evaluation_device(name: str) -> torch.device:
+    """The device `evaluate.device` names (`auto`: a GPU if there is one, else the CPU)."""
+    device = rank_info(name).device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"evaluate.device={name}: no GPU is visible; set evaluate.device=cpu or auto")
+    return device
+
+
+def check_same_model(sae_dir: str | Path, meta: SAEMetadata, actual: str | None, where: str,
+                     fix: str) -> None:
+    """Refuse an SAE trained on another model than the target's (unknown names are not checked)."""
+    if meta.model_name and actual and meta.model_name != actual:
+        raise EvaluationError(f"SAE {str(sae_dir)!r} was trained on model {meta.model_name!r}, but {where} "
+                              f"is of model {actual!r}; {fix}")
+
+
+def check_width(sae: SparseAutoencoder, meta: SAEMetadata, width: int, where: str) -> None:
+    if sae.d_in != width:
+        raise EvaluationError(f"the SAE reads {sae.d_in}-wide activations but {meta.hook} of {where} "
+                              f"is {width} wide; it was trained on another model or hook")
+
+
+def _on_held_out_documents(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata,
+                           cfg: RunConfig, device: torch.device) -> _Run:
+    settings, name = cfg.evaluate, model_name(cfg.model)
+    check_same_model(sae_dir, meta, name, "the config", "set model.name to the model it was trained on")
+    context = meta.context_size or cfg.data.context_size
+    if context != cfg.data.context_size:
+        log.info("evaluating on windows of %d tokens, the SAE's context size (data.context_size is %d)",
+                 context, cfg.data.context_size)
+    if meta.first_kept > context - (2 if settings.downstream else 1):
+        raise EvaluationError(f"the SAE's seqpos_slice starts at {meta.first_kept}: windows of {context} "
+                              "tokens leave nothing to evaluate")
+    data = replace(cfg.data, context_size=context, exclude_first_positions=meta.first_kept,
+                   prepend_bos=cfg.data.prepend_bos if meta.prepend_bos is None else meta.prepend_bos)
+    n_windows = settings.held_out_tokens // context
+    if n_windows == 0:
+        raise EvaluationError(f"evaluate.held_out_tokens={settings.held_out_tokens} is less than one "
+                              f"window of {context} tokens; raise it")
+    tokenizer = load_tokenizer(cfg.model)
+    window_list = list(iter_windows(tokenizer, data, n_windows, held_out=True))
+    if not window_list:
+        raise EvaluationError(f"data.path={cfg.data.path!r} has no held-out documents long enough for a "
+                              f"window of {context} tokens; raise data.holdout_fraction")
+    if len(window_list) < n_windows:
+        log.warning("only %d held-out windows of the %d asked for", len(window_list), n_windows)
+    windows = torch.from_numpy(np.stack(window_list)).long()  # [windows, context]
+    model = load_model(cfg.model, device)
+    check_width(sae, meta, resolve_hook(model, meta.hook).d, f"model {name!r}")
+    check_context_size(model, context)
+    special = sorted(tokenizer.all_special_ids) if meta.special_token_ids is None else meta.special_token_ids
+    rec = ReconstructionAccumulator(sae.d_in, sae.d_sae, settings.dense_threshold)
+    special_ids = torch.tensor(special, dtype=torch.long)
+    for batch in windows.split(settings.batch_size):
+        activations = capture_activations(model, batch.to(device), [meta.hook])[meta.hook]  # [B, T, d]
+        keep = ~torch.isin(batch[:, meta.first_kept:], special_ids)  # [B, T - first_kept]
+        _add_rows(sae, activations[:, meta.first_kept:][keep.to(device)].float(), rec)
+    down = _downstream(model, sae, meta, windows, rec.mean(), settings.batch_size, device) \
+        if settings.downstream else None
+    target = {"kind": "held_out_documents", "dataset": data.path, "split": data.split,
+              "holdout_fraction": data.holdout_fraction, "n_windows": len(windows), "context_size": context,
+              "context_size_from": "sae" if meta.context_size else "config", "model_dtype": cfg.model.dtype}
+    return _Run(rec, down, name, target, list(special))
+
+
+def _on_store(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, cfg: RunConfig,
+              store_url: str, device: torch.device) -> _Run:
+    settings = cfg.evaluate
+    store = ActivationStore.open(store_url)
+    store.require_complete()
+    name = store.attrs.get("model")
+    check_same_model(sae_dir, meta, name, f"store {store_url!r}",
+                     "evaluate it on a store harvested from that model")
+    if meta.hook not in store.hooks:
+        raise EvaluationError(f"the SAE reads hook {meta.hook}, which store {store_url!r} does not hold "
+                              f"(it holds {', '.join(store.hooks)}); harvest that hook or evaluate on "
+                              "held-out documents")
+    check_width(sae, meta, store.d(meta.hook), f"store {store_url!r}")
+    context = store.context_size
+    excluded = store.attrs.get("excluded", {})
+    special = [int(t) for t in excluded.get("token_ids", [])] if meta.special_token_ids is None \
+        else meta.special_token_ids
+    selection = RowSelection(meta.first_kept, tuple(special), settings.max_rows)
+    rec = ReconstructionAccumulator(sae.d_in, sae.d_sae, settings.dense_threshold)
+    for batch in iter_kept_rows(store, meta.hook, selection, settings.row_batch_size):
+        _add_rows(sae, batch.activations.to(device), rec)
+    n_windows = min(settings.held_out_tokens // context, store.geometry.n_windows)
+    target: dict[str, Any] = {"kind": "store", "url": store_url, "context_size": context,
+                              "max_rows": settings.max_rows, "n_windows": 0}
+    down = None
+    if settings.downstream:
+        if n_windows == 0 or meta.first_kept > context - 2:
+            raise EvaluationError(f"no downstream predictions: evaluate.held_out_tokens="
+                                  f"{settings.held_out_tokens} with windows of {context} tokens from "
+                                  f"position {meta.first_kept}; raise it or set evaluate.downstream=false")
+        token_ids = np.asarray(store.array(TOKEN_IDS)[: n_windows * context], dtype=np.int64)
+        windows = torch.from_numpy(token_ids.reshape(n_windows, context))  # [windows, context]
+        model_cfg = model_config_of_store(store.attrs.get("identity", {}), settings.device)
+        model = load_model(model_cfg, device)
+        check_width(sae, meta, resolve_hook(model, meta.hook).d, f"model {name!r}")
+        down = _downstream(model, sae, meta, windows, rec.mean(), settings.batch_size, device)
+        target.update(n_windows=n_windows, model_dtype=model_cfg.dtype)
+    return _Run(rec, down, str(name), target, special)
+
+
+def _add_rows(sae: SparseAutoencoder, x: torch.Tensor, rec: ReconstructionAccumulator) -> None:
+    """Encode rows x [rows, d_in] (float32) and add them to the figures."""
+    latents = sae.encode(x)  # [rows, d_sae]
+    rec.update(x, sae.decode(latents), latents)
+
+
+def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, windows: torch.Tensor,
+                mean: torch.Tensor, batch_size: int, device: torch.device) -> DownstreamAccumulator:
+    """Next-token CE of the clean, spliced, zero- and mean-ablated forwards over `windows`."""
+    down = DownstreamAccumulator(meta.first_kept)
+    rewrites = {"spliced": splice_sae(sae, meta.first_kept), "zero": ablate_zero(meta.first_kept),
+                "mean": ablate_mean(mean, meta.first_kept)}
+    for batch in windows.split(batch_size):
+        ids = batch.to(device)
+        variants = ((variant, _logits(model, ids, {meta.hook: fn})) for variant, fn in rewrites.items())
+        down.update(ids, _logits(model, ids, {}), variants)
+    return down
+
+
+def _logits(model: Any, input_ids: torch.Tensor, fns: dict[str, HookFn]) -> torch.Tensor:
+    """[windows, context, vocab] logits of one forward with `fns` attached."""
+    with hooks_attached(model, fns):
+        return model(input_ids=input_ids, use_cache=False).logits
+

@@ -1,0 +1,162 @@
+"""The evaluate and analyze stages, and `run`: harvest → train → evaluate → analyze from one config.
+
+A stage's input can be an artifact made elsewhere: `evaluate`/`analyze` take an SAE directory and
+either a run config (held-out documents of its dataset, the run's store) or a store URL (its rows,
+and the model it was harvested with).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from activations.model import load_model, load_tokenizer, model_config_of_store
+from activations.store import ActivationStore
+from eval.evaluate import METRICS_FILE, EvalReport, evaluate
+from sae.io import SAEFormatError, read_cfg
+from sae.run_config import RunConfig
+
+log = logging.getLogger("saeworks")
+
+
+def sae_name(sae_dir: Path) -> str:
+    """The name an SAE's artifacts go under: its directory name."""
+    return Path(sae_dir).resolve().name
+
+
+def evaluate_sae(sae_dir: Path, cfg: RunConfig, store_url: str | None = None,
+                 out: Path | None = None) -> tuple[EvalReport, Path]:
+    """Evaluate one SAE and write its metrics.json (default: inside the SAE directory)."""
+    report = evaluate(sae_dir, cfg, store_url)
+    path = out or Path(sae_dir) / METRICS_FILE
+    report.write(path)
+    return report, path
+
+
+def default_dictionary_dir(sae_dir: Path, cfg: RunConfig | None) -> Path:
+    """`<run_dir>/dictionaries/<name>` of the config's run, or of the run the SAE sits in."""
+    name = sae_name(sae_dir)
+    if cfg is not None:
+        return cfg.layout.dictionary(name)
+    sae_dir = Path(sae_dir).resolve()
+    if sae_dir.parent.name == "saes":
+        return sae_dir.parent.parent / "dictionaries" / name
+    return sae_dir.parent / f"{name}-dictionary"
+
+
+@dataclass
+class DictionaryBuild:
+    """What `analyze` made."""
+
+    directory: Path
+    metrics: dict[str, Any]
+    seconds: float
+    """Seconds of the analysis pass (not the evaluation or the writing)."""
+    tokens_per_s: float
+    summary: list[str] = field(default_factory=list)
+
+
+def build_dictionary(sae_dir: Path, cfg: RunConfig, store_url: str | None = None,
+                     out: Path | None = None) -> DictionaryBuild:
+    """Analyse every feature of an SAE over a store and write its feature dictionary.
+
+    The store is `store_url`, else the config's run store; the model (for logit effects and for
+    reading new text later) is the one that store was harvested with. Metrics come from the SAE's
+    metrics.json when it exists, else an evaluation runs first on the same target.
+    """
+    from eval.analysis import analyze_features
+    from eval.dictionary import dictionary_summary, write_dictionary
+    from sae.distributed import rank_info
+    from sae.io import load_sae
+
+    sae_dir = Path(sae_dir)
+    url = store_url or cfg.store_url
+    store = ActivationStore.open(url)
+    hook = sae_hook(sae_dir)
+    model_cfg = model_config_of_store(store.attrs.get("identity", {}))
+    metrics_path = sae_dir / METRICS_FILE
+    if metrics_path.is_file():
+        metrics: dict[str, Any] = json.loads(metrics_path.read_text())
+    else:
+        metrics = evaluate_sae(sae_dir, cfg, store_url)[0].to_json()
+    device = rank_info(cfg.analyze.device).device
+    sae = load_sae(sae_dir, device)
+    model = load_model(replace(model_cfg, device=cfg.analyze.device), device)
+    start = time.perf_counter()
+    analysis = analyze_features(sae, store, hook, cfg.analyze, model, device)
+    seconds = time.perf_counter() - start
+    directory = out or default_dictionary_dir(sae_dir, cfg if store_url is None else None)
+    write_dictionary(directory, analysis, sae_dir, load_tokenizer(model_cfg), model_cfg, hook, metrics,
+                     {"store": url})
+    return DictionaryBuild(directory, metrics, seconds, analysis.n_tokens / max(seconds, 1e-9),
+                           dictionary_summary(directory))
+
+
+def sae_hook(sae_dir: Path) -> str:
+    """The hook point an SAE reads (its SAELens metadata), or an SAEFormatError."""
+    hook = read_cfg(sae_dir).get("metadata", {}).get("hook_name")
+    if not hook:
+        raise SAEFormatError(f"{sae_dir}/cfg.json names no metadata.hook_name: cannot tell which "
+                             "hook point the SAE reads")
+    return str(hook)
+
+
+@dataclass
+class StageTime:
+    stage: str
+    seconds: float
+
+
+@dataclass
+class RunSummary:
+    """Everything `saeworks run` made, for printing."""
+
+    store: str
+    saes: list[Path]
+    metrics: dict[str, dict[str, Any]]
+    """Per SAE name: its metrics.json content."""
+    dictionaries: list[Path]
+    report: Path | None
+    times: list[StageTime]
+    is_main: bool
+
+
+def run_pipeline(cfg: RunConfig) -> RunSummary:
+    """harvest → train → evaluate (held-out documents) → analyze, then the run's report.
+
+    Harvest and train use every process launched; evaluation and analysis run on rank 0 while
+    the others finish. A complete store with the same identity is reused, not harvested again.
+    """
+    from activations.harvest import harvest
+    from eval.report import run_report
+    from train.run import train
+
+    times: list[StageTime] = []
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        times.append(StageTime(stage, now - clock))
+        clock = now
+
+    harvested = harvest(cfg)
+    lap("harvest")
+    trained = train(cfg)
+    lap("train")
+    saes = [result.path for result in trained.saes if result.path is not None]
+    if trained.rank != 0:
+        return RunSummary(harvested.store_url, saes, {}, [], None, times, is_main=False)
+    metrics: dict[str, dict[str, Any]] = {}
+    for path in saes:
+        metrics[sae_name(path)] = evaluate_sae(path, cfg)[0].to_json()
+    lap("evaluate")
+    dictionaries = [build_dictionary(path, cfg).directory for path in saes]
+    lap("analyze")
+    report = run_report(Path(cfg.run_dir))
+    lap("report")
+    return RunSummary(harvested.store_url, saes, metrics, dictionaries, report, times, is_main=True)

@@ -1,0 +1,348 @@
+"""The streaming feature analysis against direct dense computations on a small real store."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from activations.rows import RowSelection, iter_kept_rows
+from activations.store import ActivationStore
+from eval.analysis import (
+    SUB_BINS,
+    DistributionPass,
+    TopPass,
+    analyze_features,
+    encode_batch,
+    fine_bin,
+    logit_effects_for,
+    sample_keys,
+    window_batches,
+)
+from eval.config import AnalyzeConfig
+from eval.features import FeatureAnalysis
+from eval.logit_effects import decoder_neighbours, final_norm_of, norm_gain
+from sae.base import SparseAutoencoder
+from sae.config import SAEConfig
+from sae.io import load_sae
+from sae.registry import create_sae
+from tests.eval_helpers import TINY_HOOK
+from tests.test_hooks import CASES
+from tests.train_helpers import HOOK, make_store
+
+
+class Dense(NamedTuple):
+    """Every row of a store encoded at once, and which rows the analysis reads."""
+
+    acts: torch.Tensor
+    """[n_tokens, d_sae]."""
+    keep: torch.Tensor
+    """[n_tokens] bool."""
+    tokens: torch.Tensor
+    """[n_tokens] int64."""
+
+
+def kept_mask(store: ActivationStore, hook: str, max_rows: int | None = None) -> torch.Tensor:
+    """[n_tokens] bool: the rows `iter_kept_rows` reads."""
+    keep = torch.zeros(store.n_tokens, dtype=torch.bool)
+    for batch in iter_kept_rows(store, hook, RowSelection.of_store(store, max_rows), 1024):
+        keep[batch.rows] = True
+    return keep
+
+
+def dense_of(sae: SparseAutoencoder, store: ActivationStore, hook: str) -> Dense:
+    with torch.no_grad():
+        acts = sae.encode(store.read_rows(hook, 0, store.n_tokens).float())
+    return Dense(acts, kept_mask(store, hook), torch.from_numpy(store.array("token_ids")[:]).long())
+
+
+class Tiny(NamedTuple):
+    store: ActivationStore
+    sae: SparseAutoencoder
+    cfg: AnalyzeConfig
+    analysis: FeatureAnalysis
+    dense: Dense
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_here() -> Iterator[None]:
+    """Small batches run fastest, and steadiest on a busy machine, with one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run: Any, embedded_model: Any) -> Tiny:
+    store = ActivationStore.open(tiny_run.store_url)
+    sae = load_sae(tiny_run.sae_dir)
+    cfg = tiny_run.cfg.analyze
+    analysis = analyze_features(sae, store, TINY_HOOK, cfg, embedded_model, progress=False)
+    return Tiny(store, sae, cfg, analysis, dense_of(sae, store, TINY_HOOK))
+
+
+def window_acts(sae: SparseAutoencoder, store: ActivationStore, hook: str, row: int) -> torch.Tensor:
+    """[context, d_sae]: the row's window encoded by itself."""
+    start = row // store.context_size * store.context_size
+    with torch.no_grad():
+        return sae.encode(store.read_rows(hook, start, start + store.context_size).float())
+
+
+def check_contexts(contexts: Any, features: list[int], sae: SparseAutoencoder, store: ActivationStore,
+                   hook: str, before: int, after: int) -> int:
+    """Re-encode each sample's window: value, tokens and per-token activations match. Returns samples."""
+    tokens, context, checked = torch.from_numpy(store.array("token_ids")[:]).long(), store.context_size, 0
+    for f in features:
+        for slot in range(contexts.rows.shape[1]):
+            row = int(contexts.rows[f, slot])
+            if row < 0:
+                assert contexts.values[f, slot] == 0 and not contexts.activations[f, slot].any()
+                assert not contexts.token_ids[f, slot].any()  # a missing sample: all-zero context
+                continue
+            acts = window_acts(sae, store, hook, row)[:, f]  # [context]
+            position = row % context
+            expected_acts = torch.zeros(before + 1 + after)
+            expected_tokens = torch.full((before + 1 + after,), -1, dtype=torch.int32)
+            for slot_c, offset in enumerate(range(-before, after + 1)):
+                if 0 <= position + offset < context:
+                    expected_acts[slot_c] = acts[position + offset]
+                    expected_tokens[slot_c] = int(tokens[row + offset])
+            torch.testing.assert_close(contexts.values[f, slot], acts[position])
+            torch.testing.assert_close(contexts.activations[f, slot], expected_acts)
+            assert torch.equal(contexts.token_ids[f, slot], expected_tokens)
+            assert contexts.activations[f, slot, before] == contexts.values[f, slot]
+            checked += 1
+    return checked
+
+
+def check_against_dense(analysis: FeatureAnalysis, dense: Dense, cfg: AnalyzeConfig) -> None:
+    """Moments, exhaustive top-N, histogram, quantiles and bands, for every feature."""
+    kept = dense.acts[dense.keep]  # [kept rows, d_sae]
+    kept_rows = torch.nonzero(dense.keep).squeeze(1)
+    assert analysis.n_tokens == kept.shape[0]
+    assert torch.equal(analysis.count, (kept > 0).sum(0))
+    torch.testing.assert_close(analysis.sum, kept.double().sum(0), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(analysis.max, kept.max(0).values)
+
+    n = cfg.top_n
+    top = analysis.top
+    for f in range(analysis.d_sae):
+        active = kept[:, f] > 0
+        values, order = kept[active, f].sort(descending=True, stable=True)  # ties: earlier row first
+        rows = kept_rows[active][order]
+        filled = min(n, values.shape[0])
+        torch.testing.assert_close(top.values[f, :filled], values[:filled])
+        assert torch.equal(top.rows[f, :filled], rows[:filled])
+        assert (top.rows[f, filled:] == -1).all() and (top.values[f, filled:] == 0).all()
+        # exhaustively: no kept row outside the top-N activates more than its last entry
+        outside = torch.ones(kept.shape[0], dtype=torch.bool)
+        outside[torch.searchsorted(kept_rows, top.rows[f, :filled])] = False
+        if filled == n:
+            assert kept[outside, f].max() <= top.values[f, -1]
+
+        # histogram and quantiles
+        maximum = analysis.max[f]
+        assert analysis.histogram[f].sum() == analysis.count[f]
+        if values.shape[0]:
+            fine = fine_bin(values, maximum.expand_as(values), SUB_BINS * cfg.histogram_bins)
+            expected = torch.bincount(fine // SUB_BINS, minlength=cfg.histogram_bins)
+            assert torch.equal(analysis.histogram[f], expected)
+            levels = torch.tensor(analysis.quantile_levels, dtype=torch.float64)
+            exact = torch.quantile(values.double(), levels)
+            resolution = float(maximum) / (SUB_BINS * cfg.histogram_bins)
+            assert (analysis.quantiles[f].double() - exact).abs().max() <= resolution * (1 + 1e-5) + 1e-6
+        else:
+            assert not analysis.quantiles[f].any()
+
+        # bands: in their band, not top-N, distinct, and as many as the band holds (up to the slots)
+        edges, spb = analysis.band_edges, cfg.samples_per_band
+        for band in range(cfg.bands):
+            slots = slice(band * spb, (band + 1) * spb)
+            band_rows, band_values = analysis.bands.rows[f, slots], analysis.bands.values[f, slots]
+            filled_rows = band_rows[band_rows >= 0]
+            assert (band_rows[len(filled_rows):] == -1).all()
+            in_band = (kept[:, f] > edges[band + 1] * maximum) & (kept[:, f] <= edges[band] * maximum)
+            candidates = active & in_band & outside
+            assert len(filled_rows) == min(spb, int(candidates.sum()))
+            assert len(set(filled_rows.tolist())) == len(filled_rows)
+            at = torch.searchsorted(kept_rows, filled_rows)
+            assert torch.equal(kept_rows[at], filled_rows) and candidates[at].all()
+            torch.testing.assert_close(band_values[: len(filled_rows)], kept[at, f])
+
+
+def test_kept_rows_are_those_iter_kept_rows_reads(tiny: Tiny) -> None:
+    for max_rows in (None, 1000):
+        selection = RowSelection.of_store(tiny.store, max_rows)
+        ours = torch.cat([torch.nonzero(b.keep).squeeze(1) + b.start
+                          for b in window_batches(tiny.store, TINY_HOOK, selection, 3)])
+        theirs = torch.cat([b.rows for b in iter_kept_rows(tiny.store, TINY_HOOK, selection, 256)])
+        assert torch.equal(ours, theirs)
+
+
+def test_sparse_encoding_equals_dense_encode(tiny: Tiny) -> None:
+    selection = RowSelection.of_store(tiny.store)
+    batch = next(window_batches(tiny.store, TINY_HOOK, selection, 4))
+    relu = create_sae(SAEConfig(architecture="relu", d_sae=64).resolved(tiny.sae.d_in))
+    for sae in (tiny.sae, relu):  # TopK's own path, and the generic one
+        encoded = encode_batch(sae, batch, tiny.store.context_size)
+        dense = torch.zeros(batch.x.shape[0], sae.d_sae)
+        dense[encoded.local, encoded.features] = encoded.values
+        torch.testing.assert_close(dense, sae.encode(batch.x).detach())
+
+
+def test_analysis_equals_dense_computation(tiny: Tiny) -> None:
+    check_against_dense(tiny.analysis, tiny.dense, tiny.cfg)
+
+
+def test_top_and_band_contexts_reproduce_on_reencoding(tiny: Tiny) -> None:
+    """The acceptance check: re-encoding the stored contexts gives the stored activations."""
+    features = torch.randperm(tiny.sae.d_sae, generator=torch.Generator().manual_seed(0))[:24].tolist()
+    args = (tiny.sae, tiny.store, TINY_HOOK, tiny.cfg.context_before, tiny.cfg.context_after)
+    assert check_contexts(tiny.analysis.top, features, *args) > 50
+    assert check_contexts(tiny.analysis.bands, features, *args) > 50
+
+
+def test_result_does_not_depend_on_batch_size(tiny: Tiny) -> None:
+    """... and on whether pass 2 replays pass 1's activations (here: not at all) or encodes again."""
+    other = analyze_features(tiny.sae, tiny.store, TINY_HOOK, replace(tiny.cfg, batch_size=64),
+                             progress=False, replay_bytes=0)
+    a = tiny.analysis
+    assert other.info["rows_per_pass"] == a.info["rows_per_pass"]
+    assert a.info["encode_passes"] == 1 and other.info["encode_passes"] == 2
+    assert torch.equal(other.count, a.count) and torch.equal(other.histogram, a.histogram)
+    for mine, theirs in ((a.top, other.top), (a.bands, other.bands)):
+        assert torch.equal(mine.rows, theirs.rows) and torch.equal(mine.token_ids, theirs.token_ids)
+        torch.testing.assert_close(mine.values, theirs.values)
+        torch.testing.assert_close(mine.activations, theirs.activations)
+    torch.testing.assert_close(other.quantiles, a.quantiles)
+
+
+def test_partial_replay_gives_the_same_result(tiny: Tiny) -> None:
+    """A replay budget of about two batches: pass 2 replays those and encodes the rest again."""
+    partial = analyze_features(tiny.sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False,
+                               replay_bytes=150_000)
+    assert 1 < partial.info["encode_passes"] < 2
+    a = tiny.analysis
+    assert torch.equal(partial.histogram, a.histogram) and torch.equal(partial.quantiles, a.quantiles)
+    for mine, theirs in ((a.top, partial.top), (a.bands, partial.bands)):
+        assert torch.equal(mine.rows, theirs.rows) and torch.equal(mine.activations, theirs.activations)
+
+
+def test_max_tokens_limits_the_rows(tiny: Tiny) -> None:
+    cfg = replace(tiny.cfg, max_tokens=700)
+    analysis = analyze_features(tiny.sae, tiny.store, TINY_HOOK, cfg, progress=False)
+    check_against_dense(analysis, tiny.dense._replace(keep=kept_mask(tiny.store, TINY_HOOK, 700)), cfg)
+    assert analysis.n_tokens == 700 and analysis.info["rows_per_pass"] < tiny.store.n_tokens
+
+
+def test_state_is_bounded_by_features_times_slots(tiny: Tiny) -> None:
+    """No tensor of n_tokens x d_sae: batches are whole windows, every state tensor is per feature."""
+    cfg, context, d_sae = tiny.cfg, tiny.store.context_size, tiny.sae.d_sae
+    selection = RowSelection.of_store(tiny.store)
+    first = TopPass(d_sae, cfg, torch.device("cpu"))
+    for batch in window_batches(tiny.store, TINY_HOOK, selection, 2):
+        assert batch.x.shape[0] <= 2 * context
+        first.add(encode_batch(tiny.sae, batch, context))
+    second = DistributionPass(first, cfg, torch.device("cpu"))
+    for batch in window_batches(tiny.store, TINY_HOOK, selection, 2):
+        second.add(encode_batch(tiny.sae, batch, context))
+    width = cfg.context_before + 1 + cfg.context_after
+    slots = max(cfg.top_n * width, cfg.bands * cfg.samples_per_band * width, SUB_BINS * cfg.histogram_bins)
+    for name, tensor in {**first.state(), **second.state()}.items():
+        assert tensor.numel() <= d_sae * slots, name
+        assert tensor.shape[0] in (d_sae, d_sae * cfg.bands), name
+    assert torch.equal(first.top.rows, tiny.analysis.top.rows)
+
+
+def test_generic_encode_path_on_a_synthetic_store(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "store", n_windows=48)
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(architecture="relu", d_sae=48).resolved(store.d(HOOK)))
+    with torch.no_grad():  # each latent active on ~10% of rows
+        sae.b_enc.copy_(-sae.pre_activations(store.read_rows(HOOK, 0, 512)).quantile(0.9, dim=0))
+    cfg = AnalyzeConfig(batch_size=100, top_n=4, bands=3, samples_per_band=3, context_before=3,
+                        context_after=2, histogram_bins=8, neighbours=5)
+    analysis = analyze_features(sae, store, HOOK, cfg, progress=False)
+    dense = dense_of(sae, store, HOOK)
+    assert 0 < (dense.acts > 0).float().mean() < 0.5
+    check_against_dense(analysis, dense, cfg)
+    assert check_contexts(analysis.top, list(range(0, 48, 5)), sae, store, HOOK, 3, 2) > 20
+    assert analysis.logit_positive_ids.shape == (48, 0) and analysis.logit_negative_values.shape == (48, 0)
+
+
+def test_logit_effects_equal_a_dense_computation(tiny: Tiny, embedded_model: Any) -> None:
+    W_dec = tiny.sae.W_dec.detach()
+    features = [0, 17, 101, 255]
+    gain = embedded_model.get_submodule("model.norm").weight.detach()
+    effects = (W_dec[features] * gain) @ embedded_model.get_output_embeddings().weight.detach().T
+    k = tiny.cfg.logit_tokens
+    a = tiny.analysis
+    top, bottom = effects.topk(k, dim=1), effects.topk(k, dim=1, largest=False)
+    torch.testing.assert_close(a.logit_positive_values[features], top.values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.logit_negative_values[features], bottom.values, rtol=1e-4, atol=1e-5)
+    assert torch.equal(a.logit_positive_ids[features], top.indices)
+    assert torch.equal(a.logit_negative_ids[features], bottom.indices)
+    assert a.info["logit_effects"].startswith("computed")
+    empty, why = logit_effects_for(W_dec, "blocks.3.mlp.hook_post", embedded_model, k)
+    assert empty.positive_ids.shape == (W_dec.shape[0], 0) and "residual stream" in why
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_norm_gain_of_every_family(case: Any) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(case.make_config(), dtype=torch.float32)
+    norm = model.get_submodule(case.final_norm)
+    assert final_norm_of(model) is norm
+    with torch.no_grad():
+        for param in norm.parameters():
+            param.add_(0.3 * torch.randn_like(param))  # a bias must cancel, a scale must show
+    weight = norm.get_parameter("weight").detach()
+    expected = 1 + weight if case.family.startswith("gemma") else weight
+    torch.testing.assert_close(norm_gain(norm, weight.shape[0]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_neighbours_equal_a_dense_computation(tiny: Tiny) -> None:
+    unit = torch.nn.functional.normalize(tiny.sae.W_dec.detach(), dim=1)
+    cosines = unit @ unit.T
+    cosines.fill_diagonal_(-2)
+    best = cosines.topk(tiny.cfg.neighbours, dim=1)
+    torch.testing.assert_close(tiny.analysis.neighbour_cosines, best.values)
+    assert torch.equal(tiny.analysis.neighbour_ids, best.indices)
+    padded = decoder_neighbours(tiny.sae.W_dec.detach()[:4], 5)  # only 3 others
+    assert (padded.ids[:, 3:] == -1).all() and (padded.ids[:, :3] >= 0).all()
+
+
+def test_sample_keys_are_deterministic_and_spread() -> None:
+    rows = torch.arange(100_000, dtype=torch.int64)
+    keys = sample_keys(rows, torch.full_like(rows, 7))
+    assert torch.equal(keys, sample_keys(rows, torch.full_like(rows, 7)))
+    assert keys.min() >= 0 and keys.max() < 2**32 and keys.unique().numel() == rows.numel()
+    assert abs(keys.double().mean() / 2**32 - 0.5) < 0.01
+    assert not torch.equal(keys, sample_keys(rows, torch.full_like(rows, 8)))
+
+
+def test_info_names_where_it_came_from(tiny: Tiny) -> None:
+    info = tiny.analysis.info
+    assert info["store"] == tiny.store.url and info["hook"] == TINY_HOOK
+    assert info["n_tokens"] == tiny.analysis.n_tokens and info["tokens_per_s"] > 0
+    assert info["pass1_seconds"] > 0 and info["pass2_seconds"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_gpu_gives_the_cpu_result(tiny: Tiny) -> None:
+    on_gpu = analyze_features(copy.deepcopy(tiny.sae), tiny.store, TINY_HOOK, tiny.cfg, device="cuda",
+                              progress=False)
+    a = tiny.analysis
+    assert torch.equal(on_gpu.count, a.count)
+    for mine, theirs in ((a.top, on_gpu.top), (a.bands, on_gpu.bands)):
+        assert (mine.rows == theirs.rows).float().mean() > 0.99  # float differences may swap near-ties
+        torch.testing.assert_close(mine.values.sort(1).values, theirs.values.sort(1).values,
+                                   rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(on_gpu.neighbour_cosines, a.neighbour_cosines, rtol=1e-4, atol=1e-5)
