@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from activations.config import ModelConfig
+from sae.atomic import publish_modes
 from sae.configio import ConfigError
 from sae.paths import cache_root
 from sae.version import package_version
@@ -121,6 +122,7 @@ def _converted_dir(source: ModelSource) -> str:
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
         _convert_gguf(gguf_path, scratch)
+        publish_modes(scratch)
         os.replace(scratch, target)  # atomic; a concurrent rank that lost the race keeps its copy out
     except OSError:
         if not (target / "config.json").is_file():

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +42,7 @@ from eval.metrics import (
     DownstreamAccumulator,
     ReconstructionAccumulator,
 )
+from sae.atomic import write_text_atomic
 from sae.base import SparseAutoencoder
 from sae.distributed import rank_info
 from sae.interventions import ablate_mean, ablate_zero, splice_sae
@@ -138,15 +137,7 @@ class EvalReport:
         """Write the JSON to `path` atomically (temporary sibling, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump(self.to_json(), out, indent=2, default=str)
-            os.replace(scratch, path)
-        finally:
-            if os.path.exists(scratch):
-                os.unlink(scratch)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=2, default=str))
 
     def table(self) -> str:
         """The figures as an aligned, readable table with one-line descriptions."""

@@ -69,7 +69,8 @@ def build_dictionary(sae_dir: Path, cfg: RunConfig, store_url: str | None = None
     metrics.json when it exists, else an evaluation runs first on the same target.
     """
     from eval.analysis import analyze_features
-    from eval.dictionary import dictionary_summary, write_dictionary
+    from eval.dictionary import dictionary_summary
+    from eval.dictionary_build import write_dictionary
     from sae.distributed import rank_info
     from sae.io import load_sae
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from eval.dictionary import (
     Context,
     FeatureDictionary,
 )
+from sae.atomic import write_text_atomic
 from sae.paths import DICTIONARIES_DIR, SAES_DIR, RunLayout
 
 TOP_FEATURES = 10
@@ -27,15 +26,6 @@ RUN_REPORT_DIR = "report"
 HEADLINE = ("fvu", "l0", "ce_recovered", "kl", "mse", "cosine", "dead_fraction", "dense_fraction")
 """Metrics shown first (in this order) and the columns of the run table."""
 RUN_COLUMNS = ("fvu", "l0", "ce_recovered", "kl", "dead_fraction")
-
-
-def _write(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file, so a reader never sees half a report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _number(value: Any) -> str:
@@ -89,7 +79,7 @@ def dictionary_report(directory: str | Path) -> Path:
                       f"mean activation {feature.mean_activation:.3g}", ""]
             if feature.top_contexts:
                 lines += [render_context(feature.top_contexts[0]), ""]
-    return _write(directory / REPORT_FILE, "\n".join(lines))
+    return write_text_atomic(directory / REPORT_FILE, "\n".join(lines))
 
 
 def _metrics_section(metrics: dict[str, Any] | None) -> list[str]:
@@ -144,4 +134,4 @@ def run_report(run_dir: str | Path) -> Path:
         lines.append(f"| [{_cell(sae.name)}]({SAES_DIR}/{sae.name}) | " + " | ".join(cells) + f" | {link} |")
     if not saes:
         lines.append("| (no SAEs) |" + " |" * (len(header) - 1))
-    return _write(layout.root / "report.md", "\n".join(lines) + "\n")
+    return write_text_atomic(layout.root / "report.md", "\n".join(lines) + "\n")

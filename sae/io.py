@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae.atomic import publish_modes
 from sae.base import SparseAutoencoder
 from sae.config import SAEConfig
 from sae.configio import ConfigError
@@ -88,6 +89,7 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, input_scale: float =
     try:
         save_file(tensors, str(scratch / WEIGHTS_FILE))
         (scratch / CFG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
+        publish_modes(scratch)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(scratch, directory)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,3 +43,20 @@ def shards_printed(stdout: str) -> dict[str, list[int]]:
     """`{"rank R/W": [shards]}` from the lines `saeworks harvest` prints on every rank."""
     pattern = r"(rank \d+/\d+) harvested shards (\[[\d, ]*\])"
     return {rank: list(ast.literal_eval(shards)) for rank, shards in re.findall(pattern, stdout)}
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Run the block under `mask` (the process umask), restoring the old one after."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def unshared_paths(root: Path) -> list[str]:
+    """Paths in the tree at `root` (itself included) whose permission bits are not those mkdir and
+    open give under umask 022 (0o755, 0o644), i.e. that group and others could not read."""
+    modes = {p: p.stat().st_mode & 0o777 for p in [root, *sorted(root.rglob("*"))]}
+    return [f"{p}: {oct(mode)}" for p, mode in modes.items() if mode != (0o755 if p.is_dir() else 0o644)]

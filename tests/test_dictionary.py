@@ -22,13 +22,14 @@ from eval.dictionary import (
     FeatureDictionary,
     FeatureNotFoundError,
     dictionary_summary,
-    write_dictionary,
 )
+from eval.dictionary_build import write_dictionary
 from eval.features import Contexts, FeatureAnalysis
 from eval.labels import DEAD_LABEL, auto_label
 from sae.config import SAEConfig
 from sae.io import save_sae
 from sae.registry import create_sae
+from tests.helpers import umask, unshared_paths
 
 VOCAB = [" def", " class", "\n", "__init__", " the", "(", " x", "<bos>", " = ", "'s", " Paris", ".",
          "\t", " return", "ing", " π"]
@@ -272,24 +273,35 @@ def test_an_sae_directory_is_not_a_dictionary(tmp_path: Path) -> None:
 
 
 def test_failed_write_leaves_nothing_that_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import eval.report
+    import eval.dictionary_build
 
     def crash(directory: Path) -> Path:
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(eval.report, "dictionary_report", crash)  # the last step before the rename
+    monkeypatch.setattr(eval.dictionary_build, "dictionary_report", crash)  # the last step before the rename
     with pytest.raises(RuntimeError, match="killed"):
         build(tmp_path, name="new")
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "saes"] == []
     monkeypatch.undo()
     directory, a = build(tmp_path)
-    monkeypatch.setattr(eval.report, "dictionary_report", crash)
+    monkeypatch.setattr(eval.dictionary_build, "dictionary_report", crash)
     with pytest.raises(RuntimeError):
         build(tmp_path, synthetic_analysis(seed=1))
     with FeatureDictionary.open(directory) as d:  # the old dictionary is intact
         assert d.feature(0).count == int(a.count[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dict", "saes"]
+
+
+def test_dictionary_is_readable_by_others_under_umask_022(tmp_path: Path) -> None:
+    """Built in scratch and renamed into place, a dictionary (new or replacing one) still gets the
+    modes of ordinary files and directories, not tempfile's owner-only ones."""
+    with umask(0o022):
+        directory, _ = build(tmp_path, name="new")
+        assert unshared_paths(directory) == []
+        build(tmp_path, synthetic_analysis(seed=1), name="new")
+    assert {p.name for p in directory.rglob("*")} >= {"sae", "plots", "features.sqlite", "report.md"}
+    assert unshared_paths(directory) == []
 
 
 def test_summary_lists_alive_features(built: tuple[Path, FeatureAnalysis]) -> None:

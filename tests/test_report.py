@@ -15,6 +15,7 @@ from eval import plots
 from eval.dictionary import REPORT_FILE, FeatureDictionary
 from eval.report import dictionary_report, run_report
 from sae.paths import RunLayout
+from tests.helpers import umask, unshared_paths
 from tests.test_dictionary import METRICS, build, synthetic_analysis, tiny_sae_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,7 +87,7 @@ def _run_with_saes(tmp_path: Path, names: list[str], evaluated: set[str], with_d
             (sae_dir / "metrics.json").write_text(json.dumps(metrics))
         if name in with_dictionary:
             from activations.config import ModelConfig
-            from eval.dictionary import write_dictionary
+            from eval.dictionary_build import write_dictionary
             from tests.test_dictionary import FakeTokenizer
 
             write_dictionary(layout.dictionary(name), synthetic_analysis(), sae_dir, FakeTokenizer(),
@@ -96,8 +97,9 @@ def _run_with_saes(tmp_path: Path, names: list[str], evaluated: set[str], with_d
 
 def test_run_report_with_one_sae(tmp_path: Path) -> None:
     root = _run_with_saes(tmp_path, ["topk-k8"], {"topk-k8"}, {"topk-k8"})
-    report = run_report(root)
-    assert report == root / "report.md"
+    with umask(0o022):
+        report = run_report(root)
+    assert report == root / "report.md" and unshared_paths(report) == []  # others can read it
     text = report.read_text()
     assert "report/l0_fvu_frontier.png" in links(report) and "dictionaries/topk-k8/report.md" in links(report)
     assert "| 0.3 | 8 |" in text

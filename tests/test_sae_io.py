@@ -20,6 +20,7 @@ from sae.jumprelu import JumpReLUSAE
 from sae.registry import ARCHITECTURES, SAVED_ARCHITECTURES, UnknownArchitectureError, create_sae
 from sae.relu import ReLUSAE
 from sae.topk import TopKSAE
+from tests.helpers import umask, unshared_paths
 
 D_IN, D_SAE, K = 16, 64, 4
 ARCHS = sorted(ARCHITECTURES)
@@ -128,6 +129,15 @@ def test_save_replaces_an_existing_directory(tmp_path: Path) -> None:
     loaded = load_sae(save_sae(trained_like("topk"), tmp_path / "sae"))
     assert isinstance(loaded, TopKSAE) and not (tmp_path / "sae" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_saved_sae_is_readable_by_others_under_umask_022(tmp_path: Path) -> None:
+    """Written in scratch and renamed into place, a saved SAE still gets the modes of ordinary
+    files and directories, not tempfile's owner-only ones."""
+    with umask(0o022):
+        directory = save_sae(trained_like("topk"), tmp_path / "sae")
+    assert unshared_paths(directory) == []
+    assert sorted(p.name for p in directory.iterdir()) == [CFG_FILE, WEIGHTS_FILE]
 
 
 def test_load_errors(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae.atomic import publish_modes
 from sae.configio import to_dict
 from train.config import TrainConfig
 from train.data import SourceInfo
@@ -68,6 +69,7 @@ def write_checkpoint(root: Path, tokens: int, tensors: dict[str, torch.Tensor],
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / STATE_TENSORS))
         (scratch / STATE_JSON).write_text(json.dumps({"format": FORMAT_VERSION, **state}))
+        publish_modes(scratch)
         if final.exists():
             shutil.rmtree(final)
         os.replace(scratch, final)
