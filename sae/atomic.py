@@ -11,8 +11,11 @@ shared machine can read the result as they could any other file.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -56,3 +59,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         if os.path.exists(scratch):
             os.unlink(scratch)
     return path
+
+
+@contextmanager
+def atomic_directory(directory: str | Path, prefix: str | None = None) -> Iterator[Path]:
+    """Yield a scratch directory beside `directory`; when the block ends without error, publish it
+    (`publish_modes`) and rename it onto `directory`, replacing what was there. The scratch is
+    removed in every case, so a failed write leaves the old directory (or none)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=prefix or f".{directory.name}-"))
+    try:
+        yield scratch
+        publish_modes(scratch)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(scratch, directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

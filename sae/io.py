@@ -19,9 +19,6 @@ scale leaves pre-activations (hence thresholds) unchanged: loaded(x) == trained(
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae.atomic import publish_modes
+from sae.atomic import atomic_directory
 from sae.base import SparseAutoencoder
 from sae.config import SAEConfig
 from sae.configio import ConfigError
@@ -84,17 +81,9 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, input_scale: float =
         "saeworks": {"version": package_version(), "training_architecture": sae.architecture,
                      "input_scale": input_scale, "config": vars(sae.cfg)},
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
+    with atomic_directory(directory) as scratch:
         save_file(tensors, str(scratch / WEIGHTS_FILE))
         (scratch / CFG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
-        publish_modes(scratch)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(scratch, directory)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return directory
 
 

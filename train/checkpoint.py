@@ -15,10 +15,8 @@ world size, recipe) and refuses a checkpoint made under another config, listing 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.atomic import publish_modes
+from sae.atomic import atomic_directory
 from sae.configio import to_dict
 from train.config import TrainConfig
 from train.data import SourceInfo
@@ -65,16 +63,9 @@ def write_checkpoint(root: Path, tokens: int, tensors: dict[str, torch.Tensor],
     for stale in root.glob(".tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{tokens:012d}"
-    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    with atomic_directory(final, prefix=".tmp-") as scratch:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / STATE_TENSORS))
         (scratch / STATE_JSON).write_text(json.dumps({"format": FORMAT_VERSION, **state}))
-        publish_modes(scratch)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(scratch, final)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     for older in root.glob(f"{PREFIX}*"):
         if older.name < final.name:
             shutil.rmtree(older, ignore_errors=True)
