@@ -75,9 +75,9 @@ def build_dictionary(sae_dir: Path, cfg: RunConfig, store_url: str | None = None
     from sae.io import load_sae
 
     sae_dir = Path(sae_dir)
+    hook = sae_hook(sae_dir)  # an SAE directory first: its error is the one a typo deserves
     url = store_url or cfg.store_url
     store = ActivationStore.open(url)
-    hook = sae_hook(sae_dir)
     model_cfg = model_config_of_store(store.attrs.get("identity", {}))
     metrics_path = sae_dir / METRICS_FILE
     if metrics_path.is_file():
