@@ -16,7 +16,7 @@ from typing import Any
 
 from activations.model import load_model, load_tokenizer, model_config_of_store
 from activations.store import ActivationStore
-from eval.evaluate import METRICS_FILE, EvalReport, evaluate
+from eval.evaluate import METRICS_FILE, EvalReport, SAEMetadata, check_same_model, evaluate
 from sae.io import SAEFormatError, read_cfg
 from sae.run_config import RunConfig
 
@@ -78,6 +78,8 @@ def build_dictionary(sae_dir: Path, cfg: RunConfig, store_url: str | None = None
     hook = sae_hook(sae_dir)  # an SAE directory first: its error is the one a typo deserves
     url = store_url or cfg.store_url
     store = ActivationStore.open(url)
+    check_same_model(sae_dir, SAEMetadata.read(sae_dir), store.attrs.get("model"), f"store {url!r}",
+                     "analyze it over a store harvested from that model")
     model_cfg = model_config_of_store(store.attrs.get("identity", {}))
     metrics_path = sae_dir / METRICS_FILE
     if metrics_path.is_file():

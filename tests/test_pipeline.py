@@ -73,6 +73,7 @@ def test_an_sae_of_another_model_is_refused_naming_both(tiny_run, tmp_path: Path
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     cfg["metadata"]["model_name"] = "EleutherAI/pythia-70m"
     (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+    (sae_dir / "metrics.json").write_text("{}")  # even an evaluated SAE is checked before analysis
     done = run_cli(["analyze", str(sae_dir), tiny_run.store_url, "--out", str(tmp_path / "d")])
     assert done.returncode == 2, done.stderr[-2000:]
     assert "EleutherAI/pythia-70m" in done.stderr and "HuggingFaceTB/SmolLM2-135M-Instruct" in done.stderr
