@@ -32,6 +32,7 @@ from sae.base import SparseAutoencoder
 from sae.config import SAEConfig
 from sae.io import load_sae
 from sae.registry import create_sae
+from tests.conftest import torch_threads
 from tests.eval_helpers import TINY_HOOK
 from tests.test_hooks import CASES
 from tests.train_helpers import HOOK, make_store
@@ -73,10 +74,8 @@ class Tiny(NamedTuple):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_here() -> Iterator[None]:
     """Small batches run fastest, and steadiest on a busy machine, with one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
