@@ -2,7 +2,7 @@
 
 import sys
 
-from sae.cli import main
+from saeworks.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["harvest", *sys.argv[1:]]))

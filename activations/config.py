@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sae.configio import require
+from saeworks.sae.configio import require
 
 TorchDtypeName = Literal["float32", "bfloat16", "float16"]
 

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sae.paths import cache_root
+from saeworks.sae.paths import cache_root
 
 DEBIAN_PACKAGE = "python3.11-doc"
 SOURCES_DIR = "usr/share/doc/python3.11/html/_sources"

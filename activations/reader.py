@@ -48,8 +48,8 @@ import torch
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
-from activations.config import ReaderConfig
-from activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
+from saeworks.activations.config import ReaderConfig
+from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
 
 STATE_VERSION = 1
 MAX_RUN_CHUNKS = 4

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
+from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
 
 
 class RowBatch(NamedTuple):

@@ -28,7 +28,7 @@ import zarr
 import zarr.codecs
 from zarr.errors import GroupNotFoundError
 
-from sae.version import package_version
+from saeworks.sae.version import package_version
 
 FORMAT_VERSION = 1
 TOKEN_IDS = "token_ids"

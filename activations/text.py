@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from activations.config import DataConfig
-from activations.corpus import embedded_corpus
+from saeworks.activations.config import DataConfig
+from saeworks.activations.corpus import embedded_corpus
 
 EMBEDDED = "embedded"
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text",

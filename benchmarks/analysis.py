@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from activations.model import load_model, model_config_of_store
-from activations.store import ActivationStore
-from eval.analysis import REPLAY_BYTES, analyze_features
-from eval.config import AnalyzeConfig
-from sae.base import SparseAutoencoder
-from sae.io import load_sae, read_cfg
-from sae.limits import matmul_seconds
+from saeworks.activations.model import load_model, model_config_of_store
+from saeworks.activations.store import ActivationStore
+from saeworks.eval.analysis import REPLAY_BYTES, analyze_features
+from saeworks.eval.config import AnalyzeConfig
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.io import load_sae, read_cfg
+from saeworks.sae.limits import matmul_seconds
 
 
 def encode_seconds(sae: SparseAutoencoder, store: ActivationStore, hook: str, rows: int) -> float:

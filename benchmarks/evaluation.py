@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-import eval.evaluate as evaluate_module
-from activations.hooks import capture_activations
-from activations.model import load_model, load_tokenizer
-from activations.text import iter_windows
-from eval.evaluate import EvalReport, SAEMetadata, evaluate, evaluation_device
-from sae.configio import load_config
-from sae.run_config import RunConfig
+import saeworks.eval.evaluate as evaluate_module
+from saeworks.activations.hooks import capture_activations
+from saeworks.activations.model import load_model, load_tokenizer
+from saeworks.activations.text import iter_windows
+from saeworks.eval.evaluate import EvalReport, SAEMetadata, evaluate, evaluation_device
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import load_config
 
 PASSES = 2
 """Passes of each bare forward over all the windows before evaluate, and again after it."""

@@ -20,12 +20,12 @@ import time
 import numpy as np
 import torch
 
-from activations.config import ModelConfig
-from activations.harvest import harvest
-from activations.model import load_model, load_tokenizer
-from activations.text import iter_windows
-from sae.configio import load_config
-from sae.run_config import RunConfig
+from saeworks.activations.config import ModelConfig
+from saeworks.activations.harvest import harvest
+from saeworks.activations.model import load_model, load_tokenizer
+from saeworks.activations.text import iter_windows
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import load_config
 
 
 def bare_truncated_forward(model: torch.nn.Module, windows: np.ndarray, last_layer: int,

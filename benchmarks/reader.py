@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from activations.config import ReaderConfig
-from activations.reader import ActivationReader
-from activations.store import ActivationStore, StoreGeometry, create_store, finalize, write_shard
+from saeworks.activations.config import ReaderConfig
+from saeworks.activations.reader import ActivationReader
+from saeworks.activations.store import ActivationStore, StoreGeometry, create_store, finalize, write_shard
 
 HOOK = "blocks.15.hook_resid_post"
 CONTEXT, D, VOCAB = 128, 576, 49_152

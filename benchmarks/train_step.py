@@ -19,14 +19,14 @@ from contextlib import nullcontext
 
 import torch
 
-from activations.config import ReaderConfig
-from activations.reader import ActivationReader
-from activations.store import ActivationStore
-from sae.base import TrainContext
-from sae.config import SAEConfig
-from sae.limits import matmul_seconds
-from sae.registry import ARCHITECTURES, create_sae
-from train.schedule import sparsity_coefficient
+from saeworks.activations.config import ReaderConfig
+from saeworks.activations.reader import ActivationReader
+from saeworks.activations.store import ActivationStore
+from saeworks.sae.base import TrainContext
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.limits import matmul_seconds
+from saeworks.sae.registry import ARCHITECTURES, create_sae
+from saeworks.train.schedule import sparsity_coefficient
 
 
 def step_seconds(cfg: SAEConfig, reader: ActivationReader, scale: float, steps: int,

@@ -27,13 +27,13 @@ from dataclasses import replace
 
 import torch
 
-from activations.store import ActivationStore
-from eval.evaluate import evaluate
-from sae.configio import load_config
-from sae.io import load_sae
-from sae.limits import matmul_seconds
-from sae.run_config import RunConfig
-from train.run import train
+from saeworks.activations.store import ActivationStore
+from saeworks.eval.evaluate import evaluate
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import load_config
+from saeworks.sae.io import load_sae
+from saeworks.sae.limits import matmul_seconds
+from saeworks.train.run import train
 
 
 def main() -> None:

@@ -44,13 +44,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from activations.rows import RowSelection
-from activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
-from eval.config import AnalyzeConfig
-from eval.features import Contexts, FeatureAnalysis
-from eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
-from sae.base import SparseAutoencoder
-from sae.topk import TopKSAE
+from saeworks.activations.rows import RowSelection
+from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
+from saeworks.eval.config import AnalyzeConfig
+from saeworks.eval.features import Contexts, FeatureAnalysis
+from saeworks.eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.topk import TopKSAE
 
 SUB_BINS = 8
 """Fine histogram sub-bins per output bin: the quantiles' resolution is max / (SUB_BINS x bins)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sae.configio import require
+from saeworks.sae.configio import require
 
 
 @dataclass

@@ -71,10 +71,10 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
-from activations.config import ModelConfig
-from eval.labels import auto_label
-from sae.io import CFG_FILE
-from sae.version import package_version
+from saeworks.activations.config import ModelConfig
+from saeworks.eval.labels import auto_label
+from saeworks.sae.io import CFG_FILE
+from saeworks.sae.version import package_version
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "saeworks-feature-dictionary"
@@ -419,8 +419,8 @@ class FeatureDictionary:
         harvester did (BOS first), run through the model up to the hook, and encoded by the SAE.
         The analysis skipped the first positions of every window (attention sinks); their
         features here can be outliers."""
-        from activations.hooks import capture_activations
-        from activations.text import separator_ids
+        from saeworks.activations.hooks import capture_activations
+        from saeworks.activations.text import separator_ids
 
         model, tokenizer, sae = self._load_runtime()
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -448,8 +448,8 @@ class FeatureDictionary:
     def _load_runtime(self) -> tuple[Any, Any, Any]:
         """The model, tokenizer and SAE, loaded once."""
         if self._runtime is None:
-            from activations.model import load_model, load_tokenizer
-            from sae.io import load_sae
+            from saeworks.activations.model import load_model, load_tokenizer
+            from saeworks.sae.io import load_sae
 
             known = {f.name for f in dataclasses.fields(ModelConfig)}
             model_cfg = ModelConfig(**{**{k: v for k, v in self.info["model"].items() if k in known},

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from activations.config import ModelConfig
-from eval.dictionary import (
+from saeworks.activations.config import ModelConfig
+from saeworks.eval.dictionary import (
     DB_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -39,12 +39,12 @@ from eval.dictionary import (
     DictionaryError,
     FeatureDictionary,
 )
-from eval.features import Contexts, FeatureAnalysis
-from eval.labels import auto_label
-from eval.report import dictionary_report
-from sae.atomic import publish_modes
-from sae.io import CFG_FILE, WEIGHTS_FILE, read_cfg
-from sae.version import package_version
+from saeworks.eval.features import Contexts, FeatureAnalysis
+from saeworks.eval.labels import auto_label
+from saeworks.eval.report import dictionary_report
+from saeworks.sae.atomic import publish_modes
+from saeworks.sae.io import CFG_FILE, WEIGHTS_FILE, read_cfg
+from saeworks.sae.version import package_version
 
 TOP_TOKENS = 10
 """Top tokens kept per feature (its features.top_tokens and features_fts.tokens)."""
@@ -154,7 +154,7 @@ def _context_size(info: dict[str, Any]) -> int | None:
     if info.get("context_size"):
         return int(info["context_size"])
     try:
-        from activations.store import ActivationStore
+        from saeworks.activations.store import ActivationStore
 
         return ActivationStore.open(str(info["store"])).context_size
     except (KeyError, TypeError, ValueError, OSError, RuntimeError):  # no store, or it is gone
@@ -322,7 +322,7 @@ def _feature_rows(analysis: FeatureAnalysis, focus_ids: torch.Tensor, texts: dic
 
 
 def _write_plots(directory: Path, analysis: FeatureAnalysis, labels: dict[int, str]) -> None:
-    from eval import plots
+    from saeworks.eval import plots
 
     plots.density_histogram(analysis.density, directory / plots.DENSITY_PLOT)
     plots.activation_histograms(analysis, spread_ids(analysis.density), directory / plots.ACTIVATIONS_PLOT,

@@ -27,28 +27,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from activations.hooks import HookFn, capture_activations, hooks_attached, resolve_hook
-from activations.model import (
+from saeworks.activations.hooks import HookFn, capture_activations, hooks_attached, resolve_hook
+from saeworks.activations.model import (
     check_context_size,
     load_model,
     load_tokenizer,
     model_config_of_store,
     model_name,
 )
-from activations.rows import RowSelection, iter_kept_rows
-from activations.store import TOKEN_IDS, ActivationStore
-from activations.text import iter_windows
-from eval.metrics import (
+from saeworks.activations.rows import RowSelection, iter_kept_rows
+from saeworks.activations.store import TOKEN_IDS, ActivationStore
+from saeworks.activations.text import iter_windows
+from saeworks.eval.metrics import (
     DownstreamAccumulator,
     ReconstructionAccumulator,
 )
-from sae.atomic import write_text_atomic
-from sae.base import SparseAutoencoder
-from sae.distributed import rank_info
-from sae.interventions import ablate_mean, ablate_zero, splice_sae
-from sae.io import load_sae, read_cfg
-from sae.run_config import RunConfig
-from sae.version import package_version
+from saeworks.run_config import RunConfig
+from saeworks.sae.atomic import write_text_atomic
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.distributed import rank_info
+from saeworks.sae.interventions import ablate_mean, ablate_zero, splice_sae
+from saeworks.sae.io import load_sae, read_cfg
+from saeworks.sae.version import package_version
 
 log = logging.getLogger(__name__)
 

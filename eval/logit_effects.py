@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from activations.hooks import architecture_of
+from saeworks.activations.hooks import architecture_of
 
 CHUNK_ELEMENTS = 1 << 24
 """Largest [features, vocab] or [features, d_sae] block computed at once (64 MiB of float32)."""

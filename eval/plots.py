@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from eval.features import FeatureAnalysis
+from saeworks.eval.features import FeatureAnalysis
 
 DENSITY_PLOT = "density_histogram.png"
 ACTIVATIONS_PLOT = "activation_histograms.png"

@@ -10,16 +10,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from eval import plots
-from eval.dictionary import (
+from saeworks.eval import plots
+from saeworks.eval.dictionary import (
     METRICS_FILE,
     PLOTS_DIR,
     REPORT_FILE,
     Context,
     FeatureDictionary,
 )
-from sae.atomic import write_text_atomic
-from sae.paths import DICTIONARIES_DIR, SAES_DIR, RunLayout
+from saeworks.sae.atomic import write_text_atomic
+from saeworks.sae.paths import DICTIONARIES_DIR, SAES_DIR, RunLayout
 
 TOP_FEATURES = 10
 RUN_REPORT_DIR = "report"

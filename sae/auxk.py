@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sae.base import SparseAutoencoder
-from sae.sparse import encoder_b_dec_grad, selected_pre_activations, sparse_decode
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.sparse import encoder_b_dec_grad, selected_pre_activations, sparse_decode
 
 
 def auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, x_centred: torch.Tensor, x: torch.Tensor,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from sae.config import SAEConfig
+from saeworks.sae.config import SAEConfig
 
 
 class TrainContext(NamedTuple):

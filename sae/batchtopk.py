@@ -16,12 +16,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sae.auxk import auxk_loss
-from sae.base import TrainContext, TrainOutput, mse_per_row
-from sae.config import SAEConfig
-from sae.jumprelu import jumprelu
-from sae.sparse import sparse_decode
-from sae.topk import TopKSAE
+from saeworks.sae.auxk import auxk_loss
+from saeworks.sae.base import TrainContext, TrainOutput, mse_per_row
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.jumprelu import jumprelu
+from saeworks.sae.sparse import sparse_decode
+from saeworks.sae.topk import TopKSAE
 
 THRESHOLD_EMA = 0.01
 """Weight of each batch's smallest selected activation in the running threshold (SAELens' default

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from sae.base import SparseAutoencoder
-from sae.io import WEIGHTS_FILE, SAEFormatError, read_cfg, read_tensors, sae_from_parts
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.io import WEIGHTS_FILE, SAEFormatError, read_cfg, read_tensors, sae_from_parts
 
 SPARSIFY_CFG_FILE = "cfg.json"
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from activations.hooks import HookFn
-from sae.base import SparseAutoencoder
+from saeworks.activations.hooks import HookFn
+from saeworks.sae.base import SparseAutoencoder
 
 
 def replace_from(first_kept: int, replacement: Callable[[torch.Tensor], torch.Tensor]) -> HookFn:

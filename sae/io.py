@@ -26,12 +26,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae.atomic import atomic_directory
-from sae.base import SparseAutoencoder
-from sae.config import SAEConfig
-from sae.configio import ConfigError
-from sae.registry import UnknownArchitectureError, saved_architecture_class
-from sae.version import package_version
+from saeworks.sae.atomic import atomic_directory
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.configio import ConfigError
+from saeworks.sae.registry import UnknownArchitectureError, saved_architecture_class
+from saeworks.sae.version import package_version
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

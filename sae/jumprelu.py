@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
-from sae.config import SAEConfig
+from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
+from saeworks.sae.config import SAEConfig
 
 
 def jumprelu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,11 @@ from itertools import pairwise
 
 import torch
 
-from sae.base import mse_per_row
-from sae.batchtopk import BatchTopKSAE
-from sae.config import SAEConfig
-from sae.configio import require
-from sae.sparse import sparse_decode
+from saeworks.sae.base import mse_per_row
+from saeworks.sae.batchtopk import BatchTopKSAE
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.configio import require
+from saeworks.sae.sparse import sparse_decode
 
 
 def matryoshka_prefixes(requested: list[int] | None, d_sae: int) -> list[int]:

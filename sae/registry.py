@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from sae.base import SparseAutoencoder
-from sae.batchtopk import BatchTopKSAE
-from sae.config import SAEConfig
-from sae.jumprelu import JumpReLUSAE
-from sae.matryoshka import MatryoshkaBatchTopKSAE
-from sae.relu import ReLUSAE
-from sae.topk import TopKSAE
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.batchtopk import BatchTopKSAE
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.jumprelu import JumpReLUSAE
+from saeworks.sae.matryoshka import MatryoshkaBatchTopKSAE
+from saeworks.sae.relu import ReLUSAE
+from saeworks.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     cls.architecture: cls

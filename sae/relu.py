@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
+from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
 
 
 class ReLUSAE(SparseAutoencoder):

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from sae.auxk import auxk_loss
-from sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
-from sae.sparse import dense_latents, encoder_b_dec_grad, selected_pre_activations, sparse_decode
+from saeworks.sae.auxk import auxk_loss
+from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
+from saeworks.sae.sparse import dense_latents, encoder_b_dec_grad, selected_pre_activations, sparse_decode
 
 
 class TopKSAE(SparseAutoencoder):

@@ -16,16 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer():  # type: ignore[no-untyped-def]
-    from activations.config import ModelConfig
-    from activations.model import load_tokenizer
+    from saeworks.activations.config import ModelConfig
+    from saeworks.activations.model import load_tokenizer
 
     return load_tokenizer(ModelConfig())
 
 
 @pytest.fixture(scope="session")
 def embedded_model():  # type: ignore[no-untyped-def]
-    from activations.config import ModelConfig
-    from activations.model import load_model
+    from saeworks.activations.config import ModelConfig
+    from saeworks.activations.model import load_model
 
     return load_model(ModelConfig(device="cpu"))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae.configio import load_config
-from sae.run_config import RunConfig
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import load_config
 
 TINY_HOOK = "blocks.3.hook_resid_post"
 TINY_CONTEXT = 32
@@ -63,8 +63,8 @@ class TinyRun:
 
 def build_tiny_run(run_dir: Path) -> TinyRun:
     """Harvest and train the tiny run under `run_dir` (about 15 s on 2 cores)."""
-    from activations.harvest import harvest
-    from train.run import train
+    from saeworks.activations.harvest import harvest
+    from saeworks.train.run import train
 
     cfg = load_config(RunConfig, None, tiny_overrides(run_dir))
     harvest(cfg)

@@ -36,7 +36,7 @@ def run_cli(args: list[str], launcher: list[str] | None = None, timeout: float =
             ) -> subprocess.CompletedProcess:
     """Run `saeworks ARGS` (or `LAUNCHER -m activations ARGS`) in a fresh process."""
     command = [*launcher, "-m", "activations", *args] if launcher else [sys.executable, "-m",
-                                                                         "sae.cli", *args]
+                                                                         "saeworks.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 

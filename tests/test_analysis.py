@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from activations.rows import RowSelection, iter_kept_rows
-from activations.store import ActivationStore
-from eval.analysis import (
+from saeworks.activations.rows import RowSelection, iter_kept_rows
+from saeworks.activations.store import ActivationStore
+from saeworks.eval.analysis import (
     SUB_BINS,
     DistributionPass,
     TopPass,
@@ -25,13 +25,13 @@ from eval.analysis import (
     sample_keys,
     window_batches,
 )
-from eval.config import AnalyzeConfig
-from eval.features import FeatureAnalysis
-from eval.logit_effects import decoder_neighbours, final_norm_of, norm_gain
-from sae.base import SparseAutoencoder
-from sae.config import SAEConfig
-from sae.io import load_sae
-from sae.registry import create_sae
+from saeworks.eval.config import AnalyzeConfig
+from saeworks.eval.features import FeatureAnalysis
+from saeworks.eval.logit_effects import decoder_neighbours, final_norm_of, norm_gain
+from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.io import load_sae
+from saeworks.sae.registry import create_sae
 from tests.conftest import torch_threads
 from tests.eval_helpers import TINY_HOOK
 from tests.test_hooks import CASES

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sae.configio import ConfigError, apply_override, load_config
-from sae.run_config import RunConfig
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import ConfigError, apply_override, load_config
 from tests.helpers import DEMO_CONFIG
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from activations.config import ModelConfig
-from eval.dictionary import (
+from saeworks.activations.config import ModelConfig
+from saeworks.eval import dictionary_build
+from saeworks.eval.dictionary import (
     DB_FILE,
     INFO_FILE,
     DictionaryError,
@@ -23,12 +24,12 @@ from eval.dictionary import (
     FeatureNotFoundError,
     dictionary_summary,
 )
-from eval.dictionary_build import write_dictionary
-from eval.features import Contexts, FeatureAnalysis
-from eval.labels import DEAD_LABEL, auto_label
-from sae.config import SAEConfig
-from sae.io import save_sae
-from sae.registry import create_sae
+from saeworks.eval.dictionary_build import write_dictionary
+from saeworks.eval.features import Contexts, FeatureAnalysis
+from saeworks.eval.labels import DEAD_LABEL, auto_label
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.io import save_sae
+from saeworks.sae.registry import create_sae
 from tests.helpers import umask, unshared_paths
 
 VOCAB = [" def", " class", "\n", "__init__", " the", "(", " x", "<bos>", " = ", "'s", " Paris", ".",
@@ -273,19 +274,18 @@ def test_an_sae_directory_is_not_a_dictionary(tmp_path: Path) -> None:
 
 
 def test_failed_write_leaves_nothing_that_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import eval.dictionary_build
 
     def crash(directory: Path) -> Path:
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(eval.dictionary_build, "dictionary_report", crash)  # the last step before the rename
+    monkeypatch.setattr(dictionary_build, "dictionary_report", crash)  # the last step before the rename
     with pytest.raises(RuntimeError, match="killed"):
         build(tmp_path, name="new")
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "saes"] == []
     monkeypatch.undo()
     directory, a = build(tmp_path)
-    monkeypatch.setattr(eval.dictionary_build, "dictionary_report", crash)
+    monkeypatch.setattr(dictionary_build, "dictionary_report", crash)
     with pytest.raises(RuntimeError):
         build(tmp_path, synthetic_analysis(seed=1))
     with FeatureDictionary.open(directory) as d:  # the old dictionary is intact
@@ -340,8 +340,8 @@ def test_auto_labels_are_short_and_show_whitespace() -> None:
 
 def test_features_on_agrees_with_encoding_by_hand(tiny_run: Any, embedded_model: Any, embedded_tokenizer: Any,
                                                  tmp_path: Path, one_thread: None) -> None:
-    from activations.hooks import capture_activations
-    from sae.io import load_sae
+    from saeworks.activations.hooks import capture_activations
+    from saeworks.sae.io import load_sae
     from tests.eval_helpers import TINY_HOOK
 
     analysis = synthetic_analysis(256, vocab=len(embedded_tokenizer), dead=())
@@ -371,8 +371,8 @@ def test_dictionary_of_a_real_analysis(tiny_run: Any, embedded_model: Any, embed
                                        tmp_path: Path, one_thread: None) -> None:
     """analyze_features over the tiny store → dictionary: every context's tokens are the store's."""
     analysis_module = pytest.importorskip("eval.analysis")
-    from activations.store import ActivationStore
-    from sae.io import load_sae
+    from saeworks.activations.store import ActivationStore
+    from saeworks.sae.io import load_sae
     from tests.eval_helpers import TINY_HOOK
 
     store = ActivationStore.open(tiny_run.store_url)

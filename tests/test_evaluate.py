@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from activations.hooks import HookError
-from activations.store import TOKEN_IDS, ActivationStore
-from activations.text import iter_windows
-from eval.evaluate import (
+from saeworks.activations.hooks import HookError
+from saeworks.activations.store import TOKEN_IDS, ActivationStore
+from saeworks.activations.text import iter_windows
+from saeworks.eval.evaluate import (
     METRICS_FILE,
     EvalReport,
     EvaluationError,
@@ -26,8 +26,8 @@ from eval.evaluate import (
     read_report,
     write_metrics,
 )
-from eval.metrics import DOWNSTREAM_KEYS, RECONSTRUCTION_KEYS
-from sae.io import SAEFormatError, load_sae
+from saeworks.eval.metrics import DOWNSTREAM_KEYS, RECONSTRUCTION_KEYS
+from saeworks.sae.io import SAEFormatError, load_sae
 from tests.eval_helpers import TINY_HOOK
 
 FIRST_KEPT = 2  # the tiny run's data.exclude_first_positions, the SAE's seqpos_slice start

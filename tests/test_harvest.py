@@ -16,8 +16,8 @@ import pytest
 import torch
 import zarr
 
-from activations.store import ActivationStore, StoreError
-from sae.cli import main
+from saeworks.activations.store import ActivationStore, StoreError
+from saeworks.cli import main
 from tests.helpers import DEMO_CONFIG, REPO, run_cli, shards_printed, small_harvest_overrides
 
 HOOKS = ["blocks.2.hook_resid_post", "blocks.3.mlp.hook_post"]
@@ -75,7 +75,7 @@ def test_rerun_of_a_complete_store_changes_nothing(reference_store: Path, tmp_pa
 def test_sigkill_then_resume_gives_the_uninterrupted_store(reference_store: Path, tmp_path: Path) -> None:
     """Kill -9 after a known number of shards; rerunning ends with exactly the reference rows."""
     overrides = small_harvest_overrides(tmp_path, **{"harvest.batch_size": 1})
-    command = [sys.executable, "-m", "sae.cli", "harvest", str(DEMO_CONFIG), *overrides]
+    command = [sys.executable, "-m", "saeworks.cli", "harvest", str(DEMO_CONFIG), *overrides]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     flags = tmp_path / "activations.zarr" / "shard_done" / "c"
     deadline = time.monotonic() + 300

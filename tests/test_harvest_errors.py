@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from activations.store import ActivationStore
-from sae.cli import EXIT_USER_ERROR, main
+from saeworks.activations.store import ActivationStore
+from saeworks.cli import EXIT_USER_ERROR, main
 from tests.helpers import DEMO_CONFIG, small_harvest_overrides
 
 

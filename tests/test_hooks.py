@@ -35,7 +35,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from activations.hooks import (
+from saeworks.activations.hooks import (
     ARCHITECTURES,
     HOOK_KINDS,
     HookError,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from eval.metrics import (
+from saeworks.eval.metrics import (
     DOWNSTREAM_KEYS,
     RECONSTRUCTION_KEYS,
     DownstreamAccumulator,
@@ -16,9 +16,9 @@ from eval.metrics import (
     kl_per_prediction,
     recovered,
 )
-from sae.config import SAEConfig
-from sae.interventions import ablate_mean, ablate_zero, splice_sae
-from sae.topk import TopKSAE
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.interventions import ablate_mean, ablate_zero, splice_sae
+from saeworks.sae.topk import TopKSAE
 
 LN = math.log
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_goes_from_text_to_an_open_dictionary(tmp_path: Path) -> None:
-    from eval.dictionary import FeatureDictionary
+    from saeworks.eval.dictionary import FeatureDictionary
 
     done = run_cli(["run", *tiny_overrides(tmp_path / "run")])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from activations.config import ReaderConfig
-from activations.reader import ActivationReader, ReaderBatch
-from activations.store import (
+from saeworks.activations.config import ReaderConfig
+from saeworks.activations.reader import ActivationReader, ReaderBatch
+from saeworks.activations.store import (
     ActivationStore,
     StoreError,
     StoreGeometry,
@@ -25,7 +25,7 @@ from activations.store import (
     to_storable,
     write_shard,
 )
-from sae.configio import ConfigError
+from saeworks.sae.configio import ConfigError
 
 HOOK, OTHER = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 CONTEXT, D = 16, 8

@@ -11,10 +11,10 @@ import matplotlib.image
 import pytest
 import torch
 
-from eval import plots
-from eval.dictionary import REPORT_FILE, FeatureDictionary
-from eval.report import dictionary_report, run_report
-from sae.paths import RunLayout
+from saeworks.eval import plots
+from saeworks.eval.dictionary import REPORT_FILE, FeatureDictionary
+from saeworks.eval.report import dictionary_report, run_report
+from saeworks.sae.paths import RunLayout
 from tests.helpers import umask, unshared_paths
 from tests.test_dictionary import METRICS, build, synthetic_analysis, tiny_sae_dir
 
@@ -86,8 +86,8 @@ def _run_with_saes(tmp_path: Path, names: list[str], evaluated: set[str], with_d
                                    "kl": 0.1, "dead_fraction": 0.0}, "info": {}}
             (sae_dir / "metrics.json").write_text(json.dumps(metrics))
         if name in with_dictionary:
-            from activations.config import ModelConfig
-            from eval.dictionary_build import write_dictionary
+            from saeworks.activations.config import ModelConfig
+            from saeworks.eval.dictionary_build import write_dictionary
             from tests.test_dictionary import FakeTokenizer
 
             write_dictionary(layout.dictionary(name), synthetic_analysis(), sae_dir, FakeTokenizer(),

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from sae.base import SparseAutoencoder, TrainContext, TrainOutput
-from sae.batchtopk import BatchTopKSAE, batch_topk
-from sae.config import SAEConfig
-from sae.configio import ConfigError
-from sae.geometric_median import geometric_median
-from sae.jumprelu import JumpReLUSAE
-from sae.matryoshka import MatryoshkaBatchTopKSAE
-from sae.registry import ARCHITECTURES, create_sae
-from sae.topk import TopKSAE
+from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput
+from saeworks.sae.batchtopk import BatchTopKSAE, batch_topk
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.configio import ConfigError
+from saeworks.sae.geometric_median import geometric_median
+from saeworks.sae.jumprelu import JumpReLUSAE
+from saeworks.sae.matryoshka import MatryoshkaBatchTopKSAE
+from saeworks.sae.registry import ARCHITECTURES, create_sae
+from saeworks.sae.topk import TopKSAE
 
 D_IN, D_SAE, K = 16, 64, 4
 

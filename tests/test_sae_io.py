@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae.base import SparseAutoencoder, TrainContext
-from sae.batchtopk import BatchTopKSAE
-from sae.config import SAEConfig
-from sae.importers import import_saelens, import_sparsify
-from sae.io import CFG_FILE, WEIGHTS_FILE, SAEFormatError, load_sae, save_sae
-from sae.jumprelu import JumpReLUSAE
-from sae.registry import ARCHITECTURES, SAVED_ARCHITECTURES, UnknownArchitectureError, create_sae
-from sae.relu import ReLUSAE
-from sae.topk import TopKSAE
+from saeworks.sae.base import SparseAutoencoder, TrainContext
+from saeworks.sae.batchtopk import BatchTopKSAE
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.importers import import_saelens, import_sparsify
+from saeworks.sae.io import CFG_FILE, WEIGHTS_FILE, SAEFormatError, load_sae, save_sae
+from saeworks.sae.jumprelu import JumpReLUSAE
+from saeworks.sae.registry import ARCHITECTURES, SAVED_ARCHITECTURES, UnknownArchitectureError, create_sae
+from saeworks.sae.relu import ReLUSAE
+from saeworks.sae.topk import TopKSAE
 from tests.helpers import umask, unshared_paths
 
 D_IN, D_SAE, K = 16, 64, 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from activations.store import StoreError, to_storable, to_tensor
+from saeworks.activations.store import StoreError, to_storable, to_tensor
 
 
 @pytest.mark.parametrize("store_dtype", ["float16", "float32", "bfloat16"])

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from activations.config import DataConfig
-from activations.text import (
+from saeworks.activations.config import DataConfig
+from saeworks.activations.text import (
     DataError,
     excluded_token_ids,
     iter_documents,

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from activations.store import ActivationStore
-from sae.cli import EXIT_USER_ERROR, main
-from sae.io import load_sae
+from saeworks.activations.store import ActivationStore
+from saeworks.cli import EXIT_USER_ERROR, main
+from saeworks.sae.io import load_sae
+from saeworks.train.errors import TrainingDivergedError
+from saeworks.train.run import train
+from saeworks.train.schedule import Schedule, default_lr
 from tests.train_helpers import HOOK, config, make_store, train_overrides
-from train.errors import TrainingDivergedError
-from train.run import train
-from train.schedule import Schedule, default_lr
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_schedules() -> None:
 
 
 def test_every_registered_architecture_trains_and_saves(store: Path, tmp_path: Path) -> None:
-    from sae.registry import ARCHITECTURES
+    from saeworks.sae.registry import ARCHITECTURES
 
     saes = ", ".join(f"{{architecture: {name}, k: 4, d_sae: 64, matryoshka_prefixes: [16, 64]}}"
                      if name.startswith("matryoshka") else f"{{architecture: {name}, k: 4, d_sae: 64}}"

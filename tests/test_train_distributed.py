@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import torch
 
-from activations.config import ReaderConfig
-from activations.reader import ActivationReader
-from activations.store import ActivationStore
+from saeworks.activations.config import ReaderConfig
+from saeworks.activations.reader import ActivationReader
+from saeworks.activations.store import ActivationStore
 from tests.train_helpers import HOOK, REPO, TORCHRUN, Concatenated, Recording, config, make_store, sae_tensors
 
 STEPS, BATCH = 30, 256  # within the first epoch: each rank holds 31 batches of 128 rows
@@ -44,7 +44,7 @@ def reader(store: Path, rank: int) -> ActivationReader:
 
 def worker(run_dir: Path, store: Path) -> None:
     """One torchrun rank: train with a reader that records the rows this rank consumed."""
-    from train.run import train
+    from saeworks.train.run import train
 
     rank = int(os.environ["RANK"])
     source = Recording(reader(store, rank))
@@ -56,7 +56,7 @@ def worker(run_dir: Path, store: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path: Path) -> None:
-    from train.run import train
+    from saeworks.train.run import train
 
     store = tmp_path / "store.zarr"
     make_store(store)

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from activations.config import ReaderConfig
-from activations.reader import ActivationReader
-from activations.store import ActivationStore
-from sae.cli import EXIT_INTERRUPTED
+from saeworks.activations.config import ReaderConfig
+from saeworks.activations.reader import ActivationReader
+from saeworks.activations.store import ActivationStore
+from saeworks.cli import EXIT_INTERRUPTED
+from saeworks.train.checkpoint import latest_checkpoint
+from saeworks.train.errors import TrainingInterrupted
+from saeworks.train.run import train
 from tests.train_helpers import (
     HOOK,
     REPO,
@@ -28,9 +31,6 @@ from tests.train_helpers import (
     sae_tensors,
     train_overrides,
 )
-from train.checkpoint import latest_checkpoint
-from train.errors import TrainingInterrupted
-from train.run import train
 
 STEPS, BATCH = 24, 256
 NAME = "topk-k4-256"
@@ -97,7 +97,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_is_exact(
 @pytest.mark.slow
 def test_sigterm_through_the_command_line(store: Path, tmp_path: Path) -> None:
     args = train_overrides(tmp_path, store, **{"train.total_tokens": 10**9, "train.log_every_steps": 1})
-    process = subprocess.Popen([sys.executable, "-m", "sae.cli", "train", *args], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "saeworks.cli", "train", *args], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "logs" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -131,8 +131,8 @@ def test_two_process_stop_and_resume_is_exact(store: Path, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_on_the_fly_model_source_trains_and_resumes_exactly(tmp_path: Path) -> None:
     """source=model: the embedded model's layer-2 residual, shuffled in memory, nothing on disk."""
-    from sae.configio import load_config
-    from sae.run_config import RunConfig
+    from saeworks.run_config import RunConfig
+    from saeworks.sae.configio import load_config
 
     def cfg(run_dir: Path, **extra: object) -> RunConfig:
         settings = {"run_dir": run_dir, "train.source": "model", "train.hook": "blocks.2.hook_resid_post",

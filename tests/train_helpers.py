@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from activations.reader import ReaderBatch
-from activations.store import ActivationStore, StoreGeometry, create_store, finalize, write_shard
-from sae.configio import load_config
-from sae.run_config import RunConfig
+from saeworks.activations.reader import ReaderBatch
+from saeworks.activations.store import ActivationStore, StoreGeometry, create_store, finalize, write_shard
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import load_config
 from tests.helpers import REPO
 
 HOOK = "blocks.0.hook_resid_post"

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.atomic import atomic_directory
-from sae.configio import to_dict
-from train.config import TrainConfig
-from train.data import SourceInfo
-from train.errors import CheckpointError
-from train.plan import TrainPlan
+from saeworks.sae.atomic import atomic_directory
+from saeworks.sae.configio import to_dict
+from saeworks.train.config import TrainConfig
+from saeworks.train.data import SourceInfo
+from saeworks.train.errors import CheckpointError
+from saeworks.train.plan import TrainPlan
 
 FORMAT_VERSION = 1
 PREFIX = "tokens-"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from activations.config import ReaderConfig
-from sae.config import SAEConfig
-from sae.configio import require
+from saeworks.activations.config import ReaderConfig
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.configio import require
 
 
 @dataclass

@@ -15,12 +15,12 @@ from typing import Any, Protocol
 
 import torch
 
-from activations.reader import ActivationReader, ReaderBatch
-from activations.store import ActivationStore, StoreError
-from sae.distributed import RankInfo, all_gather_rows
-from sae.geometric_median import geometric_median
-from sae.run_config import RunConfig
-from train.errors import TrainingDivergedError
+from saeworks.activations.reader import ActivationReader, ReaderBatch
+from saeworks.activations.store import ActivationStore, StoreError
+from saeworks.run_config import RunConfig
+from saeworks.sae.distributed import RankInfo, all_gather_rows
+from saeworks.sae.geometric_median import geometric_median
+from saeworks.train.errors import TrainingDivergedError
 
 
 class BatchSource(Protocol):

@@ -14,9 +14,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sae.configio import to_dict
-from sae.paths import RunLayout
-from sae.run_config import RunConfig
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import to_dict
+from saeworks.sae.paths import RunLayout
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from activations.hooks import HookPoint, capture_activations, resolve_hook
-from activations.model import check_context_size, load_model, load_tokenizer, resolve_source
-from activations.reader import ReaderBatch
-from activations.text import DataError, excluded_token_ids, iter_windows
-from sae.distributed import RankInfo
-from sae.run_config import RunConfig
-from train.data import SourceInfo
+from saeworks.activations.hooks import HookPoint, capture_activations, resolve_hook
+from saeworks.activations.model import check_context_size, load_model, load_tokenizer, resolve_source
+from saeworks.activations.reader import ReaderBatch
+from saeworks.activations.text import DataError, excluded_token_ids, iter_windows
+from saeworks.run_config import RunConfig
+from saeworks.sae.distributed import RankInfo
+from saeworks.train.data import SourceInfo
 
 
 class LoadedModel(NamedTuple):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sae.config import SAEConfig
-from sae.configio import ConfigError, require
-from sae.registry import UnknownArchitectureError, architecture_class
-from train.config import TrainConfig
-from train.schedule import Schedule, default_lr
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.configio import ConfigError, require
+from saeworks.sae.registry import UnknownArchitectureError, architecture_class
+from saeworks.train.config import TrainConfig
+from saeworks.train.schedule import Schedule, default_lr
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from sae.distributed import RankInfo, all_gather_objects, barrier, rank_info
-from sae.io import save_sae
-from sae.registry import create_sae
-from sae.run_config import RunConfig
-from sae.version import package_version
-from train.checkpoint import (
+from saeworks.run_config import RunConfig
+from saeworks.sae.distributed import RankInfo, all_gather_objects, barrier, rank_info
+from saeworks.sae.io import save_sae
+from saeworks.sae.registry import create_sae
+from saeworks.sae.version import package_version
+from saeworks.train.checkpoint import (
     Checkpoint,
     check_fingerprint,
     fingerprint,
@@ -43,7 +43,7 @@ from train.checkpoint import (
     rng_state,
     write_checkpoint,
 )
-from train.data import (
+from saeworks.train.data import (
     BatchSource,
     SourceInfo,
     initial_b_dec,
@@ -52,10 +52,10 @@ from train.data import (
     open_store,
     store_reader,
 )
-from train.errors import CheckpointError
-from train.metrics import MetricsLog
-from train.plan import TrainPlan, make_plan
-from train.trainer import StopFlag, Trainer
+from saeworks.train.errors import CheckpointError
+from saeworks.train.metrics import MetricsLog
+from saeworks.train.plan import TrainPlan, make_plan
+from saeworks.train.trainer import StopFlag, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def train(cfg: RunConfig, source: BatchSource | None = None) -> TrainResult:
 
 def _open_data(cfg: RunConfig, rank: RankInfo) -> tuple[Any, SourceInfo]:
     if cfg.train.source == "model":
-        from train.model_source import open_model
+        from saeworks.train.model_source import open_model
 
         return open_model(cfg, rank)
     return open_store(cfg)
@@ -129,7 +129,7 @@ def _open_data(cfg: RunConfig, rank: RankInfo) -> tuple[Any, SourceInfo]:
 def _make_source(cfg: RunConfig, data: Any, info: SourceInfo, plan: TrainPlan, rank: RankInfo
                  ) -> BatchSource:
     if cfg.train.source == "model":
-        from train.model_source import ModelSource
+        from saeworks.train.model_source import ModelSource
 
         return ModelSource(data, info, cfg, plan.local_batch, rank)
     return store_reader(data, info, cfg, plan.local_batch, rank)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sae.config import SAEConfig
-from sae.registry import architecture_class
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.registry import architecture_class
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from activations.reader import ReaderBatch
-from sae.base import SparseAutoencoder, TrainContext
-from sae.distributed import all_reduce_mean_
-from train.config import TrainConfig
-from train.data import BatchSource
-from train.dead import DeadLatents
-from train.errors import TrainingDivergedError, TrainingInterrupted
-from train.plan import TrainPlan
-from train.schedule import sparsity_coefficient
+from saeworks.activations.reader import ReaderBatch
+from saeworks.sae.base import SparseAutoencoder, TrainContext
+from saeworks.sae.distributed import all_reduce_mean_
+from saeworks.train.config import TrainConfig
+from saeworks.train.data import BatchSource
+from saeworks.train.dead import DeadLatents
+from saeworks.train.errors import TrainingDivergedError, TrainingInterrupted
+from saeworks.train.plan import TrainPlan
+from saeworks.train.schedule import sparsity_coefficient
 
 SCALARS = ("loss", "mse", "aux", "l0")
 

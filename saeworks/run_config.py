@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from activations.config import DataConfig, HarvestConfig, ModelConfig
-from eval.config import AnalyzeConfig, EvaluateConfig
-from sae.configio import require
-from sae.paths import RunLayout
-from train.config import TrainConfig
+from saeworks.activations.config import DataConfig, HarvestConfig, ModelConfig
+from saeworks.eval.config import AnalyzeConfig, EvaluateConfig
+from saeworks.sae.configio import require
+from saeworks.sae.paths import RunLayout
+from saeworks.train.config import TrainConfig
 
 
 @dataclass

@@ -19,9 +19,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sae.configio import ConfigError, load_config
-from sae.run_config import RunConfig
-from train.errors import TrainingInterrupted
+from saeworks.run_config import RunConfig
+from saeworks.sae.configio import ConfigError, load_config
+from saeworks.train.errors import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 143
@@ -30,7 +30,7 @@ not a success, since the SAEs are not trained yet; rerun with train.resume=true.
 
 
 def _harvest(cfg: RunConfig) -> None:
-    from activations.harvest import harvest
+    from saeworks.activations.harvest import harvest
 
     result = harvest(cfg)
     print(f"rank {result.rank}/{result.world_size} harvested shards {result.shards}", flush=True)
@@ -43,7 +43,7 @@ def _harvest(cfg: RunConfig) -> None:
 
 
 def _train(cfg: RunConfig) -> None:
-    from train.run import train
+    from saeworks.train.run import train
 
     result = train(cfg)
     if result.rank != 0:
@@ -57,7 +57,7 @@ def _train(cfg: RunConfig) -> None:
 
 
 def _run(cfg: RunConfig) -> None:
-    from eval.pipeline import run_pipeline
+    from saeworks.pipeline import run_pipeline
 
     summary = run_pipeline(cfg)
     if not summary.is_main:
@@ -95,7 +95,7 @@ STAGES: dict[str, tuple[Callable[[RunConfig], None], str]] = {
 
 
 def _evaluate(sae_dir: Path, cfg: RunConfig, store: str | None, out: Path | None) -> None:
-    from eval.pipeline import evaluate_sae
+    from saeworks.pipeline import evaluate_sae
 
     report, path = evaluate_sae(sae_dir, cfg, store, out)
     print(report.table())
@@ -103,7 +103,7 @@ def _evaluate(sae_dir: Path, cfg: RunConfig, store: str | None, out: Path | None
 
 
 def _analyze(sae_dir: Path, cfg: RunConfig, store: str | None, out: Path | None) -> None:
-    from eval.pipeline import build_dictionary
+    from saeworks.pipeline import build_dictionary
 
     built = build_dictionary(sae_dir, cfg, store, out)
     for line in built.summary:
@@ -121,16 +121,16 @@ SAE_STAGES: dict[str, tuple[Callable[[Path, RunConfig, str | None, Path | None],
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from activations.corpus import CorpusError
-    from activations.hooks import HookError
-    from activations.model import ModelLoadError
-    from activations.store import StoreError
-    from activations.text import DataError
-    from eval.dictionary import DictionaryError
-    from eval.evaluate import EvaluationError
-    from sae.io import SAEFormatError
-    from sae.registry import UnknownArchitectureError
-    from train.errors import CheckpointError, TrainingDivergedError
+    from saeworks.activations.corpus import CorpusError
+    from saeworks.activations.hooks import HookError
+    from saeworks.activations.model import ModelLoadError
+    from saeworks.activations.store import StoreError
+    from saeworks.activations.text import DataError
+    from saeworks.eval.dictionary import DictionaryError
+    from saeworks.eval.evaluate import EvaluationError
+    from saeworks.sae.io import SAEFormatError
+    from saeworks.sae.registry import UnknownArchitectureError
+    from saeworks.train.errors import CheckpointError, TrainingDivergedError
 
     return (ConfigError, HookError, DataError, StoreError, ModelLoadError, CorpusError,
             UnknownArchitectureError, SAEFormatError, CheckpointError, TrainingDivergedError,

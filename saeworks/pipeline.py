@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from activations.model import load_model, load_tokenizer, model_config_of_store
-from activations.store import ActivationStore
-from eval.evaluate import METRICS_FILE, EvalReport, SAEMetadata, check_same_model, evaluate
-from sae.io import SAEFormatError, read_cfg
-from sae.run_config import RunConfig
+from saeworks.activations.model import load_model, load_tokenizer, model_config_of_store
+from saeworks.activations.store import ActivationStore
+from saeworks.eval.evaluate import METRICS_FILE, EvalReport, SAEMetadata, check_same_model, evaluate
+from saeworks.run_config import RunConfig
+from saeworks.sae.io import SAEFormatError, read_cfg
 
 log = logging.getLogger("saeworks")
 
@@ -68,11 +68,11 @@ def build_dictionary(sae_dir: Path, cfg: RunConfig, store_url: str | None = None
     reading new text later) is the one that store was harvested with. Metrics come from the SAE's
     metrics.json when it exists, else an evaluation runs first on the same target.
     """
-    from eval.analysis import analyze_features
-    from eval.dictionary import dictionary_summary
-    from eval.dictionary_build import write_dictionary
-    from sae.distributed import rank_info
-    from sae.io import load_sae
+    from saeworks.eval.analysis import analyze_features
+    from saeworks.eval.dictionary import dictionary_summary
+    from saeworks.eval.dictionary_build import write_dictionary
+    from saeworks.sae.distributed import rank_info
+    from saeworks.sae.io import load_sae
 
     sae_dir = Path(sae_dir)
     hook = sae_hook(sae_dir)  # an SAE directory first: its error is the one a typo deserves
@@ -134,9 +134,9 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
     Harvest and train use every process launched; evaluation and analysis run on rank 0 while
     the others finish. A complete store with the same identity is reused, not harvested again.
     """
-    from activations.harvest import harvest
-    from eval.report import run_report
-    from train.run import train
+    from saeworks.activations.harvest import harvest
+    from saeworks.eval.report import run_report
+    from saeworks.train.run import train
 
     times: list[StageTime] = []
     clock = time.perf_counter()
