@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from saeworks.activations.hooks import HookPoint, capture_activations, resolve_hooks
 from saeworks.activations.model import (

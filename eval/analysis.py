@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from saeworks.activations.rows import RowSelection
 from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor

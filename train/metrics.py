@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from saeworks.run_config import RunConfig
 from saeworks.sae.configio import to_dict
