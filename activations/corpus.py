@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from saeworks.sae.errors import SaeworksError
 from saeworks.sae.paths import cache_root
 
 DEBIAN_PACKAGE = "python3.11-doc"
@@ -25,7 +26,7 @@ CORPUS_FILE = "python-3.11-docs.jsonl"
 log = logging.getLogger(__name__)
 
 
-class CorpusError(RuntimeError):
+class CorpusError(SaeworksError, RuntimeError):
     """The embedded corpus cannot be prepared on this machine."""
 
 

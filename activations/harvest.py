@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saeworks.activations.config import DataConfig, HarvestConfig, ModelConfig
 from saeworks.activations.hooks import HookPoint, capture_activations, resolve_hooks
 from saeworks.activations.model import (
     check_context_size,
@@ -39,7 +40,6 @@ from saeworks.activations.store import (
     write_shard,
 )
 from saeworks.activations.text import DataError, excluded_token_ids, iter_windows
-from saeworks.run_config import RunConfig
 from saeworks.sae.configio import ConfigError
 from saeworks.sae.distributed import RankInfo, barrier, rank_info
 
@@ -61,8 +61,20 @@ class HarvestResult:
     seconds: float
 
 
-def harvest(cfg: RunConfig) -> HarvestResult:
-    """Fill (or resume) the activation store that `cfg` describes."""
+@dataclass(frozen=True)
+class HarvestJob:
+    """The config sections a harvest reads, and the store it fills (not the whole run config)."""
+
+    model: ModelConfig
+    data: DataConfig
+    harvest: HarvestConfig
+    store_url: str
+
+
+def harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, store_url: str
+            ) -> HarvestResult:
+    """Fill (or resume) the store at `store_url` with `settings.hooks` of the model over `data`."""
+    cfg = HarvestJob(model_cfg, data, settings, store_url)
     rank = rank_info(cfg.model.device)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, rank.device)
@@ -92,7 +104,7 @@ def harvest(cfg: RunConfig) -> HarvestResult:
                          time.perf_counter() - start)
 
 
-def _windows_or_error(tokenizer: Any, cfg: RunConfig) -> Iterator[np.ndarray]:
+def _windows_or_error(tokenizer: Any, cfg: HarvestJob) -> Iterator[np.ndarray]:
     """The window stream, checked to hold at least one window before anything is written."""
     max_windows = cfg.harvest.max_tokens // cfg.data.context_size
     if max_windows == 0:
@@ -110,7 +122,7 @@ def _windows_or_error(tokenizer: Any, cfg: RunConfig) -> Iterator[np.ndarray]:
     return chain([first], windows)
 
 
-def _identity(cfg: RunConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
+def _identity(cfg: HarvestJob, model: Any, tokenizer: Any) -> dict[str, Any]:
     """Everything that decides the rows' values and order: a store resumes only under the same."""
     source = resolve_source(cfg.model)
     data = cfg.data
@@ -133,7 +145,7 @@ def _identity(cfg: RunConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _open_or_create(cfg: RunConfig, identity: dict[str, Any], geometry: StoreGeometry,
+def _open_or_create(cfg: HarvestJob, identity: dict[str, Any], geometry: StoreGeometry,
                     hooks: list[HookPoint], tokenizer: Any) -> None:
     """Resume a store made with the same identity; refuse any other; create one if none."""
     try:

@@ -8,7 +8,7 @@ manager and are removed in `finally`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from saeworks.sae.errors import SaeworksError
+from saeworks.sae.interventions import HookFn
+
 HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
 _HOOK_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
 
-HookFn = Callable[[torch.Tensor], torch.Tensor | None]
-"""Receives the activation `[batch, pos, d]`; returning a tensor replaces it in the forward."""
 
 
-class HookError(ValueError):
+class HookError(SaeworksError, ValueError):
     """A hook name that does not exist in the model."""
 
 

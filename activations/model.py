@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from saeworks.activations.config import ModelConfig
 from saeworks.sae.atomic import publish_modes
 from saeworks.sae.configio import ConfigError
+from saeworks.sae.errors import SaeworksError
 from saeworks.sae.paths import cache_root
 from saeworks.sae.version import package_version
 
@@ -35,7 +36,7 @@ EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SaeworksError, RuntimeError):
     """A model that cannot be found or loaded."""
 
 

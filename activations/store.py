@@ -28,6 +28,7 @@ import zarr
 import zarr.codecs
 from zarr.errors import GroupNotFoundError
 
+from saeworks.sae.errors import SaeworksError
 from saeworks.sae.version import package_version
 
 FORMAT_VERSION = 1
@@ -38,7 +39,7 @@ SHARD_DONE = "shard_done"
 INDEX_ARRAYS = (TOKEN_IDS, WINDOW, POSITION)
 
 
-class StoreError(RuntimeError):
+class StoreError(SaeworksError, RuntimeError):
     """A store that is missing, corrupt, incomplete, or made by another configuration."""
 
 

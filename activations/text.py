@@ -20,6 +20,7 @@ import numpy as np
 
 from saeworks.activations.config import DataConfig
 from saeworks.activations.corpus import embedded_corpus
+from saeworks.sae.errors import SaeworksError
 
 EMBEDDED = "embedded"
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
@@ -27,7 +28,7 @@ _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
 _TOKENIZE_BATCH = 64
 
 
-class DataError(ValueError):
+class DataError(SaeworksError, ValueError):
     """A dataset that is missing, empty, or lacks the configured text field."""
 
 

@@ -3,7 +3,7 @@
     python benchmarks/evaluation.py --sae runs/demo/saes/topk-k32-9216
     python benchmarks/evaluation.py --sae runs/demo/saes/topk-k32-9216 evaluate.held_out_tokens=2048
 
-Runs the real `eval.evaluate.evaluate(sae_dir, cfg)` (config plus key=value overrides) end to end:
+Runs the real `saeworks.eval.evaluate.evaluate(sae_dir, ...)` (config plus key=value overrides) end to end:
 loading the SAE, the tokenizer and the held-out windows, the model; pass 1, a forward cut short at
 the SAE's hook scoring the SAE on the captured rows; pass 2, four full forwards per batch (clean,
 SAE spliced, zero-ablated, mean-ablated) for CE and KL. Its loaders and forwards are wrapped with
@@ -89,7 +89,7 @@ def run_evaluate(sae_dir: str, cfg: RunConfig, windows: torch.Tensor) -> tuple[E
     seconds = dict.fromkeys(TIMED, 0.0)
     captured: dict[str, Any] = {}
     with timed_evaluate(seconds, captured):
-        report = evaluate(sae_dir, cfg)
+        report = evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data)
     if not torch.equal(torch.from_numpy(np.stack(captured["windows"])).long(), windows):
         raise SystemExit("evaluate cut other held-out windows than this benchmark: update "
                          "held_out_windows() to match eval/evaluate.py")

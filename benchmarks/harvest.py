@@ -48,7 +48,7 @@ def harvester(cfg: RunConfig) -> float:
     """Tokens/s of a full harvest into a fresh temporary store."""
     with tempfile.TemporaryDirectory() as run_dir:
         cfg.run_dir = run_dir
-        result = harvest(cfg)
+        result = harvest(cfg.model, cfg.data, cfg.harvest, cfg.store_url)
         return result.tokens_harvested / result.seconds
 
 

@@ -49,14 +49,14 @@ def main() -> None:
                                                    f"train.total_tokens={store.n_tokens}",
                                                    "train.wandb=false", *args.overrides])
         start = time.perf_counter()
-        train(cfg)
+        train(cfg.train_job())
         seconds = time.perf_counter() - start
         sae_cfg = cfg.train.saes[0].resolved(store.d(store.hooks[0]))
         sae_dir = cfg.layout.sae(sae_cfg.display_name)
         sae = load_sae(sae_dir)
         held_out = args.held_out_windows * store.context_size
         cfg = replace(cfg, evaluate=replace(cfg.evaluate, held_out_tokens=held_out))
-        scores = evaluate(sae_dir, cfg).metrics
+        scores = evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data).metrics
         last = json.loads(cfg.layout.metrics.read_text().splitlines()[-1])
         trained_dead = last["dead"] / sae.d_sae  # silent for train.dead_after_tokens tokens
     limit = cfg.train.batch_size / matmul_seconds(cfg.train.batch_size, sae.d_in, sae.d_sae, torch.float32)

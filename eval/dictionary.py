@@ -60,6 +60,7 @@ WHERE r.row BETWEEN c.row - c.focus AND c.row - c.focus + c.length - 1 ORDER BY 
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 import sqlite3
@@ -73,6 +74,7 @@ import torch
 
 from saeworks.activations.config import ModelConfig
 from saeworks.eval.labels import auto_label
+from saeworks.sae.errors import SaeworksError
 from saeworks.sae.io import CFG_FILE
 from saeworks.sae.version import package_version
 
@@ -86,6 +88,8 @@ PLOTS_DIR = "plots"
 REPORT_FILE = "report.md"
 TOKEN_SEPARATOR = "\x1f"
 BUILD_HINT = "`saeworks analyze SAE_DIR` builds one"
+HTML_CONTEXTS = 10
+"""Top contexts a Feature shows in a notebook (_repr_html_)."""
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -115,7 +119,7 @@ CREATE INDEX features_label ON features(label);
 TABLES = ("meta", "features", "contexts", "row_tokens", "tokens", "feature_tokens", "features_fts")
 
 
-class DictionaryError(RuntimeError):
+class DictionaryError(SaeworksError, RuntimeError):
     """A directory that is not a readable feature dictionary, or a request it cannot answer."""
 
 
@@ -200,6 +204,38 @@ class Feature:
     def band_contexts(self) -> list[Context]:
         return [c for c in self.contexts if c.kind == "band"]
 
+    def __repr__(self) -> str:
+        """One line: what a notebook prints for a feature (the dataclass repr lists every context)."""
+        return (f"Feature(id={self.id}, label={self.label!r}, density={self.density:.3g}, "
+                f"max_activation={self.max_activation:.4g})")
+
+    def _repr_html_(self) -> str:
+        """The feature in a notebook: label, headline numbers and its top contexts, each token
+        shaded by this feature's activation on it (alpha = activation / max_activation)."""
+        head = (f"<b>Feature {self.id}</b> <code>{html.escape(self.label)}</code> "
+                f"<small>({self.label_source})</small><br><small>density {self.density:.3g} · "
+                f"active on {self.count:,} tokens · mean {self.mean_activation:.4g} · "
+                f"max {self.max_activation:.4g}</small>")
+        rows = "".join(f"<li>{_context_html(c, self.max_activation)}</li>"
+                       for c in self.top_contexts[:HTML_CONTEXTS])
+        body = f"<ol style='margin: 4px 0'>{rows}</ol>" if rows else "<br><i>no contexts</i>"
+        return f"<div class='saeworks-feature'>{head}{body}</div>"
+
+
+def _context_html(context: Context, peak: float) -> str:
+    """A context's tokens as spans shaded by activation / `peak`; the activating token is bold and
+    outlined (class 'focus'). Text is HTML-escaped and its whitespace kept (pre-wrap)."""
+    spans = []
+    for i, (token, value) in enumerate(zip(context.tokens, context.activations, strict=True)):
+        alpha = min(max(value / peak, 0.0), 1.0) if peak > 0 else 0.0
+        style = f"background-color: rgba(255, 128, 0, {alpha:.3f})"
+        mark = ""
+        if i == context.focus:
+            style, mark = f"{style}; font-weight: bold; outline: 1px solid #b35900", " class='focus'"
+        spans.append(f"<span{mark} style='{style}' title='{value:.4g}'>{html.escape(token)}</span>")
+    return (f"<span style='white-space: pre-wrap; font-family: monospace'>{''.join(spans)}</span> "
+            f"<small>({context.activation:.4g})</small>")
+
 
 @dataclass(frozen=True)
 class TokenFeature:
@@ -267,6 +303,12 @@ class FeatureDictionary:
 
     def __len__(self) -> int:
         return int(self.info["d_sae"])
+
+    def __repr__(self) -> str:
+        """One line from dictionary.json (no database query, so it works on a closed dictionary)."""
+        return (f"FeatureDictionary({str(self.path)!r}, sae={self.info.get('sae_name')!r}, "
+                f"hook={self.info.get('hook')!r}, features={len(self)}, "
+                f"tokens={int(self.info.get('n_tokens', 0)):,})")
 
     def __enter__(self) -> FeatureDictionary:
         return self

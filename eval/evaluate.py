@@ -1,6 +1,8 @@
 """`evaluate`: measure a saved SAE on held-out documents or on a store's rows.
 
-Two targets:
+Three targets:
+- texts given by the caller (`texts=`): packed into windows as the harvester packs documents;
+  a tail shorter than a window is scored as a shorter window of its own. Measured as below.
 - held-out documents of the config's dataset (no store): windows of documents that harvest and
   training never see (`data.holdout_fraction`), cut at the SAE's context size. Pass 1 captures
   the hook (a forward cut short after it) and scores the SAE on the rows it was trained on
@@ -20,13 +22,16 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from saeworks.activations.config import DataConfig, ModelConfig
 from saeworks.activations.hooks import HookFn, capture_activations, hooks_attached, resolve_hook
 from saeworks.activations.model import (
     check_context_size,
@@ -37,15 +42,16 @@ from saeworks.activations.model import (
 )
 from saeworks.activations.rows import RowSelection, iter_kept_rows
 from saeworks.activations.store import TOKEN_IDS, ActivationStore
-from saeworks.activations.text import iter_windows
+from saeworks.activations.text import iter_windows, pack_windows, separator_ids
+from saeworks.eval.config import EvaluateConfig
 from saeworks.eval.metrics import (
     DownstreamAccumulator,
     ReconstructionAccumulator,
 )
-from saeworks.run_config import RunConfig
 from saeworks.sae.atomic import write_text_atomic
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.distributed import rank_info
+from saeworks.sae.errors import SaeworksError
 from saeworks.sae.interventions import ablate_mean, ablate_zero, splice_sae
 from saeworks.sae.io import load_sae, read_cfg
 from saeworks.sae.version import package_version
@@ -72,7 +78,7 @@ DESCRIPTIONS = {
 }
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SaeworksError, ValueError):
     """An SAE that cannot be evaluated on the given target (other model, width, context...)."""
 
 
@@ -171,17 +177,29 @@ def read_report(path: str | Path) -> EvalReport:
 
 
 @torch.no_grad()
-def evaluate(sae_dir: str | Path, cfg: RunConfig, store_url: str | None = None) -> EvalReport:
-    """Evaluate the SAE in `sae_dir` on held-out documents of `cfg.data` (store_url None) or on the
-    store at `store_url`, as `cfg.evaluate` says."""
+def evaluate(sae_dir: str | Path, settings: EvaluateConfig, *, model: ModelConfig | None = None,
+             data: DataConfig | None = None, texts: Sequence[str] | None = None,
+             store_url: str | None = None) -> EvalReport:
+    """Evaluate the SAE in `sae_dir` on exactly one target, as `settings` says: the held-out
+    documents of `data`, the given `texts` (both run through `model`), or the store at `store_url`
+    (its rows, and the model it was harvested with)."""
+    given = [name for name, value in (("data", data), ("texts", texts), ("store_url", store_url))
+             if value is not None]
+    if len(given) != 1:
+        raise EvaluationError(f"evaluate needs exactly one target (held-out documents of a dataset, "
+                              f"texts, or a store); got {', '.join(given) or 'none'}")
     start = time.perf_counter()
     meta = SAEMetadata.read(sae_dir)
-    device = evaluation_device(cfg.evaluate.device)
+    device = evaluation_device(settings.device)
     sae = load_sae(sae_dir, device)
-    if store_url is None:
-        run = _on_held_out_documents(sae_dir, sae, meta, cfg, device)
+    if store_url is not None:
+        run = _on_store(sae_dir, sae, meta, settings, store_url, device)
+    elif model is None:
+        raise EvaluationError("evaluating on documents or texts needs the model to run them through")
+    elif data is not None:
+        run = _on_held_out_documents(sae_dir, sae, meta, settings, model, data, device)
     else:
-        run = _on_store(sae_dir, sae, meta, cfg, store_url, device)
+        run = _on_texts(sae_dir, sae, meta, settings, model, list(texts or []), device)
     rec, down = run.reconstruction, run.downstream
     if rec.n_tokens == 0:
         raise EvaluationError(f"nothing to evaluate: every row of the {run.target['kind']} target is before "
@@ -195,7 +213,7 @@ def evaluate(sae_dir: str | Path, cfg: RunConfig, store_url: str | None = None) 
         "d_in": sae.d_in, "d_sae": sae.d_sae, "hook": meta.hook, "model": run.model, "target": run.target,
         "n_tokens": rec.n_tokens, "n_predictions": down.n_predictions if down else 0,
         "dead_count": rec.dead_count, "dense_count": rec.dense_count,
-        "dense_threshold": cfg.evaluate.dense_threshold, "first_kept": meta.first_kept,
+        "dense_threshold": settings.dense_threshold, "first_kept": meta.first_kept,
         "special_token_ids": run.special_token_ids, "device": str(device), "seconds": seconds,
         "tokens_per_s": rec.n_tokens / seconds if seconds > 0 else 0.0,
         "saeworks_version": package_version(),
@@ -235,51 +253,109 @@ def check_width(sae: SparseAutoencoder, meta: SAEMetadata, width: int, where: st
 
 
 def _on_held_out_documents(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata,
-                           cfg: RunConfig, device: torch.device) -> _Run:
-    settings, name = cfg.evaluate, model_name(cfg.model)
+                           settings: EvaluateConfig, model_cfg: ModelConfig, data: DataConfig,
+                           device: torch.device) -> _Run:
+    name = model_name(model_cfg)
     check_same_model(sae_dir, meta, name, "the config", "set model.name to the model it was trained on")
-    context = meta.context_size or cfg.data.context_size
-    if context != cfg.data.context_size:
+    context = meta.context_size or data.context_size
+    if context != data.context_size:
         log.info("evaluating on windows of %d tokens, the SAE's context size (data.context_size is %d)",
-                 context, cfg.data.context_size)
-    if meta.first_kept > context - (2 if settings.downstream else 1):
-        raise EvaluationError(f"the SAE's seqpos_slice starts at {meta.first_kept}: windows of {context} "
-                              "tokens leave nothing to evaluate")
-    data = replace(cfg.data, context_size=context, exclude_first_positions=meta.first_kept,
-                   prepend_bos=cfg.data.prepend_bos if meta.prepend_bos is None else meta.prepend_bos)
+                 context, data.context_size)
+    _check_first_kept(meta, context, settings)
+    data = replace(data, context_size=context, exclude_first_positions=meta.first_kept,
+                   prepend_bos=data.prepend_bos if meta.prepend_bos is None else meta.prepend_bos)
     n_windows = settings.held_out_tokens // context
     if n_windows == 0:
         raise EvaluationError(f"evaluate.held_out_tokens={settings.held_out_tokens} is less than one "
                               f"window of {context} tokens; raise it")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_cfg)
     window_list = list(iter_windows(tokenizer, data, n_windows, held_out=True))
     if not window_list:
-        raise EvaluationError(f"data.path={cfg.data.path!r} has no held-out documents long enough for a "
+        raise EvaluationError(f"data.path={data.path!r} has no held-out documents long enough for a "
                               f"window of {context} tokens; raise data.holdout_fraction")
     if len(window_list) < n_windows:
         log.warning("only %d held-out windows of the %d asked for", len(window_list), n_windows)
-    windows = torch.from_numpy(np.stack(window_list)).long()  # [windows, context]
-    model = load_model(cfg.model, device)
+    target = {"kind": "held_out_documents", "dataset": data.path, "split": data.split,
+              "holdout_fraction": data.holdout_fraction, "n_windows": len(window_list),
+              "context_size": context, "context_size_from": "sae" if meta.context_size else "config",
+              "model_dtype": model_cfg.dtype}
+    return _on_windows(sae, meta, settings, model_cfg, tokenizer, window_list, target, device)
+
+
+def _on_texts(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, settings: EvaluateConfig,
+              model_cfg: ModelConfig, texts: list[str], device: torch.device) -> _Run:
+    """The caller's texts, packed into windows of the SAE's context size (a shorter tail window)."""
+    check_same_model(sae_dir, meta, model_name(model_cfg), "the given model",
+                     "pass the model it was trained on")
+    context = meta.context_size or 1024
+    _check_first_kept(meta, context, settings)
+    tokenizer = load_tokenizer(model_cfg)
+    prepend_bos = True if meta.prepend_bos is None else meta.prepend_bos
+    window_list = text_windows(tokenizer, texts, context, prepend_bos)
+    window_list = [w for w in window_list if len(w) > meta.first_kept + 1]
+    if not window_list:
+        raise EvaluationError(f"the {len(texts)} texts give no window longer than the SAE's first kept "
+                              f"position {meta.first_kept}; pass more (or longer) text")
+    target = {"kind": "texts", "n_texts": len(texts), "n_windows": len(window_list),
+              "context_size": context, "model_dtype": model_cfg.dtype}
+    return _on_windows(sae, meta, settings, model_cfg, tokenizer, window_list, target, device)
+
+
+def text_windows(tokenizer: Any, texts: Sequence[str], context: int, prepend_bos: bool) -> list[np.ndarray]:
+    """`texts` packed into windows `[context]` as the harvester packs documents, plus the tail."""
+    bos, separator = separator_ids(tokenizer)
+    bos_or_none = bos if prepend_bos else None
+    token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts if text]
+    windows = list(pack_windows(token_lists, context, bos_or_none, separator))
+    used = sum(len(w) - (bos_or_none is not None) for w in windows)
+    tail = [t for tokens in token_lists for t in [*tokens, separator]][used:-1]  # no trailing separator
+    if tail:
+        windows.append(np.asarray(([bos] if prepend_bos else []) + tail, dtype=np.int32))
+    return windows
+
+
+def _check_first_kept(meta: SAEMetadata, context: int, settings: EvaluateConfig) -> None:
+    if meta.first_kept > context - (2 if settings.downstream else 1):
+        raise EvaluationError(f"the SAE's seqpos_slice starts at {meta.first_kept}: windows of {context} "
+                              "tokens leave nothing to evaluate")
+
+
+def _on_windows(sae: SparseAutoencoder, meta: SAEMetadata, settings: EvaluateConfig, model_cfg: ModelConfig,
+                tokenizer: Any, window_list: list[np.ndarray], target: dict[str, Any],
+                device: torch.device) -> _Run:
+    """Pass 1 (capture, reconstruction figures) and pass 2 (downstream) over token windows."""
+    name = model_name(model_cfg)
+    model = load_model(model_cfg, device)
     check_width(sae, meta, resolve_hook(model, meta.hook).d, f"model {name!r}")
-    check_context_size(model, context)
+    check_context_size(model, max(len(w) for w in window_list))
     special = sorted(tokenizer.all_special_ids) if meta.special_token_ids is None else meta.special_token_ids
     rec = ReconstructionAccumulator(sae.d_in, sae.d_sae, settings.dense_threshold)
     special_ids = torch.tensor(special, dtype=torch.long)
-    for batch in windows.split(settings.batch_size):
+    batches = _same_length_batches(window_list, settings.batch_size)
+    for batch in tqdm(batches, desc="evaluate: reconstruction", unit="batch", leave=False):
         activations = capture_activations(model, batch.to(device), [meta.hook])[meta.hook]  # [B, T, d]
         keep = ~torch.isin(batch[:, meta.first_kept:], special_ids)  # [B, T - first_kept]
         _add_rows(sae, activations[:, meta.first_kept:][keep.to(device)].float(), rec)
-    down = _downstream(model, sae, meta, windows, rec.mean(), settings.batch_size, device) \
-        if settings.downstream else None
-    target = {"kind": "held_out_documents", "dataset": data.path, "split": data.split,
-              "holdout_fraction": data.holdout_fraction, "n_windows": len(windows), "context_size": context,
-              "context_size_from": "sae" if meta.context_size else "config", "model_dtype": cfg.model.dtype}
+    down = _downstream(model, sae, meta, batches, rec.mean(), device) if settings.downstream else None
     return _Run(rec, down, name, target, list(special))
 
 
-def _on_store(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, cfg: RunConfig,
+def _same_length_batches(window_list: list[np.ndarray], batch_size: int) -> list[torch.Tensor]:
+    """Consecutive windows of equal length stacked into batches `[<= batch_size, length]` (int64)."""
+    batches: list[torch.Tensor] = []
+    run: list[np.ndarray] = []
+    for window in window_list:
+        if run and (len(window) != len(run[0]) or len(run) == batch_size):
+            batches.append(torch.from_numpy(np.stack(run)).long())
+            run = []
+        run.append(window)
+    if run:
+        batches.append(torch.from_numpy(np.stack(run)).long())
+    return batches
+
+
+def _on_store(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, settings: EvaluateConfig,
               store_url: str, device: torch.device) -> _Run:
-    settings = cfg.evaluate
     store = ActivationStore.open(store_url)
     store.require_complete()
     name = store.attrs.get("model")
@@ -312,7 +388,7 @@ def _on_store(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, cf
         model_cfg = model_config_of_store(store.attrs.get("identity", {}), settings.device)
         model = load_model(model_cfg, device)
         check_width(sae, meta, resolve_hook(model, meta.hook).d, f"model {name!r}")
-        down = _downstream(model, sae, meta, windows, rec.mean(), settings.batch_size, device)
+        down = _downstream(model, sae, meta, list(windows.split(settings.batch_size)), rec.mean(), device)
         target.update(n_windows=n_windows, model_dtype=model_cfg.dtype)
     return _Run(rec, down, str(name), target, special)
 
@@ -323,13 +399,13 @@ def _add_rows(sae: SparseAutoencoder, x: torch.Tensor, rec: ReconstructionAccumu
     rec.update(x, sae.decode(latents), latents)
 
 
-def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, windows: torch.Tensor,
-                mean: torch.Tensor, batch_size: int, device: torch.device) -> DownstreamAccumulator:
-    """Next-token CE of the clean, spliced, zero- and mean-ablated forwards over `windows`."""
+def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: list[torch.Tensor],
+                mean: torch.Tensor, device: torch.device) -> DownstreamAccumulator:
+    """Next-token CE of the clean, spliced, zero- and mean-ablated forwards over the window batches."""
     down = DownstreamAccumulator(meta.first_kept)
     rewrites = {"spliced": splice_sae(sae, meta.first_kept), "zero": ablate_zero(meta.first_kept),
                 "mean": ablate_mean(mean, meta.first_kept)}
-    for batch in windows.split(batch_size):
+    for batch in tqdm(batches, desc="evaluate: downstream", unit="batch", leave=False):
         ids = batch.to(device)
         variants = ((variant, _logits(model, ids, {meta.hook: fn})) for variant, fn in rewrites.items())
         down.update(ids, _logits(model, ids, {}), variants)

@@ -1,7 +1,12 @@
-"""The figures of a feature dictionary and of a run: PNG files drawn with matplotlib's Agg backend.
+"""The figures of a feature dictionary and of a run: PNG files drawn with matplotlib's Agg renderer.
 
 Every function takes plain data and a path, writes one PNG and returns the path, so the files
 and their names are the same on any machine (no display, no interactive backend).
+
+Figures are built as matplotlib.figure.Figure objects, never through pyplot, and the backend is
+never set: importing this module in a notebook leaves the notebook's backend (inline, widget) as
+it was, and no figure lingers in pyplot's registry. `fig.savefig(..., format="png")` renders with
+Agg whatever the backend.
 """
 
 from __future__ import annotations
@@ -10,10 +15,6 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # after matplotlib.use: no display needed
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -31,7 +32,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")
-    plt.close(fig)
     return path
 
 
@@ -40,7 +40,8 @@ def density_histogram(density: torch.Tensor | np.ndarray, path: str | Path) -> P
     values = np.asarray(torch.as_tensor(density).double().cpu())
     alive = values[values > 0]
     dead = int((values <= 0).sum())
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
     if alive.size:
         ax.hist(np.log10(alive), bins=50, color="#3b6ea8")
     ax.set_xlabel("log10(feature density)")
@@ -56,7 +57,8 @@ def activation_histograms(analysis: FeatureAnalysis, ids: Sequence[int], path: s
     ids = list(ids) or [0]
     cols = min(4, len(ids))
     rows = math.ceil(len(ids) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     bins = int(analysis.histogram.shape[1])
     for ax, feature in zip(axes.flat, ids, strict=False):
         counts = analysis.histogram[feature].double().numpy()
@@ -86,7 +88,8 @@ def frontier(points: Sequence[tuple[str, float, float]], path: str | Path) -> Pa
     """The L0–FVU frontier of a sweep: each SAE `(name, l0, fvu)` as a labelled point, the Pareto
     line through the best ones, L0 on a log axis."""
     finite = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2]) and p[1] > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     if finite:
         ax.scatter([p[1] for p in finite], [p[2] for p in finite], color="#3b6ea8", zorder=3)
         for name, l0, fvu in finite:

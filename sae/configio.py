@@ -15,10 +15,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from saeworks.sae.errors import SaeworksError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SaeworksError, ValueError):
     """A config file or override that cannot be mapped onto the config dataclasses."""
 
 

@@ -1,6 +1,6 @@
 """Hook functions that rewrite a hook point's activation: splice an SAE in, ablate to zero or mean.
 
-Each returns a `HookFn` for `activations.hooks.hooks_attached` (activation `[batch, pos, d]` in,
+Each returns a `HookFn` for `saeworks.activations.hooks.hooks_attached` (activation `[batch, pos, d]` in,
 replacement out). Only positions from `first_kept` on are replaced; the earlier ones (BOS and the
 attention sinks after it) stay clean, because the SAE never saw them in training and they carry
 most of the residual norm. The input is never modified in place.
@@ -12,8 +12,11 @@ from collections.abc import Callable
 
 import torch
 
-from saeworks.activations.hooks import HookFn
 from saeworks.sae.base import SparseAutoencoder
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+"""Receives the activation `[batch, pos, d]`; returning a tensor replaces it in the forward.
+Defined here, in the SAE core, so interventions need no stage; the hook mapping uses the same type."""
 
 
 def replace_from(first_kept: int, replacement: Callable[[torch.Tensor], torch.Tensor]) -> HookFn:

@@ -30,6 +30,7 @@ from saeworks.sae.atomic import atomic_directory
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.configio import ConfigError
+from saeworks.sae.errors import SaeworksError
 from saeworks.sae.registry import UnknownArchitectureError, saved_architecture_class
 from saeworks.sae.version import package_version
 
@@ -47,7 +48,7 @@ METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "
 """SAELens 6 `SAEMetadata` fields, written (None when unknown) so every reader finds them."""
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(SaeworksError, ValueError):
     """A directory that does not hold a loadable SAE."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.batchtopk import BatchTopKSAE
 from saeworks.sae.config import SAEConfig
+from saeworks.sae.errors import SaeworksError
 from saeworks.sae.jumprelu import JumpReLUSAE
 from saeworks.sae.matryoshka import MatryoshkaBatchTopKSAE
 from saeworks.sae.relu import ReLUSAE
@@ -25,7 +26,7 @@ SAVED_ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
 BatchTopK and Matryoshka save as "jumprelu" (a per-token threshold), ReLU as "standard"."""
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(SaeworksError, ValueError):
     """An `architecture` string that no module registers."""
 
 

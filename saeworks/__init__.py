@@ -1,5 +1,69 @@
-"""saeworks: sparse autoencoders for Hugging Face language models, from raw text to a feature dictionary."""
+"""saeworks: sparse autoencoders for Hugging Face language models, from raw text to a feature dictionary.
+
+The public API (documented in the README, "Python API"):
+
+    saeworks.load_sae(path_or_repo, sae_id=None)      an SAE from a directory or the HF hub
+    saeworks.open_dictionary(path)                    a feature dictionary (browse, search, query)
+    saeworks.evaluate(sae, model=..., text=... | dataset=... | store=...)
+    saeworks.load_config(path_or_config, "key=value", ...)
+    saeworks.harvest / train_saes / analyze / run     the stages, from a config object or YAML path
+
+The stages themselves are the subpackages `saeworks.sae`, `saeworks.activations`,
+`saeworks.train` and `saeworks.eval`. Names load on first use, so `import saeworks` (and the CLI's
+`--help`) stay fast and import no model code until it is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from saeworks.sae.version import package_version
 
+if TYPE_CHECKING:
+    from saeworks.api import analyze, evaluate, harvest, load_config, open_dictionary, run, train_saes
+    from saeworks.eval.dictionary import Feature, FeatureDictionary
+    from saeworks.eval.evaluate import EvalReport
+    from saeworks.hub import load_sae
+    from saeworks.run_config import RunConfig
+    from saeworks.sae.base import SparseAutoencoder
+    from saeworks.sae.errors import SaeworksError
+
 __version__ = package_version()
+
+_EXPORTS = {
+    "load_sae": "saeworks.hub",
+    "open_dictionary": "saeworks.api",
+    "evaluate": "saeworks.api",
+    "load_config": "saeworks.api",
+    "harvest": "saeworks.api",
+    "train_saes": "saeworks.api",
+    "analyze": "saeworks.api",
+    "run": "saeworks.api",
+    "RunConfig": "saeworks.run_config",
+    "SparseAutoencoder": "saeworks.sae.base",
+    "FeatureDictionary": "saeworks.eval.dictionary",
+    "Feature": "saeworks.eval.dictionary",
+    "EvalReport": "saeworks.eval.evaluate",
+    "SaeworksError": "saeworks.sae.errors",
+}
+
+__all__ = [
+    "EvalReport", "Feature", "FeatureDictionary", "RunConfig", "SaeworksError", "SparseAutoencoder",
+    "__version__", "analyze", "evaluate", "harvest", "load_config", "load_sae", "open_dictionary", "run",
+    "train_saes",
+]
+assert set(__all__) == {"__version__", *_EXPORTS}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'saeworks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,6 +5,11 @@
     saeworks evaluate SAE_DIR [CONFIG | STORE] [key=value ...] [--out metrics.json]
     saeworks analyze SAE_DIR [CONFIG | STORE] [key=value ...] [--out DICTIONARY_DIR]
     saeworks run CONFIG [key=value ...]          harvest, train, evaluate, analyze, report
+    saeworks config [SECTION]                    every config field: type, default, meaning
+    saeworks --version
+
+Every stage takes `--print-config`: print the config it would run with (file and overrides
+resolved) as YAML, and exit without running.
 
 Every expected failure (bad config, unknown hook, missing data, a store from another run) ends
 with one line saying what was wrong and how to fix it, and a non-zero exit status.
@@ -15,12 +20,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import yaml
+
 from saeworks.run_config import RunConfig
-from saeworks.sae.configio import ConfigError, load_config
+from saeworks.sae.configdoc import render, section_docs, sections
+from saeworks.sae.configio import ConfigError, load_config, to_dict
+from saeworks.sae.errors import SaeworksError
+from saeworks.sae.version import package_version
 from saeworks.train.errors import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
@@ -32,7 +43,7 @@ not a success, since the SAEs are not trained yet; rerun with train.resume=true.
 def _harvest(cfg: RunConfig) -> None:
     from saeworks.activations.harvest import harvest
 
-    result = harvest(cfg)
+    result = harvest(cfg.model, cfg.data, cfg.harvest, cfg.store_url)
     print(f"rank {result.rank}/{result.world_size} harvested shards {result.shards}", flush=True)
     if result.tokens_harvested:
         rate = result.tokens_harvested / max(result.seconds, 1e-9)
@@ -45,7 +56,7 @@ def _harvest(cfg: RunConfig) -> None:
 def _train(cfg: RunConfig) -> None:
     from saeworks.train.run import train
 
-    result = train(cfg)
+    result = train(cfg.train_job())
     if result.rank != 0:
         return
     for sae in result.saes:
@@ -120,31 +131,39 @@ SAE_STAGES: dict[str, tuple[Callable[[Path, RunConfig, str | None, Path | None],
 }
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from saeworks.activations.corpus import CorpusError
-    from saeworks.activations.hooks import HookError
-    from saeworks.activations.model import ModelLoadError
-    from saeworks.activations.store import StoreError
-    from saeworks.activations.text import DataError
-    from saeworks.eval.dictionary import DictionaryError
-    from saeworks.eval.evaluate import EvaluationError
-    from saeworks.sae.io import SAEFormatError
-    from saeworks.sae.registry import UnknownArchitectureError
-    from saeworks.train.errors import CheckpointError, TrainingDivergedError
+def _print_config(cfg: RunConfig, store: str | None = None) -> int:
+    """`--print-config`: the resolved config as YAML (the store URL a TARGET gave, as a comment)."""
+    if store is not None:
+        print(f"# store: {store}")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
 
-    return (ConfigError, HookError, DataError, StoreError, ModelLoadError, CorpusError,
-            UnknownArchitectureError, SAEFormatError, CheckpointError, TrainingDivergedError,
-            EvaluationError, DictionaryError)
+
+def _config_reference(section: str | None) -> int:
+    """`saeworks config [SECTION]`: every field's name, type, default and docstring."""
+    try:
+        docs = section_docs(RunConfig, section)
+    except ConfigError as err:
+        print(f"saeworks config: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(render(docs, width=min(100, shutil.get_terminal_size().columns)))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeworks", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"saeworks {package_version()}")
     commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    config_help = "describe every config field (name, type, default, meaning), or one section's"
+    sub = commands.add_parser("config", help=config_help, description=config_help)
+    sub.add_argument("section", nargs="?", metavar="SECTION",
+                     help=f"one of: {', '.join(sections(RunConfig))}")
     for name, (_, help_text) in STAGES.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("config", nargs="?", help="YAML run config (defaults: the embedded demo)")
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="override any config field, dotted for sections: harvest.max_tokens=20000")
+        _add_print_config(sub)
     for name, (_, help_text) in SAE_STAGES.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("sae_dir", type=Path, help="an SAE directory (cfg.json + sae_weights.safetensors)")
@@ -156,7 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, default=None,
                          help="where to write (default: SAE_DIR/metrics.json for evaluate, "
                               "<run_dir>/dictionaries/<sae name> for analyze)")
+        _add_print_config(sub)
     return parser
+
+
+def _add_print_config(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (file and overrides) as YAML and exit")
 
 
 def split_target(target: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:
@@ -172,6 +197,8 @@ def split_target(target: str | None, overrides: list[str]) -> tuple[str | None, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "config":
+        return _config_reference(args.section)
     overrides = list(args.overrides)
     if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
         overrides.insert(0, args.config)
@@ -183,11 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage in SAE_STAGES:
             config, store, overrides = split_target(args.target, overrides)
             cfg = load_config(RunConfig, config, overrides)
+            if args.print_config:
+                return _print_config(cfg, store)
             SAE_STAGES[args.stage][0](args.sae_dir, cfg, store, args.out)
         else:
             cfg = load_config(RunConfig, args.config, overrides)
+            if args.print_config:
+                return _print_config(cfg)
             STAGES[args.stage][0](cfg)
-    except _user_errors() as err:
+    except SaeworksError as err:
         print(f"saeworks {args.stage}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingInterrupted as err:

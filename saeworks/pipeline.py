@@ -31,7 +31,10 @@ def sae_name(sae_dir: Path) -> str:
 def evaluate_sae(sae_dir: Path, cfg: RunConfig, store_url: str | None = None,
                  out: Path | None = None) -> tuple[EvalReport, Path]:
     """Evaluate one SAE and write its metrics.json (default: inside the SAE directory)."""
-    report = evaluate(sae_dir, cfg, store_url)
+    if store_url is not None:
+        report = evaluate(sae_dir, cfg.evaluate, store_url=store_url)
+    else:
+        report = evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data)
     path = out or Path(sae_dir) / METRICS_FILE
     report.write(path)
     return report, path
@@ -147,9 +150,9 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
         times.append(StageTime(stage, now - clock))
         clock = now
 
-    harvested = harvest(cfg)
+    harvested = harvest(cfg.model, cfg.data, cfg.harvest, cfg.store_url)
     lap("harvest")
-    trained = train(cfg)
+    trained = train(cfg.train_job())
     lap("train")
     saes = [result.path for result in trained.saes if result.path is not None]
     if trained.rank != 0:

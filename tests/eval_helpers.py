@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from saeworks.eval.evaluate import EvalReport, evaluate
 from saeworks.run_config import RunConfig
 from saeworks.sae.configio import load_config
 
@@ -63,10 +64,17 @@ class TinyRun:
 
 def build_tiny_run(run_dir: Path) -> TinyRun:
     """Harvest and train the tiny run under `run_dir` (about 15 s on 2 cores)."""
-    from saeworks.activations.harvest import harvest
-    from saeworks.train.run import train
+    from saeworks.api import harvest, train_saes
 
     cfg = load_config(RunConfig, None, tiny_overrides(run_dir))
     harvest(cfg)
-    train(cfg)
+    train_saes(cfg)
     return TinyRun(cfg, cfg.store_url, cfg.layout.sae(TINY_SAE_NAME))
+
+
+def evaluate_run(sae_dir: Path, cfg: RunConfig, store_url: str | None = None) -> EvalReport:
+    """Evaluate as `saeworks evaluate SAE_DIR CONFIG|STORE` does: the config's held-out documents,
+    or the store's rows, with the config's `evaluate:` settings."""
+    if store_url is not None:
+        return evaluate(sae_dir, cfg.evaluate, store_url=store_url)
+    return evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data)

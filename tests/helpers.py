@@ -34,9 +34,9 @@ def small_harvest_overrides(run_dir: Path, **extra: object) -> list[str]:
 
 def run_cli(args: list[str], launcher: list[str] | None = None, timeout: float = 600
             ) -> subprocess.CompletedProcess:
-    """Run `saeworks ARGS` (or `LAUNCHER -m activations ARGS`) in a fresh process."""
-    command = [*launcher, "-m", "activations", *args] if launcher else [sys.executable, "-m",
-                                                                         "saeworks.cli", *args]
+    """Run `saeworks ARGS` (or `LAUNCHER -m saeworks.activations ARGS`) in a fresh process."""
+    command = [*launcher, "-m", "saeworks.activations", *args] if launcher else \
+        [sys.executable, "-m", "saeworks", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 

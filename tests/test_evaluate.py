@@ -21,14 +21,13 @@ from saeworks.eval.evaluate import (
     METRICS_FILE,
     EvalReport,
     EvaluationError,
-    evaluate,
     evaluation_device,
     read_report,
     write_metrics,
 )
 from saeworks.eval.metrics import DOWNSTREAM_KEYS, RECONSTRUCTION_KEYS
 from saeworks.sae.io import SAEFormatError, load_sae
-from tests.eval_helpers import TINY_HOOK
+from tests.eval_helpers import TINY_HOOK, evaluate_run
 
 FIRST_KEPT = 2  # the tiny run's data.exclude_first_positions, the SAE's seqpos_slice start
 SPECIAL = [0, 1, 2]
@@ -51,7 +50,7 @@ def edited_sae(tmp_path: Path, tiny_run: Any, **metadata: Any) -> Path:
 
 @pytest.fixture(scope="module")
 def held_out_report(tiny_run: Any) -> EvalReport:
-    return evaluate(tiny_run.sae_dir, tiny_run.cfg)
+    return evaluate_run(tiny_run.sae_dir, tiny_run.cfg)
 
 
 @torch.no_grad()
@@ -155,8 +154,8 @@ def test_store_reconstruction_matches_a_hand_computation(tiny_run: Any, monkeypa
     def no_model(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("no model is needed without downstream figures")
 
-    monkeypatch.setattr("eval.evaluate.load_model", no_model)
-    report = evaluate(tiny_run.sae_dir, with_settings(tiny_run, downstream=False, row_batch_size=1000),
+    monkeypatch.setattr("saeworks.eval.evaluate.load_model", no_model)
+    report = evaluate_run(tiny_run.sae_dir, with_settings(tiny_run, downstream=False, row_batch_size=1000),
                       tiny_run.store_url)
     x = kept_rows_by_hand(tiny_run.store_url)
     sae = load_sae(tiny_run.sae_dir)
@@ -180,17 +179,17 @@ def test_store_reconstruction_matches_a_hand_computation(tiny_run: Any, monkeypa
     assert report.info["n_tokens"] == x.shape[0] and report.info["n_predictions"] == 0
     assert report.info["target"]["kind"] == "store"
     # batching the rows differently changes nothing; max_rows caps them
-    rebatched = evaluate(tiny_run.sae_dir, with_settings(tiny_run, downstream=False, row_batch_size=37),
+    rebatched = evaluate_run(tiny_run.sae_dir, with_settings(tiny_run, downstream=False, row_batch_size=37),
                          tiny_run.store_url)
     assert rebatched.metrics == pytest.approx(report.metrics, rel=1e-6)
-    capped = evaluate(tiny_run.sae_dir, with_settings(tiny_run, downstream=False, max_rows=500),
+    capped = evaluate_run(tiny_run.sae_dir, with_settings(tiny_run, downstream=False, max_rows=500),
                       tiny_run.store_url)
     assert capped.info["n_tokens"] == 500
 
 
 def test_store_downstream_uses_the_store_windows(tiny_run: Any) -> None:
     cfg = with_settings(tiny_run, device="auto", held_out_tokens=4 * 32 + 5)
-    report = evaluate(tiny_run.sae_dir, cfg, tiny_run.store_url)
+    report = evaluate_run(tiny_run.sae_dir, cfg, tiny_run.store_url)
     assert list(report.metrics) == [*RECONSTRUCTION_KEYS, *DOWNSTREAM_KEYS]
     assert report.info["target"]["n_windows"] == 4 and report.info["n_predictions"] == 4 * 29
     assert report.metrics["ce_clean"] < report.metrics["ce_spliced"] < report.metrics["ce_zero"]
@@ -201,39 +200,39 @@ def test_store_downstream_uses_the_store_windows(tiny_run: Any) -> None:
 @pytest.mark.slow
 def test_held_out_figures_do_not_depend_on_the_window_batch(held_out_report: EvalReport,
                                                            tiny_run: Any) -> None:
-    report = evaluate(tiny_run.sae_dir, with_settings(tiny_run, batch_size=3))
+    report = evaluate_run(tiny_run.sae_dir, with_settings(tiny_run, batch_size=3))
     assert report.metrics == pytest.approx(held_out_report.metrics, rel=1e-5)
 
 
 def test_refuses_an_sae_of_another_model(tiny_run: Any, tmp_path: Path) -> None:
     other = edited_sae(tmp_path, tiny_run, model_name="EleutherAI/pythia-70m")
     with pytest.raises(EvaluationError) as caught:
-        evaluate(other, tiny_run.cfg, tiny_run.store_url)
+        evaluate_run(other, tiny_run.cfg, tiny_run.store_url)
     assert "EleutherAI/pythia-70m" in str(caught.value)
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in str(caught.value)
     with pytest.raises(EvaluationError, match=r"pythia-70m.*SmolLM2.*model\.name"):
-        evaluate(other, tiny_run.cfg)
+        evaluate_run(other, tiny_run.cfg)
 
 
 def test_unknown_hook_lists_the_valid_names(tiny_run: Any, tmp_path: Path) -> None:
     absent = edited_sae(tmp_path, tiny_run, hook_name="blocks.99.hook_resid_post")
     with pytest.raises(HookError, match=r"valid names: .*blocks\.\{L\}\.hook_resid_post"):
-        evaluate(absent, tiny_run.cfg)
+        evaluate_run(absent, tiny_run.cfg)
     with pytest.raises(EvaluationError, match=f"does not hold.*{TINY_HOOK}"):
-        evaluate(absent, tiny_run.cfg, tiny_run.store_url)
+        evaluate_run(absent, tiny_run.cfg, tiny_run.store_url)
 
 
 def test_refuses_an_sae_of_another_width(tiny_run: Any, tmp_path: Path) -> None:
     neurons = edited_sae(tmp_path, tiny_run, hook_name="blocks.3.mlp.hook_post")  # 1536 wide
     with pytest.raises(EvaluationError, match=r"576-wide.*1536 wide"):
-        evaluate(neurons, tiny_run.cfg)
+        evaluate_run(neurons, tiny_run.cfg)
 
 
 def test_refuses_what_is_not_an_sae(tiny_run: Any, tmp_path: Path) -> None:
     with pytest.raises(SAEFormatError, match="not an SAE directory"):
-        evaluate(tmp_path, tiny_run.cfg)
+        evaluate_run(tmp_path, tiny_run.cfg)
     with pytest.raises(SAEFormatError, match="no SAE directory"):
-        evaluate(tmp_path / "missing", tiny_run.cfg)
+        evaluate_run(tmp_path / "missing", tiny_run.cfg)
 
 
 def test_device_resolution() -> None:

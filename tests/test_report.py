@@ -15,8 +15,8 @@ from saeworks.eval import plots
 from saeworks.eval.dictionary import REPORT_FILE, FeatureDictionary
 from saeworks.eval.report import dictionary_report, run_report
 from saeworks.sae.paths import RunLayout
+from tests.dictionary_helpers import METRICS, build, synthetic_analysis, tiny_sae_dir
 from tests.helpers import umask, unshared_paths
-from tests.test_dictionary import METRICS, build, synthetic_analysis, tiny_sae_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -88,7 +88,7 @@ def _run_with_saes(tmp_path: Path, names: list[str], evaluated: set[str], with_d
         if name in with_dictionary:
             from saeworks.activations.config import ModelConfig
             from saeworks.eval.dictionary_build import write_dictionary
-            from tests.test_dictionary import FakeTokenizer
+            from tests.dictionary_helpers import FakeTokenizer
 
             write_dictionary(layout.dictionary(name), synthetic_analysis(), sae_dir, FakeTokenizer(),
                              ModelConfig(), "blocks.0.hook_resid_post", METRICS)

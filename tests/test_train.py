@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from saeworks.activations.store import ActivationStore
+from saeworks.api import train_saes
 from saeworks.cli import EXIT_USER_ERROR, main
 from saeworks.sae.io import load_sae
 from saeworks.train.errors import TrainingDivergedError
-from saeworks.train.run import train
 from saeworks.train.schedule import Schedule, default_lr
 from tests.train_helpers import HOOK, config, make_store, train_overrides
 
@@ -72,7 +72,7 @@ def test_two_topk_saes_learn_from_one_pass_and_are_saved(store: Path, tmp_path: 
 def test_api_result_and_defaults(store: Path, tmp_path: Path) -> None:
     cfg = config(tmp_path, store, **{"train.total_tokens": 256 * 4, "train.lr": "null",
                                      "train.b_dec_init": "zeros", "train.normalize_inputs": "false"})
-    result = train(cfg)
+    result = train_saes(cfg)
     assert result.finished and result.steps == 4 and result.tokens == 1024
     assert result.saes[0].path == tmp_path / "saes" / "topk-k4-64"
     assert result.saes[0].l0 == 4
@@ -135,7 +135,7 @@ def test_nan_activations_stop_the_run_and_save_nothing(tmp_path: Path,
     cfg = config(tmp_path / "run", poisoned, **{"train.normalize_inputs": "false",
                                                 "train.b_dec_init": "zeros"})
     with pytest.raises(TrainingDivergedError, match=r"SAE topk-k4-64 diverged at step \d+ \(\d+ tokens"):
-        train(cfg)
+        train_saes(cfg)
     assert not (tmp_path / "run" / "saes").exists()
     assert not list((tmp_path / "run" / "checkpoints").glob("tokens-*"))
     # through the CLI, and with the poison inside the first sample: caught before training
@@ -177,7 +177,7 @@ def test_every_registered_architecture_trains_and_saves(store: Path, tmp_path: P
                      for name in sorted(ARCHITECTURES))
     cfg = config(tmp_path, store, **{"train.saes": f"[{saes}]", "train.total_tokens": 256 * 6,
                                      "train.sparsity_warmup_tokens": 512, "train.dead_after_tokens": 256})
-    result = train(cfg)
+    result = train_saes(cfg)
     for sae in result.saes:
         assert sae.path is not None and math.isfinite(sae.fvu), sae
         load_sae(sae.path)

@@ -44,11 +44,11 @@ def reader(store: Path, rank: int) -> ActivationReader:
 
 def worker(run_dir: Path, store: Path) -> None:
     """One torchrun rank: train with a reader that records the rows this rank consumed."""
-    from saeworks.train.run import train
+    from saeworks.api import train_saes
 
     rank = int(os.environ["RANK"])
     source = Recording(reader(store, rank))
-    result = train(config(run_dir, store, **RECIPE), source=source)
+    result = train_saes(config(run_dir, store, **RECIPE), source=source)
     assert result.world_size == 2 and result.rank == rank
     np.save(run_dir / f"rows-rank{rank}.npy", torch.stack(source.rows).numpy())  # [steps, 128]
 
@@ -56,7 +56,7 @@ def worker(run_dir: Path, store: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path: Path) -> None:
-    from saeworks.train.run import train
+    from saeworks.api import train_saes
 
     store = tmp_path / "store.zarr"
     make_store(store)
@@ -68,7 +68,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path: Pa
 
     one = tmp_path / "one"
     source = Recording(Concatenated([reader(store, 0), reader(store, 1)]))
-    train(config(one, store, **RECIPE), source=source)
+    train_saes(config(one, store, **RECIPE), source=source)
 
     rows = [np.load(two / f"rows-rank{rank}.npy") for rank in (0, 1)]  # [steps, 128] each
     assert rows[0].shape == rows[1].shape == (STEPS, BATCH // 2)

@@ -17,10 +17,10 @@ import torch
 from saeworks.activations.config import ReaderConfig
 from saeworks.activations.reader import ActivationReader
 from saeworks.activations.store import ActivationStore
+from saeworks.api import train_saes
 from saeworks.cli import EXIT_INTERRUPTED
 from saeworks.train.checkpoint import latest_checkpoint
 from saeworks.train.errors import TrainingInterrupted
-from saeworks.train.run import train
 from tests.train_helpers import (
     HOOK,
     REPO,
@@ -51,7 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def straight(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """Weights of an uninterrupted 1-process run of the whole budget."""
     run_dir = tmp_path_factory.mktemp("straight")
-    train(config(run_dir, store, **RECIPE))
+    train_saes(config(run_dir, store, **RECIPE))
     return sae_tensors(run_dir / "saes" / NAME)
 
 
@@ -64,13 +64,13 @@ def assert_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 def test_stop_and_resume_is_exact(store: Path, tmp_path: Path, straight: dict[str, torch.Tensor]) -> None:
     half = config(tmp_path, store, **RECIPE, **{"train.stop_after_tokens": STEPS * BATCH // 2,
                                                 "train.checkpoint_every_tokens": 5 * BATCH})
-    result = train(half)
+    result = train_saes(half)
     assert not result.finished and result.saes[0].path is None and result.steps == STEPS // 2
     assert not (tmp_path / "saes").exists()
     checkpoint = latest_checkpoint(tmp_path / "checkpoints")
     assert checkpoint is not None and checkpoint.name == f"tokens-{STEPS // 2 * BATCH:012d}"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [checkpoint.name]  # older pruned
-    resumed = train(config(tmp_path, store, **RECIPE, **{"train.resume": "true"}))
+    resumed = train_saes(config(tmp_path, store, **RECIPE, **{"train.resume": "true"}))
     assert resumed.finished and resumed.steps == STEPS
     assert_identical(sae_tensors(tmp_path / "saes" / NAME), straight)
     dead = [line for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
@@ -85,12 +85,12 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_is_exact(
                               ReaderConfig(batch_size=BATCH, buffer_chunks=4))
     source = Recording(reader, after=7, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 7"):
-        train(cfg, source=source)
+        train_saes(cfg, source=source)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
     checkpoint = latest_checkpoint(tmp_path / "checkpoints")
     assert checkpoint is not None and checkpoint.name == f"tokens-{7 * BATCH:012d}"
     assert not (tmp_path / "saes").exists()
-    train(config(tmp_path, store, **RECIPE, **{"train.resume": "true"}))
+    train_saes(config(tmp_path, store, **RECIPE, **{"train.resume": "true"}))
     assert_identical(sae_tensors(tmp_path / "saes" / NAME), straight)
 
 
@@ -116,7 +116,7 @@ def test_sigterm_through_the_command_line(store: Path, tmp_path: Path) -> None:
 def test_two_process_stop_and_resume_is_exact(store: Path, tmp_path: Path) -> None:
     def run(run_dir: Path, **extra: object) -> None:
         args = train_overrides(run_dir, store, **RECIPE, **extra)
-        result = subprocess.run([*TORCHRUN, "-m", "train", *args], cwd=REPO, capture_output=True,
+        result = subprocess.run([*TORCHRUN, "-m", "saeworks.train", *args], cwd=REPO, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
 
@@ -142,11 +142,11 @@ def test_on_the_fly_model_source_trains_and_resumes_exactly(tmp_path: Path) -> N
                     "train.b_dec_init": "mean", "train.init_sample_rows": 128, **extra}
         return load_config(RunConfig, None, [f"{key}={value}" for key, value in settings.items()])
 
-    straight = train(cfg(tmp_path / "straight"))
+    straight = train_saes(cfg(tmp_path / "straight"))
     assert straight.finished and straight.saes[0].l0 == 8
     assert not (tmp_path / "straight" / "activations.zarr").exists()
-    train(cfg(tmp_path / "halves", **{"train.stop_after_tokens": 128 * 3}))  # mid-block (4 batches each)
-    train(cfg(tmp_path / "halves", **{"train.resume": "true"}))
+    train_saes(cfg(tmp_path / "halves", **{"train.stop_after_tokens": 128 * 3}))  # mid-block (4 batches each)
+    train_saes(cfg(tmp_path / "halves", **{"train.resume": "true"}))
     name = "topk-k8-256"
     assert_identical(sae_tensors(tmp_path / "halves" / "saes" / name),
                      sae_tensors(tmp_path / "straight" / "saes" / name))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from saeworks.activations.config import ReaderConfig
+from saeworks.activations.config import DataConfig, HarvestConfig, ModelConfig, ReaderConfig
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.configio import require
+from saeworks.sae.paths import RunLayout
 
 
 @dataclass
@@ -109,3 +110,21 @@ class TrainConfig:
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                 "device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
         require(self.hook is None or bool(self.hook), "hook", "must name a hook point or be null")
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """The config sections one training run reads, and where it writes (not the whole run config)."""
+
+    train: TrainConfig
+    layout: RunLayout
+    """The run's directory: checkpoints, logs and the saved SAEs go under it."""
+    store_url: str
+    """The run's activation store (`train.store` overrides it)."""
+    model: ModelConfig
+    """The model, for `train.source=model` (a store records its own)."""
+    data: DataConfig
+    """The text, for `train.source=model`."""
+    harvest: HarvestConfig
+    """For `train.source=model`: its first hook is the default hook and its batch size the windows
+    per forward pass, as the harvester would use them."""

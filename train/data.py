@@ -17,9 +17,9 @@ import torch
 
 from saeworks.activations.reader import ActivationReader, ReaderBatch
 from saeworks.activations.store import ActivationStore, StoreError
-from saeworks.run_config import RunConfig
 from saeworks.sae.distributed import RankInfo, all_gather_rows
 from saeworks.sae.geometric_median import geometric_median
+from saeworks.train.config import TrainJob
 from saeworks.train.errors import TrainingDivergedError
 
 
@@ -47,7 +47,7 @@ class SourceInfo:
     """SAELens `metadata` of the saved SAEs (model_name, hook_name, context_size, ...)."""
 
 
-def open_store(cfg: RunConfig) -> tuple[ActivationStore, SourceInfo]:
+def open_store(cfg: TrainJob) -> tuple[ActivationStore, SourceInfo]:
     """Open `train.store` (default: the run's store), check it is complete and has the hook."""
     url = cfg.train.store or cfg.store_url
     store = ActivationStore.open(url)
@@ -74,7 +74,7 @@ def open_store(cfg: RunConfig) -> tuple[ActivationStore, SourceInfo]:
     return store, info
 
 
-def store_reader(store: ActivationStore, info: SourceInfo, cfg: RunConfig, local_batch: int,
+def store_reader(store: ActivationStore, info: SourceInfo, cfg: TrainJob, local_batch: int,
                  rank: RankInfo) -> ActivationReader:
     """This rank's partition of the store, in batches of `local_batch` rows."""
     reader_cfg = replace(cfg.train.reader, batch_size=local_batch)

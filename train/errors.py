@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from saeworks.sae.errors import SaeworksError
 
-class TrainingDivergedError(RuntimeError):
+
+class TrainingDivergedError(SaeworksError, RuntimeError):
     """A loss or weight became NaN/Inf: the run stops, and no SAE is saved from it."""
 
 
@@ -11,5 +13,5 @@ class TrainingInterrupted(RuntimeError):
     """SIGTERM arrived: a checkpoint was written at the next step boundary, then the run stopped."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SaeworksError, ValueError):
     """A checkpoint that cannot be resumed (another config) or would be overwritten without resume."""

@@ -14,9 +14,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from saeworks.run_config import RunConfig
 from saeworks.sae.configio import to_dict
 from saeworks.sae.paths import RunLayout
+from saeworks.train.config import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class MetricsLog:
     """One JSON object per SAE per logged step; bar postfix with loss, L0 and FVU of each SAE."""
 
-    def __init__(self, cfg: RunConfig, layout: RunLayout, total_tokens: int, done_tokens: int,
+    def __init__(self, cfg: TrainJob, layout: RunLayout, total_tokens: int, done_tokens: int,
                  is_main: bool) -> None:
         self.every = cfg.train.log_every_steps
         self.is_main = is_main
@@ -64,12 +64,18 @@ class MetricsLog:
             self.wandb = None
 
 
-def _start_wandb(cfg: RunConfig, layout: RunLayout) -> Any:
+def _start_wandb(cfg: TrainJob, layout: RunLayout) -> Any:
     import wandb
 
     directory = layout.logs
     directory.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=cfg.train.wandb_project, dir=str(directory), mode=cfg.train.wandb_mode,
-                     name=Path(cfg.run_dir).resolve().name, config=to_dict(cfg))
+                     name=cfg.layout.root.resolve().name, config=_logged_config(cfg))
     log.info("wandb (%s) logs under %s", cfg.train.wandb_mode, directory / "wandb")
     return run
+
+
+def _logged_config(cfg: TrainJob) -> dict[str, Any]:
+    """The sections that decide a training run, as wandb's run config."""
+    return {"run_dir": str(cfg.layout.root), "store": cfg.train.store or cfg.store_url,
+            **{name: to_dict(getattr(cfg, name)) for name in ("train", "model", "data", "harvest")}}

@@ -26,8 +26,8 @@ from saeworks.activations.hooks import HookPoint, capture_activations, resolve_h
 from saeworks.activations.model import check_context_size, load_model, load_tokenizer, resolve_source
 from saeworks.activations.reader import ReaderBatch
 from saeworks.activations.text import DataError, excluded_token_ids, iter_windows
-from saeworks.run_config import RunConfig
 from saeworks.sae.distributed import RankInfo
+from saeworks.train.config import TrainJob
 from saeworks.train.data import SourceInfo
 
 
@@ -37,7 +37,7 @@ class LoadedModel(NamedTuple):
     hook: HookPoint
 
 
-def open_model(cfg: RunConfig, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]:
+def open_model(cfg: TrainJob, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]:
     """Load the model on this rank's device and bind the hook (HookError lists the valid names)."""
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, rank.device)
@@ -66,7 +66,7 @@ def open_model(cfg: RunConfig, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]
 class ModelSource:
     """This rank's shuffled rows of the model's activations at one hook (see the module docstring)."""
 
-    def __init__(self, loaded: LoadedModel, info: SourceInfo, cfg: RunConfig, batch_size: int,
+    def __init__(self, loaded: LoadedModel, info: SourceInfo, cfg: TrainJob, batch_size: int,
                  rank: RankInfo) -> None:
         self.loaded, self.cfg, self.batch_size, self.rank = loaded, cfg, batch_size, rank
         self.context = cfg.data.context_size

@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from saeworks.run_config import RunConfig
 from saeworks.sae.distributed import RankInfo, all_gather_objects, barrier, rank_info
 from saeworks.sae.io import save_sae
 from saeworks.sae.registry import create_sae
@@ -43,6 +42,7 @@ from saeworks.train.checkpoint import (
     rng_state,
     write_checkpoint,
 )
+from saeworks.train.config import TrainJob
 from saeworks.train.data import (
     BatchSource,
     SourceInfo,
@@ -86,7 +86,7 @@ class TrainResult(NamedTuple):
     world_size: int
 
 
-def train(cfg: RunConfig, source: BatchSource | None = None) -> TrainResult:
+def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
     """Train the SAEs of `cfg.train`; `source` replaces this rank's store reader (tests)."""
     rank = rank_info(cfg.train.device)
     data, info = _open_data(cfg, rank)
@@ -118,7 +118,7 @@ def train(cfg: RunConfig, source: BatchSource | None = None) -> TrainResult:
                        rank.world_size)
 
 
-def _open_data(cfg: RunConfig, rank: RankInfo) -> tuple[Any, SourceInfo]:
+def _open_data(cfg: TrainJob, rank: RankInfo) -> tuple[Any, SourceInfo]:
     if cfg.train.source == "model":
         from saeworks.train.model_source import open_model
 
@@ -126,7 +126,7 @@ def _open_data(cfg: RunConfig, rank: RankInfo) -> tuple[Any, SourceInfo]:
     return open_store(cfg)
 
 
-def _make_source(cfg: RunConfig, data: Any, info: SourceInfo, plan: TrainPlan, rank: RankInfo
+def _make_source(cfg: TrainJob, data: Any, info: SourceInfo, plan: TrainPlan, rank: RankInfo
                  ) -> BatchSource:
     if cfg.train.source == "model":
         from saeworks.train.model_source import ModelSource
@@ -141,7 +141,7 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _resume_point(cfg: RunConfig, plan: TrainPlan, info: SourceInfo) -> Checkpoint | None:
+def _resume_point(cfg: TrainJob, plan: TrainPlan, info: SourceInfo) -> Checkpoint | None:
     """The checkpoint to continue from, or None; refuses one from another config."""
     root = cfg.layout.checkpoints
     found = latest_checkpoint(root)
@@ -157,7 +157,7 @@ def _resume_point(cfg: RunConfig, plan: TrainPlan, info: SourceInfo) -> Checkpoi
     return loaded
 
 
-def _fresh_trainer(cfg: RunConfig, plan: TrainPlan, saes: list[Any], source: BatchSource,
+def _fresh_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: BatchSource,
                    rank: RankInfo) -> Trainer:
     """Input scale and b_dec from the first global batches (the same rows on every rank)."""
     needs_sample = cfg.train.normalize_inputs or cfg.train.b_dec_init != "zeros"
@@ -171,7 +171,7 @@ def _fresh_trainer(cfg: RunConfig, plan: TrainPlan, saes: list[Any], source: Bat
     return Trainer(saes, plan, cfg.train, scale, rank.device)
 
 
-def _resumed_trainer(cfg: RunConfig, plan: TrainPlan, saes: list[Any], source: BatchSource,
+def _resumed_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: BatchSource,
                      rank: RankInfo, checkpoint: Checkpoint) -> Trainer:
     state = checkpoint.state
     trainer = Trainer(saes, plan, cfg.train, float(state["input_scale"]), rank.device)
@@ -183,7 +183,7 @@ def _resumed_trainer(cfg: RunConfig, plan: TrainPlan, saes: list[Any], source: B
     return trainer
 
 
-def _write_checkpoint(cfg: RunConfig, plan: TrainPlan, info: SourceInfo, trainer: Trainer,
+def _write_checkpoint(cfg: TrainJob, plan: TrainPlan, info: SourceInfo, trainer: Trainer,
                       source: BatchSource, rank: RankInfo) -> Path:
     """Gather every rank's source position and RNG state; rank 0 writes; all wait for it."""
     trainer.check_weights()
@@ -199,7 +199,7 @@ def _write_checkpoint(cfg: RunConfig, plan: TrainPlan, info: SourceInfo, trainer
     return path
 
 
-def _save_saes(cfg: RunConfig, plan: TrainPlan, info: SourceInfo, trainer: Trainer, rank: RankInfo,
+def _save_saes(cfg: TrainJob, plan: TrainPlan, info: SourceInfo, trainer: Trainer, rank: RankInfo,
                finished: bool) -> list[SAEResult]:
     """Rank 0 saves each SAE (input scale folded in) with SAELens metadata, once training is done."""
     results = []
