@@ -145,6 +145,11 @@ class EvalReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_text_atomic(path, json.dumps(self.to_json(), indent=2, default=str))
 
+    def __repr__(self) -> str:
+        info, target = self.info, self.info.get("target", {})
+        return (f"EvalReport({info.get('sae_name')!r} on {target.get('kind', '?')}, "
+                f"{info.get('n_tokens')} tokens: {headline(self.metrics)})")
+
     def table(self) -> str:
         """The figures as an aligned, readable table with one-line descriptions."""
         info, target = self.info, self.info.get("target", {})
@@ -162,6 +167,14 @@ class EvalReport:
             lines.append(f"  {key:<{width}}  {value:>12.6g}  {note}")
         lines.append(f"{info.get('seconds', 0):.1f} s, {info.get('tokens_per_s', 0):,.0f} tokens/s")
         return "\n".join(lines)
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The figures a user looks at first, on one line."""
+    names = (("fvu", "FVU"), ("l0", "L0"), ("ce_recovered", "CE recovered"), ("kl", "KL"),
+             ("dead_fraction", "dead"))
+    return ", ".join(f"{label} {metrics[key]:.3f}" for key, label in names
+                     if isinstance(metrics.get(key), float) and math.isfinite(metrics[key]))
 
 
 def write_metrics(report: EvalReport, sae_dir_or_path: str | Path) -> Path:

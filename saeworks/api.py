@@ -77,18 +77,14 @@ def evaluate(sae: str | Path, *, model: str | ModelConfig | None = None,
     `report.write(path)` to keep it."""
     from saeworks.eval.evaluate import evaluate as run_evaluate
 
+    if text is None and dataset is None and store is None:
+        raise ConfigError("evaluate: give one target: text=..., dataset=... or store=...")
     sae_dir = resolve_sae_dir(sae, sae_id)
     eval_cfg = from_dict(EvaluateConfig, settings, "evaluate.")
-    if store is not None:
-        return run_evaluate(sae_dir, eval_cfg, store_url=store)
-    model_cfg = _model_config(model)
-    if text is not None:
-        texts = [text] if isinstance(text, str) else list(text)
-        return run_evaluate(sae_dir, eval_cfg, model=model_cfg, texts=texts)
-    if dataset is not None:
-        data = dataset if isinstance(dataset, DataConfig) else DataConfig(path=dataset)
-        return run_evaluate(sae_dir, eval_cfg, model=model_cfg, data=data)
-    raise ConfigError("evaluate: give one target: text=..., dataset=... or store=...")
+    model_cfg = None if text is None and dataset is None else _model_config(model)
+    texts = None if text is None else [text] if isinstance(text, str) else list(text)
+    data = dataset if isinstance(dataset, DataConfig | None) else DataConfig(path=dataset)
+    return run_evaluate(sae_dir, eval_cfg, model=model_cfg, data=data, texts=texts, store_url=store)
 
 
 def analyze(sae: str | Path, config: ConfigLike = None, *overrides: str, store: str | None = None,

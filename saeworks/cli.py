@@ -68,6 +68,7 @@ def _train(cfg: RunConfig) -> None:
 
 
 def _run(cfg: RunConfig) -> None:
+    from saeworks.eval.evaluate import headline
     from saeworks.pipeline import run_pipeline
 
     summary = run_pipeline(cfg)
@@ -78,7 +79,7 @@ def _run(cfg: RunConfig) -> None:
         name = path.name
         values = summary.metrics.get(name, {}).get("metrics", {})
         print(f"SAE {name}: {path}")
-        print(f"  metrics: {path / 'metrics.json'}  " + _headline(values))
+        print(f"  metrics: {path / 'metrics.json'}  " + headline(values))
     for directory in summary.dictionaries:
         print(f"feature dictionary: {directory}  (report: {directory / 'report.md'})")
     if summary.report is not None:
@@ -88,14 +89,6 @@ def _run(cfg: RunConfig) -> None:
     if summary.dictionaries:
         print(f"open it: python -c \"from eval.dictionary import FeatureDictionary; "
               f"d = FeatureDictionary.open('{summary.dictionaries[0]}'); print(d.feature(0))\"")
-
-
-def _headline(metrics: dict[str, float]) -> str:
-    """The figures a user looks at first, on one line."""
-    names = (("fvu", "FVU"), ("l0", "L0"), ("ce_recovered", "CE recovered"), ("kl", "KL"),
-             ("dead_fraction", "dead"))
-    return ", ".join(f"{label} {metrics[key]:.3f}" for key, label in names
-                     if isinstance(metrics.get(key), float))
 
 
 STAGES: dict[str, tuple[Callable[[RunConfig], None], str]] = {
