@@ -87,8 +87,8 @@ def _run(cfg: RunConfig) -> None:
     print("times: " + ", ".join(f"{t.stage} {t.seconds:.0f} s" for t in summary.times)
           + f" (total {sum(t.seconds for t in summary.times):.0f} s)")
     if summary.dictionaries:
-        print(f"open it: python -c \"from eval.dictionary import FeatureDictionary; "
-              f"d = FeatureDictionary.open('{summary.dictionaries[0]}'); print(d.feature(0))\"")
+        print(f"open it: python -c \"import saeworks; "
+              f"print(saeworks.open_dictionary('{summary.dictionaries[0]}').feature(0))\"")
 
 
 STAGES: dict[str, tuple[Callable[[RunConfig], None], str]] = {
