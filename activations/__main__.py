@@ -1,4 +1,7 @@
-"""`accelerate launch -m activations CONFIG [key=value ...]` (or torchrun -m): a distributed harvest."""
+"""`accelerate launch -m saeworks.activations CONFIG [key=value ...]` (or torchrun -m): a harvest.
+
+An entry point of the application layer: it runs the CLI, so it may import it (tests/test_layering.py).
+"""
 
 import sys
 

@@ -20,7 +20,7 @@ from saeworks.eval.evaluate import METRICS_FILE, EvalReport, SAEMetadata, check_
 from saeworks.run_config import RunConfig
 from saeworks.sae.io import SAEFormatError, read_cfg
 
-log = logging.getLogger("saeworks")
+log = logging.getLogger(__name__)
 
 
 def sae_name(sae_dir: Path) -> str:

@@ -1,4 +1,7 @@
-"""`accelerate launch -m train CONFIG [key=value ...]` (or torchrun -m train): distributed training."""
+"""`accelerate launch -m saeworks.train CONFIG [key=value ...]` (or torchrun -m saeworks.train): training.
+
+An entry point of the application layer: it runs the CLI, so it may import it (tests/test_layering.py).
+"""
 
 import sys
 
