@@ -47,7 +47,7 @@ def _harvest(cfg: RunConfig) -> None:
     print(f"rank {result.rank}/{result.world_size} harvested shards {result.shards}", flush=True)
     if result.tokens_harvested:
         rate = result.tokens_harvested / max(result.seconds, 1e-9)
-        logging.getLogger("saeworks").info(
+        logging.getLogger(__name__).info(
             "harvested %d tokens in %.1f s (%.0f tokens/s on this rank)",
             result.tokens_harvested, result.seconds, rate)
     print(f"activation store: {result.store_url} ({result.n_tokens} tokens)")
