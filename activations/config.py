@@ -7,7 +7,7 @@ from typing import Literal
 
 from saeworks.sae.configio import require
 
-TorchDtypeName = Literal["float32", "bfloat16", "float16"]
+TorchDtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -22,7 +22,9 @@ class ModelConfig:
     gguf_file: str | None = None
     """Name of a GGUF file inside `name` to de-quantise and load (set automatically for `embedded`)."""
     dtype: TorchDtypeName = "float32"
-    """Dtype the model runs in."""
+    """Dtype the model runs in. `auto`: bfloat16 on a GPU that supports it; on a CPU bfloat16 only
+    where a short probe, cached per machine, finds its matmuls faster than float32's (sae/precision.py).
+    Stores and SAEs record the dtype it resolved to."""
     device: str = "auto"
     """`auto` (this rank's GPU if there is one, else the CPU), `cpu`, `cuda` or `cuda:N`."""
     trust_remote_code: bool = False

@@ -27,6 +27,7 @@ from saeworks.activations.model import (
     load_tokenizer,
     model_revision,
     resolve_source,
+    with_resolved_dtype,
 )
 from saeworks.activations.store import (
     ActivationStore,
@@ -74,8 +75,9 @@ class HarvestJob:
 def harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, store_url: str
             ) -> HarvestResult:
     """Fill (or resume) the store at `store_url` with `settings.hooks` of the model over `data`."""
-    cfg = HarvestJob(model_cfg, data, settings, store_url)
-    rank = rank_info(cfg.model.device)
+    rank = rank_info(model_cfg.device)
+    # `auto` resolved once: the model loads in the dtype the store identity records.
+    cfg = HarvestJob(with_resolved_dtype(model_cfg, rank), data, settings, store_url)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, rank.device)
     hooks = resolve_hooks(model, cfg.harvest.hooks)

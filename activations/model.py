@@ -13,10 +13,10 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -24,8 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from saeworks.activations.config import ModelConfig
 from saeworks.sae.atomic import publish_modes
 from saeworks.sae.configio import ConfigError
+from saeworks.sae.distributed import RankInfo, all_gather_objects
 from saeworks.sae.errors import SaeworksError
 from saeworks.sae.paths import cache_root
+from saeworks.sae.precision import DtypeName, resolve_dtype
 from saeworks.sae.version import package_version
 
 EMBEDDED = "embedded"
@@ -87,10 +89,20 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         raise ModelLoadError(f"model.name={cfg.name!r}: cannot load its tokenizer: {err}") from err
 
 
+def with_resolved_dtype(cfg: ModelConfig, rank: RankInfo) -> ModelConfig:
+    """`cfg` with `dtype: auto` replaced by the dtype it means on this rank's device. Rank 0 decides
+    (the CPU probe runs there alone), so every rank computes in, and records, the same dtype."""
+    if cfg.dtype != "auto":
+        return cfg
+    mine = resolve_dtype(cfg.dtype, rank.device) if rank.is_main else None
+    return replace(cfg, dtype=cast(DtypeName, all_gather_objects(mine)[0]))
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """The causal LM in eval mode, in the configured dtype, on `device`, with gradients off."""
+    """The causal LM in eval mode, in the configured dtype (`auto` resolved for `device`), on
+    `device`, with gradients off."""
     source = resolve_source(cfg)
-    dtype = getattr(torch, cfg.dtype)
+    dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
     path = _converted_dir(source) if source.gguf_file else source.load_path
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -1,13 +1,14 @@
 """Harvester throughput against its limit: a bare HF forward truncated at the same layer.
 
-    python benchmarks/harvest.py                       # embedded SmolLM2, layer 15, fp32 and bf16
+    python benchmarks/harvest.py                       # embedded SmolLM2, layer 15, fp32, bf16, auto
     python benchmarks/harvest.py --dtypes float32 --tokens 32768
 
 Both sides run the same token windows with the same batch size in the same process, each on a
 freshly loaded model (so both pay the same first-batch warm-up; loading is not timed). The limit is
 the model's own base forward with its block list cut after the hooked layer (no hooks, no copies,
 no disk); the harvester's figure is end to end: tokenising, the forward, the float16 conversion,
-compressing and writing the Zarr store. Prints one line per dtype with the ratio.
+compressing and writing the Zarr store. Prints one line per dtype with the ratio; for `auto`, the
+dtype this machine's probe resolved it to (sae/precision.py), beside the fixed figures.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from saeworks.activations.model import load_model, load_tokenizer
 from saeworks.activations.text import iter_windows
 from saeworks.run_config import RunConfig
 from saeworks.sae.configio import load_config
+from saeworks.sae.precision import resolve_dtype
 
 
 def bare_truncated_forward(model: torch.nn.Module, windows: np.ndarray, last_layer: int,
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "auto"])
     args = parser.parse_args()
     hook = f"blocks.{args.layer}.hook_resid_post"
     for dtype in args.dtypes:
@@ -75,7 +77,8 @@ def main() -> None:
                                                  args.batch_size))
             ours.append(harvester(cfg))
         limit, rate = statistics.median(limits), statistics.median(ours)
-        print(f"harvest: {rate:,.0f} tok/s ({dtype}, {hook}, ctx {cfg.data.context_size}, batch "
+        shown = f"auto -> {resolve_dtype(dtype, 'cpu')}" if dtype == "auto" else dtype
+        print(f"harvest: {rate:,.0f} tok/s ({shown}, {hook}, ctx {cfg.data.context_size}, batch "
               f"{args.batch_size}, {args.tokens} tokens, float16 store) | bare truncated forward "
               f"{limit:,.0f} tok/s | ratio {rate / limit:.3f}", flush=True)
 

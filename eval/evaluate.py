@@ -54,6 +54,7 @@ from saeworks.sae.distributed import rank_info
 from saeworks.sae.errors import SaeworksError
 from saeworks.sae.interventions import ablate_mean, ablate_zero, splice_sae
 from saeworks.sae.io import load_sae, read_cfg
+from saeworks.sae.precision import resolve_dtype
 from saeworks.sae.version import package_version
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ def _on_held_out_documents(sae_dir: str | Path, sae: SparseAutoencoder, meta: SA
     target = {"kind": "held_out_documents", "dataset": data.path, "split": data.split,
               "holdout_fraction": data.holdout_fraction, "n_windows": len(window_list),
               "context_size": context, "context_size_from": "sae" if meta.context_size else "config",
-              "model_dtype": model_cfg.dtype}
+              "model_dtype": resolve_dtype(model_cfg.dtype, device)}
     return _on_windows(sae, meta, settings, model_cfg, tokenizer, window_list, target, device)
 
 
@@ -310,7 +311,8 @@ def _on_texts(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, se
         raise EvaluationError(f"the {len(texts)} texts give no window longer than the SAE's first kept "
                               f"position {meta.first_kept}; pass more (or longer) text")
     target = {"kind": "texts", "n_texts": len(texts), "n_windows": len(window_list),
-              "context_size": context, "model_dtype": model_cfg.dtype}
+              "context_size": context,
+              "model_dtype": resolve_dtype(model_cfg.dtype, device)}
     return _on_windows(sae, meta, settings, model_cfg, tokenizer, window_list, target, device)
 
 

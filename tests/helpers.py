@@ -26,7 +26,7 @@ def small_harvest_overrides(run_dir: Path, **extra: object) -> list[str]:
         "harvest.chunks_per_shard": 2,
         "data.context_size": 64,
         "model.device": "cpu",
-        "model.dtype": "float32",  # the demo config runs bf16; tests compare against float32 forwards
+        "model.dtype": "float32",  # the demo config says auto; tests compare against float32 forwards
     }
     settings.update(extra)
     return [f"{key}={value}" for key, value in settings.items()]

@@ -4,6 +4,7 @@ to 2N ends with bit-identical weights to a run that went straight to 2N, in one 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,8 +20,9 @@ from saeworks.activations.reader import ActivationReader
 from saeworks.activations.store import ActivationStore
 from saeworks.api import train_saes
 from saeworks.cli import EXIT_INTERRUPTED
+from saeworks.sae.precision import autocast_dtype
 from saeworks.train.checkpoint import latest_checkpoint
-from saeworks.train.errors import TrainingInterrupted
+from saeworks.train.errors import CheckpointError, TrainingInterrupted
 from tests.train_helpers import (
     HOOK,
     REPO,
@@ -76,6 +78,24 @@ def test_stop_and_resume_is_exact(store: Path, tmp_path: Path, straight: dict[st
     dead = [line for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
             if '"dead": 0,' not in line]
     assert dead  # some latents were dead, so AuxK and the counters took part
+
+
+def test_autocast_auto_resumes_under_the_value_it_resolved_to(store: Path, tmp_path: Path) -> None:
+    """`auto` is decided once per run and recorded as the concrete value: a checkpoint made under
+    `auto` resumes under that value, and the saved SAE records it."""
+    resolved = autocast_dtype("auto", "cpu")
+    half = config(tmp_path, store, **RECIPE, **{"train.autocast": "auto",
+                                                "train.stop_after_tokens": STEPS * BATCH // 2})
+    assert not train_saes(half).finished
+    other = "none" if resolved == "bfloat16" else "bfloat16"
+    refused = f"train.autocast: '{resolved}' in the checkpoint, '{other}' now"
+    with pytest.raises(CheckpointError, match=refused):
+        train_saes(config(tmp_path, store, **RECIPE, **{"train.autocast": other, "train.resume": "true"}))
+    resumed = train_saes(config(tmp_path, store, **RECIPE, **{"train.autocast": resolved,
+                                                             "train.resume": "true"}))
+    assert resumed.finished
+    saved = json.loads((tmp_path / "saes" / NAME / "cfg.json").read_text())
+    assert saved["metadata"]["saeworks_training"]["autocast"] == resolved
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_resume_is_exact(

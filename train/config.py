@@ -49,8 +49,10 @@ class TrainConfig:
     """Tokens over which each SAE's L1/L0 coefficient rises linearly from 0 (relu, jumprelu)."""
     grad_clip_norm: float | None = 1.0
     """Clip each SAE's gradient norm to this (Anthropic, April 2024 update); None: no clipping."""
-    autocast: Literal["none", "bfloat16"] = "none"
-    """Run the SAE forward under torch.autocast in bfloat16 (weights and Adam stay float32)."""
+    autocast: Literal["none", "bfloat16", "auto"] = "none"
+    """Run the SAE forward under torch.autocast in bfloat16 (weights and Adam stay float32). `auto`:
+    bfloat16 where `model.dtype=auto` would pick it (a bf16-capable GPU, or a CPU measured to multiply
+    bf16 faster); the saved SAE records what it resolved to."""
     normalize_inputs: bool = True
     """Scale inputs by one constant so that their mean squared norm is d_in (estimated once on
     `init_sample_rows` rows); the scale is folded into the saved weights."""

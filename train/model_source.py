@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from saeworks.activations.hooks import HookPoint, capture_activations, resolve_hook
-from saeworks.activations.model import check_context_size, load_model, load_tokenizer, resolve_source
+from saeworks.activations.model import (
+    check_context_size,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    with_resolved_dtype,
+)
 from saeworks.activations.reader import ReaderBatch
 from saeworks.activations.text import DataError, excluded_token_ids, iter_windows
 from saeworks.sae.distributed import RankInfo
@@ -39,16 +45,17 @@ class LoadedModel(NamedTuple):
 
 def open_model(cfg: TrainJob, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]:
     """Load the model on this rank's device and bind the hook (HookError lists the valid names)."""
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, rank.device)
+    model_cfg = with_resolved_dtype(cfg.model, rank)  # the dtype loaded is the one recorded
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, rank.device)
     hook = resolve_hook(model, cfg.train.hook or cfg.harvest.hooks[0])
     check_context_size(model, cfg.data.context_size)
     data, reader = cfg.data, cfg.train.reader
     first = data.exclude_first_positions if reader.exclude_first_positions is None else \
         reader.exclude_first_positions
     special = excluded_token_ids(tokenizer, data) if reader.exclude_special_tokens else []
-    source = resolve_source(cfg.model)
-    identity = {"model": {**source.identity, "dtype": cfg.model.dtype}, "hook": hook.name,
+    source = resolve_source(model_cfg)
+    identity = {"model": {**source.identity, "dtype": model_cfg.dtype}, "hook": hook.name,
                 "dataset": {"path": data.path, "name": data.name, "split": data.split,
                             "text_field": data.text_field, "shuffle_seed": data.shuffle_seed,
                             "shuffle_buffer": data.shuffle_buffer, "prepend_bos": data.prepend_bos,

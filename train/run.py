@@ -1,4 +1,4 @@
-"""`train(cfg)`: build the collaborators of a training run, run the loop, save the SAEs.
+"""`train(job)`: build the collaborators of a training run, run the loop, save the SAEs.
 
     data (store reader or on-the-fly model) -> plan -> SAEs (fresh, or from a checkpoint)
         -> Trainer.fit(source, metrics log, checkpoint writer, SIGTERM flag) -> save_sae
@@ -22,14 +22,16 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 
 from saeworks.sae.distributed import RankInfo, all_gather_objects, barrier, rank_info
 from saeworks.sae.io import save_sae
+from saeworks.sae.precision import AutocastName, autocast_dtype
 from saeworks.sae.registry import create_sae
 from saeworks.sae.version import package_version
 from saeworks.train.checkpoint import (
@@ -89,6 +91,7 @@ class TrainResult(NamedTuple):
 def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
     """Train the SAEs of `cfg.train`; `source` replaces this rank's store reader (tests)."""
     rank = rank_info(cfg.train.device)
+    cfg = _with_resolved_autocast(cfg, rank)
     data, info = _open_data(cfg, rank)
     plan = make_plan(cfg.train, info.d_in, info.name, rank.world_size)
     resume_from = _resume_point(cfg, plan, info)
@@ -116,6 +119,13 @@ def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
     results = _save_saes(cfg, plan, info, trainer, rank, finished)
     return TrainResult(results, trainer.step, trainer.tokens, finished, checkpoints[-1], rank.rank,
                        rank.world_size)
+
+
+def _with_resolved_autocast(cfg: TrainJob, rank: RankInfo) -> TrainJob:
+    """`train.autocast=auto` decided once, rank 0's answer on every rank, so the trainer, the
+    checkpoint fingerprint and the saved SAE all see the concrete value (`none` or `bfloat16`)."""
+    resolved = cast(AutocastName, all_gather_objects(autocast_dtype(cfg.train.autocast, rank.device))[0])
+    return replace(cfg, train=replace(cfg.train, autocast=resolved))
 
 
 def _open_data(cfg: TrainJob, rank: RankInfo) -> tuple[Any, SourceInfo]:
@@ -209,6 +219,7 @@ def _save_saes(cfg: TrainJob, plan: TrainPlan, info: SourceInfo, trainer: Traine
         if path is not None and rank.is_main:
             training = {"tokens": trainer.tokens, "steps": trainer.step, "batch_size": plan.batch_size,
                         "lr": plan.lrs[i], "world_size": plan.world_size, "input_scale": trainer.input_scale,
+                        "autocast": trainer.autocast_name,  # `auto` as resolved on this machine
                         "final_metrics": last, "saeworks_version": package_version()}
             save_sae(sae, path, trainer.input_scale, {**info.metadata, "saeworks_training": training})
         results.append(SAEResult(name, path, float(last.get("fvu", float("nan"))),

@@ -23,6 +23,7 @@ import torch
 from saeworks.activations.reader import ReaderBatch
 from saeworks.sae.base import SparseAutoencoder, TrainContext
 from saeworks.sae.distributed import all_reduce_mean_
+from saeworks.sae.precision import autocast_dtype
 from saeworks.train.config import TrainConfig
 from saeworks.train.data import BatchSource
 from saeworks.train.dead import DeadLatents
@@ -69,7 +70,9 @@ class Trainer:
                  input_scale: float, device: torch.device) -> None:
         self.saes, self.plan, self.input_scale, self.device = saes, plan, input_scale, device
         self.grad_clip_norm, self.dense_fraction = cfg.grad_clip_norm, cfg.dense_fraction
-        self.autocast = torch.bfloat16 if cfg.autocast == "bfloat16" else None
+        # `auto` resolved for this device (train.run resolves it once for all ranks before this).
+        self.autocast_name = autocast_dtype(cfg.autocast, device)
+        self.autocast = torch.bfloat16 if self.autocast_name == "bfloat16" else None
         self.optimizer = torch.optim.Adam(
             [{"params": list(sae.parameters()), "lr": lr} for sae, lr in zip(saes, plan.lrs, strict=True)],
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
