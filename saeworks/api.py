@@ -106,13 +106,11 @@ def open_dictionary(path: str | Path) -> FeatureDictionary:
 
 
 def resolve_sae_dir(sae: str | Path, sae_id: str | None = None) -> Path:
-    """A local SAE directory: `sae` itself when it exists, else a hub repo id fetched into the HF cache."""
-    path = Path(sae) if sae_id is None else Path(sae) / sae_id
-    if path.exists():
-        return path
+    """A local SAE directory: `sae` (joined with `sae_id`) when it exists, else a hub repo id whose
+    `sae_id` folder is fetched into the HF cache (saeworks.hub.sae_directory)."""
     from saeworks.hub import sae_directory
 
-    return sae_directory(str(sae), sae_id)
+    return sae_directory(sae, sae_id)
 
 
 def _model_config(model: str | ModelConfig | None) -> ModelConfig:
