@@ -189,6 +189,15 @@ def split_target(target: str | None, overrides: list[str]) -> tuple[str | None, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; the exit status (0, 2 for a user error, 143 after SIGTERM)."""
+    try:
+        return _run_command(argv)
+    except BrokenPipeError:  # `saeworks config | head`: the reader stopped reading, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage == "config":
         return _config_reference(args.section)
