@@ -122,8 +122,10 @@ def excluded_token_ids(tokenizer: Any, cfg: DataConfig) -> list[int]:
 
 
 def pack_windows(token_lists: Iterable[list[int]], context_size: int, bos: int | None,
-                 separator: int) -> Iterator[np.ndarray]:
-    """Join token lists with `separator` and cut windows `[context_size]` (int32), BOS first if given."""
+                 separator: int, keep_tail: bool = False) -> Iterator[np.ndarray]:
+    """Join token lists with `separator` and cut windows `[context_size]` (int32), BOS first if given.
+    With `keep_tail`, the tokens left over at the end (less their final separator) make one shorter
+    last window; otherwise they are dropped."""
     body = context_size - (bos is not None)
     pending: list[int] = []
     for tokens in token_lists:
@@ -133,6 +135,8 @@ def pack_windows(token_lists: Iterable[list[int]], context_size: int, bos: int |
             window = pending[:body] if bos is None else [bos, *pending[:body]]
             del pending[:body]
             yield np.asarray(window, dtype=np.int32)
+    if keep_tail and len(pending) > 1:  # pending ends with the last document's separator
+        yield np.asarray(pending[:-1] if bos is None else [bos, *pending[:-1]], dtype=np.int32)
 
 
 def _tokenized(texts: Iterator[str], tokenizer: Any) -> Iterator[list[int]]:

@@ -319,14 +319,8 @@ def _on_texts(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, se
 def text_windows(tokenizer: Any, texts: Sequence[str], context: int, prepend_bos: bool) -> list[np.ndarray]:
     """`texts` packed into windows `[context]` as the harvester packs documents, plus the tail."""
     bos, separator = separator_ids(tokenizer)
-    bos_or_none = bos if prepend_bos else None
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts if text]
-    windows = list(pack_windows(token_lists, context, bos_or_none, separator))
-    used = sum(len(w) - (bos_or_none is not None) for w in windows)
-    tail = [t for tokens in token_lists for t in [*tokens, separator]][used:-1]  # no trailing separator
-    if tail:
-        windows.append(np.asarray(([bos] if prepend_bos else []) + tail, dtype=np.int32))
-    return windows
+    return list(pack_windows(token_lists, context, bos if prepend_bos else None, separator, keep_tail=True))
 
 
 def _check_first_kept(meta: SAEMetadata, context: int, settings: EvaluateConfig) -> None:

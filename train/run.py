@@ -122,9 +122,12 @@ def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
 
 
 def _with_resolved_autocast(cfg: TrainJob, rank: RankInfo) -> TrainJob:
-    """`train.autocast=auto` decided once, rank 0's answer on every rank, so the trainer, the
-    checkpoint fingerprint and the saved SAE all see the concrete value (`none` or `bfloat16`)."""
-    resolved = cast(AutocastName, all_gather_objects(autocast_dtype(cfg.train.autocast, rank.device))[0])
+    """`train.autocast=auto` decided once (rank 0 probes, every rank takes its answer), so the
+    trainer, the checkpoint fingerprint and the saved SAE all see the concrete value."""
+    if cfg.train.autocast != "auto":
+        return cfg
+    mine = autocast_dtype("auto", rank.device) if rank.is_main else None
+    resolved = cast(AutocastName, all_gather_objects(mine)[0])
     return replace(cfg, train=replace(cfg.train, autocast=resolved))
 
 
