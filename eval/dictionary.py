@@ -453,6 +453,13 @@ class FeatureDictionary:
                                         "FILTER (WHERE density > ?) FROM features", (dense_threshold,))
         return {"alive": int(alive), "dead": len(self) - int(alive), "dense": int(dense)}
 
+    def statistics(self) -> dict[str, np.ndarray]:
+        """Per-feature arrays [d_sae] (float64) of density, mean_activation (over the tokens where
+        it is active) and max_activation, indexed by feature id."""
+        rows = np.array(self._query("SELECT density, mean_activation, max_activation FROM features "
+                                    "ORDER BY id"), dtype=np.float64).reshape(-1, 3)
+        return {"density": rows[:, 0], "mean_activation": rows[:, 1], "max_activation": rows[:, 2]}
+
     def labels(self, ids: list[int]) -> dict[int, str]:
         return {s.id: s.label for s in self.summaries(ids)}
 

@@ -53,3 +53,36 @@ def ablate_mean(mean: torch.Tensor, first_kept: int) -> HookFn:
         return mean.to(kept.device, kept.dtype).expand_as(kept)
 
     return replace_from(first_kept, fill)
+
+
+# Edits of one activation along a direction or in a dictionary's latent space. Each takes the
+# activation `h` [..., d] (float32) and returns the edited one; positions are chosen by the caller.
+
+
+def add_direction(h: torch.Tensor, direction: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """Activation addition: h + c·v (`direction` [d] in raw activation space)."""
+    return h + coefficient * direction
+
+
+def cap_projection(h: torch.Tensor, unit: torch.Tensor, cap: float) -> torch.Tensor:
+    """Neuronpedia's PROJECTION_CAP steering method: where the projection ⟨h, u⟩ on the unit
+    direction `unit` exceeds `cap`, remove the excess (h − (⟨h, u⟩ − cap)·u); elsewhere h is
+    returned exactly. A cap above every projection changes nothing."""
+    excess = (h @ unit - cap).clamp_min(0.0)  # [...]
+    return h - excess.unsqueeze(-1) * unit
+
+
+def scale_projection(h: torch.Tensor, unit: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """Neuronpedia's ORTHOGONAL_DECOMP steering method: (I − P)h + c·Ph with P = u uᵀ, computed
+    as h + (c − 1)·⟨h, u⟩·u so that c = 1 returns h exactly and c = 0 removes the direction."""
+    return h + (coefficient - 1.0) * (h @ unit).unsqueeze(-1) * unit
+
+
+def set_latents(sae: SparseAutoencoder, h: torch.Tensor, features: torch.Tensor,
+                new_values: torch.Tensor, old_values: torch.Tensor) -> torch.Tensor:
+    """Error-preserving feature edit (Anthropic's feature clamping): SAE(h with latents
+    `features` [n] set to `new_values` [..., n]) + (h − SAE(h)). The decoder is linear, so this is
+    h + (new − old)·W_dec[features]: other latents and the SAE's error term are untouched, and
+    where new == old the activation comes back exactly. `old_values` [..., n] is sae.encode(h)
+    at `features` (passed in, so one encode serves every edit of the same SAE)."""
+    return h + (new_values - old_values) @ sae.W_dec[features]

@@ -1,4 +1,4 @@
-"""Imports point one way: sae <- activations <- train, eval <- the application layer (saeworks/).
+"""Imports point one way: sae <- activations <- train, eval <- steer <- the application layer (saeworks/).
 
 Every import statement of the package (module level or inside a function) is parsed, so a lazy
 import cannot hide an upward dependency. A stage package's `__main__.py` is a command-line entry
@@ -13,15 +13,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("sae", "activations", "train", "eval")
+STAGES = ("sae", "activations", "train", "eval", "steer")
 ALLOWED: dict[str, set[str]] = {
     "sae": {"sae"},
     "activations": {"sae", "activations"},
     "train": {"sae", "activations", "train"},
     "eval": {"sae", "activations", "eval"},
-    "app": {"sae", "activations", "train", "eval", "app"},
+    "steer": {"sae", "activations", "eval", "steer"},
+    "app": {"sae", "activations", "train", "eval", "steer", "app"},
 }
-"""Which layers each layer may import (train and eval are siblings: neither imports the other)."""
+"""Which layers each layer may import (train and eval are siblings: neither imports the other; the
+interventions in steer use the dictionary, so they sit above eval)."""
 
 
 def package_files() -> list[tuple[str, Path]]:
