@@ -55,3 +55,12 @@ def tiny_run(tmp_path_factory):  # type: ignore[no-untyped-def]
     from tests.eval_helpers import build_tiny_run
 
     return build_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dictionary(tiny_run, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The feature dictionary of the tiny run's SAE, analysed over its store (read-only, shared)."""
+    from saeworks.pipeline import build_dictionary
+
+    out = tmp_path_factory.mktemp("tiny-dictionary") / "dictionary"
+    return build_dictionary(tiny_run.sae_dir, tiny_run.cfg, tiny_run.store_url, out).directory
