@@ -281,14 +281,19 @@ class FeatureDictionary:
     which features fire on new text (the model and the SAE load on first use)."""
 
     def __init__(self, path: Path, con: sqlite3.Connection, info: dict[str, Any], readonly: bool,
-                 device: str) -> None:
+                 device: str, dtype: str | None = None) -> None:
         self.path, self.con, self.info, self.readonly, self.device = path, con, info, readonly, device
+        self.dtype = dtype
+        """The model's dtype when it is loaded (None: the dtype the store was harvested in)."""
         self.activation_dtype = dict(con.execute("SELECT key, value FROM meta"))["activation_dtype"]
         self._runtime: tuple[Any, Any, Any] | None = None
 
     @classmethod
-    def open(cls, path: str | Path, *, readonly: bool = False, device: str = "cpu") -> FeatureDictionary:
-        """Open a dictionary directory, or raise a DictionaryError saying what is wrong with it."""
+    def open(cls, path: str | Path, *, readonly: bool = False, device: str = "cpu",
+             dtype: str | None = None) -> FeatureDictionary:
+        """Open a dictionary directory, or raise a DictionaryError saying what is wrong with it.
+        `device` and `dtype` are where and how the model runs when text is read or steered (dtype
+        None: as the store was harvested)."""
         path = Path(path)
         if not path.is_dir():
             raise DictionaryError(f"no feature dictionary at {str(path)!r}: no such directory; {BUILD_HINT}")
@@ -299,7 +304,7 @@ class FeatureDictionary:
                                   f"{' and '.join(missing)}; {BUILD_HINT}")
         info = _read_info(path / INFO_FILE)
         con = _connect(path / DB_FILE, readonly, int(info["d_sae"]))
-        return cls(path, con, info, readonly, device)
+        return cls(path, con, info, readonly, device, dtype)
 
     def __len__(self) -> int:
         return int(self.info["d_sae"])
@@ -494,15 +499,21 @@ class FeatureDictionary:
                                                        if v > 0])
                 for p in range(first, len(ids))]
 
+    def model_config(self) -> ModelConfig:
+        """The config that loads the model this dictionary's store was harvested from, on this
+        dictionary's device, in its dtype (default: as harvested)."""
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        recorded = {k: v for k, v in self.info["model"].items() if k in known}
+        dtype = self.dtype or recorded.get("dtype", "auto")
+        return ModelConfig(**{**recorded, "device": self.device, "dtype": dtype})
+
     def _load_runtime(self) -> tuple[Any, Any, Any]:
         """The model, tokenizer and SAE, loaded once."""
         if self._runtime is None:
             from saeworks.activations.model import load_model, load_tokenizer
             from saeworks.sae.io import load_sae
 
-            known = {f.name for f in dataclasses.fields(ModelConfig)}
-            model_cfg = ModelConfig(**{**{k: v for k, v in self.info["model"].items() if k in known},
-                                       "device": self.device})
+            model_cfg = self.model_config()
             self._runtime = (load_model(model_cfg, self.device), load_tokenizer(model_cfg),
                              load_sae(self.path / SAE_DIR, self.device))
         return self._runtime

@@ -5,6 +5,8 @@
     saeworks evaluate SAE_DIR [CONFIG | STORE] [key=value ...] [--out metrics.json]
     saeworks analyze SAE_DIR [CONFIG | STORE] [key=value ...] [--out DICTIONARY_DIR]
     saeworks run CONFIG [key=value ...]          harvest, train, evaluate, analyze, report
+    saeworks steer DICT --prompt TEXT --feature 1931=+2 [--feature 55=clamp:0] [...]
+                                                 default and steered completions side by side
     saeworks config [SECTION]                    every config field: type, default, meaning
     saeworks --version
 
@@ -24,6 +26,7 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -32,6 +35,7 @@ from saeworks.sae.configdoc import render, section_docs, sections
 from saeworks.sae.configio import ConfigError, load_config, to_dict
 from saeworks.sae.errors import SaeworksError
 from saeworks.sae.version import package_version
+from saeworks.steer.settings import GenerationSettings
 from saeworks.train.errors import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
@@ -143,6 +147,42 @@ def _config_reference(section: str | None) -> int:
     return 0
 
 
+STEER_HELP = "complete a prompt with and without features steered, side by side"
+
+
+def _add_steer(commands: Any) -> None:
+    sub = commands.add_parser("steer", help=STEER_HELP, description=STEER_HELP + ". " + STEER_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("dictionary", type=Path, help="a feature dictionary directory (saeworks analyze)")
+    sub.add_argument("--prompt", action="append", default=[], help="text to complete (repeat for a batch)")
+    sub.add_argument("--prompts-file", type=Path, help="prompts, one per line")
+    sub.add_argument("--feature", action="append", default=[], metavar="ID=VALUE",
+                     help="1931=+2 (the --method's value), 55=clamp:0, 12=orthogonal:0, 7=zero|mean|resample")
+    sub.add_argument("--vector", action="append", default=[], metavar="FILE[:KEY]@HOOK=VALUE",
+                     help="a raw steering vector from a safetensors file")
+    sub.add_argument("--method", default="additive", help="method of bare numbers (default additive)")
+    sub.add_argument("--positions", default=None,
+                     help="kept (default: from the SAE's first kept position), generated, or 3,4,-1")
+    sub.add_argument("--raw", action="store_true",
+                     help="coefficients are raw, not multiples of the feature's max activation")
+    sub.add_argument("--resample-from", default=None, metavar="TEXT",
+                     help="the other input of resample ablations")
+    defaults = GenerationSettings()
+    sub.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    sub.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
+    sub.add_argument("--top-p", type=float, default=defaults.top_p)
+    sub.add_argument("--top-k", type=int, default=defaults.top_k, help="0: off")
+    sub.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty)
+    sub.add_argument("--seed", type=int, default=defaults.seed)
+    sub.add_argument("--logprobs", type=int, default=defaults.n_logprobs,
+                     help="alternatives per token in --json output")
+    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                     help="the model's dtype (default: as the store was harvested)")
+    sub.add_argument("--json", action="store_true",
+                     help="print JSON (texts, token ids, log-probabilities) instead of columns")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeworks", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"saeworks {package_version()}")
@@ -169,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where to write (default: SAE_DIR/metrics.json for evaluate, "
                               "<run_dir>/dictionaries/<sae name> for analyze)")
         _add_print_config(sub)
+    _add_steer(commands)
     return parser
 
 
@@ -188,6 +229,60 @@ def split_target(target: str | None, overrides: list[str]) -> tuple[str | None, 
     return None, target, overrides
 
 
+STEER_EPILOG = """Values are multiples of the feature's maximum activation in the dictionary
+(--raw: raw units). Examples:
+  saeworks steer DICT --prompt "My favourite food is" --feature 1710=+4
+  saeworks steer DICT --prompt "def f(x):" --feature 55=clamp:0 --feature 12=orthogonal:0 --seed 1"""
+
+
+def _steer(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from saeworks.steer.generate import render_side_by_side
+    from saeworks.steer.settings import GenerationError
+    from saeworks.steering import SteeringSession
+
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise GenerationError(f"--prompts-file {str(args.prompts_file)!r} does not exist")
+        prompts += [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise GenerationError("give a prompt: --prompt TEXT (or --prompts-file FILE)")
+    if not args.feature and not args.vector:
+        raise GenerationError("nothing to steer: give --feature ID=VALUE (e.g. 1931=+2) or --vector")
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                  args.frequency_penalty, args.seed, args.logprobs)
+    session = SteeringSession.open(args.dictionary, device=args.device, dtype=args.dtype)
+    interventions = session.interventions(args.feature, args.vector, method=args.method,
+                                          positions=args.positions, raw=args.raw,
+                                          resample_from=args.resample_from)
+    results = session.side_by_side(prompts, interventions, settings)
+    if args.json:
+        print(json.dumps({"settings": asdict(settings), "features": args.feature, "vectors": args.vector,
+                          "results": [asdict(r) for r in results]}, indent=1))
+        return 0
+    labels = session.dictionary.labels(sorted({iv.feature for iv in interventions if hasattr(iv, "feature")}))
+    for spec in args.feature:
+        feature = int(spec.partition("=")[0])
+        print(f"feature {spec}: {labels.get(feature, '')}")
+    width = min(160, shutil.get_terminal_size((120, 24)).columns)
+    for result in results:
+        print()
+        print(render_side_by_side(result, width))
+    return 0
+
+
+def _user_errors(stage: str, command: Callable[[], int]) -> int:
+    """Run `command`; a SaeworksError becomes one line on stderr and exit status 2."""
+    try:
+        return command()
+    except SaeworksError as err:
+        print(f"saeworks {stage}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; the exit status (0, 2 for a user error, 143 after SIGTERM)."""
     try:
@@ -201,6 +296,8 @@ def _run_command(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage == "config":
         return _config_reference(args.section)
+    if args.stage == "steer":
+        return _user_errors(args.stage, lambda: _steer(args))
     overrides = list(args.overrides)
     if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
         overrides.insert(0, args.config)

@@ -31,54 +31,8 @@ from transformers.generation.logits_process import (
 )
 
 from saeworks.activations.text import separator_ids
-from saeworks.sae.errors import SaeworksError
 from saeworks.steer.interventions import Intervention, intervene
-
-
-class GenerationError(SaeworksError, ValueError):
-    """Generation settings or prompts that cannot be used."""
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to sample a completion (Neuronpedia's steering settings, with OpenAI's frequency penalty)."""
-
-    max_new_tokens: int = 40
-    """Tokens to generate (fewer when every row has ended with EOS)."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 decodes greedily."""
-    top_p: float = 1.0
-    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (1: off)."""
-    top_k: int = 0
-    """Sample from the k most likely tokens only (0: off)."""
-    frequency_penalty: float = 0.0
-    """Subtracted from a token's logit once per earlier occurrence in the sequence (prompt included,
-    as TransformerLens and Neuronpedia count)."""
-    seed: int = 0
-    """Seed of every row's random stream: the same seed gives the same default completion."""
-    n_logprobs: int = 5
-    """Alternatives reported with each generated token's log-probability."""
-    stop_at_eos: bool = True
-    """A row ends at the model's end-of-sequence token."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} (must be >= 1)")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature} (must be >= 0; 0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p} (must be in (0, 1])")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} (must be >= 0; 0 is off)")
-        if self.n_logprobs < 0:
-            problems.append(f"n_logprobs={self.n_logprobs} (must be >= 0)")
-        if problems:
-            raise GenerationError("bad generation settings: " + "; ".join(problems))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from saeworks.steer.settings import GenerationError, GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -273,3 +227,25 @@ def _completion(tokenizer: Any, prompt: str, row: list[int], ids: list[int],
                for t, (lp, tops, values) in zip(ids, logprobs, strict=True)]
     text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return Completion(prompt, row, ids, text, entries)
+
+
+def render_side_by_side(result: SideBySide, width: int = 100) -> str:
+    """The prompt, then default and steered completions in two columns of `width` characters."""
+    import textwrap
+
+    column = max(20, (width - 3) // 2)
+
+    def wrap(text: str) -> list[str]:
+        lines: list[str] = []
+        for paragraph in text.split("\n"):
+            lines += textwrap.wrap(paragraph, column, replace_whitespace=False, drop_whitespace=False) or [""]
+        return lines
+
+    left, right = ["DEFAULT", *wrap(result.default.text)], ["STEERED", *wrap(result.steered.text)]
+    left.insert(1, "-" * column)
+    right.insert(1, "-" * column)
+    rows = [f"{a:<{column}} | {b}".rstrip() for a, b in
+            zip(left + [""] * (len(right) - len(left)), right + [""] * (len(left) - len(right)), strict=True)]
+    means = (f"{'mean logprob ' + format(result.default.mean_logprob, '.3f'):<{column}} | "
+             f"mean logprob {result.steered.mean_logprob:.3f}")
+    return "\n".join([f"prompt: {result.prompt!r}", *rows, means])

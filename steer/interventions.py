@@ -79,11 +79,11 @@ class FeatureSource:
     prepend_bos: bool = True
 
     @classmethod
-    def from_dictionary(cls, dictionary: FeatureDictionary,
-                        device: str | torch.device = "cpu") -> FeatureSource:
-        """The dictionary's SAE and its statistics."""
+    def from_dictionary(cls, dictionary: FeatureDictionary, device: str | torch.device = "cpu",
+                        sae: SparseAutoencoder | None = None) -> FeatureSource:
+        """The dictionary's SAE (`sae` when already loaded from it) and its statistics."""
         stats = dictionary.statistics()
-        sae = load_sae(dictionary.path / SAE_DIR, device)
+        sae = sae if sae is not None else load_sae(dictionary.path / SAE_DIR, device)
         meta = SAEMetadata.read(dictionary.path / SAE_DIR)
         return cls(sae, str(dictionary.info["hook"]), meta.first_kept, str(dictionary.info.get("sae_name")),
                    torch.as_tensor(stats["max_activation"], dtype=torch.float32, device=device),
@@ -162,7 +162,9 @@ class FeatureIntervention:
     def scaled_coefficient(self) -> float:
         """The coefficient in raw units of the activation (additive, clamp) or of the projection
         on the unit direction (projection_cap)."""
-        scale = 1.0 if self.raw else self.source.unit(self.feature)
+        if self.raw or self.method not in ("additive", "clamp", "projection_cap"):
+            return self.coefficient  # orthogonal's multiplier has no unit; ablations take none
+        scale = self.source.unit(self.feature)
         if self.method == "projection_cap":
             scale *= float(self.direction().norm())
         return self.coefficient * scale
@@ -313,10 +315,15 @@ def _resample_sources(model: nn.Module, interventions: Sequence[Intervention]) -
 
 
 @contextmanager
-def intervene(model: nn.Module, interventions: Sequence[Intervention]) -> Iterator[PositionTracker]:
+def intervene(model: nn.Module, interventions: Sequence[Intervention], *,
+              prompt_length: int | Sequence[int] | None = None) -> Iterator[PositionTracker]:
     """Apply `interventions` to every forward of `model` inside the block (plain forwards and
     `generate` with its KV cache alike); every hook is removed on exit, even on error. With no
-    interventions the model is left alone."""
+    interventions the model is left alone.
+
+    A sequence's first forward is its prompt (what `generated` positions and negative explicit
+    positions refer to); `prompt_length` (one, or one per row) overrides that, to score a finished
+    sequence in one forward exactly as it was steered while it was generated."""
     interventions = list(interventions)
     if not interventions:
         yield PositionTracker()
@@ -329,7 +336,7 @@ def intervene(model: nn.Module, interventions: Sequence[Intervention]) -> Iterat
                                     f"{'SAE' if isinstance(iv, FeatureIntervention) else 'vector'} has "
                                     f"{width}: it was made for another model or hook")
     resampled = _resample_sources(model, interventions)
-    tracker = PositionTracker()
+    tracker = PositionTracker(prompt_length)
     by_hook: dict[str, list[Intervention]] = {}
     for iv in interventions:
         by_hook.setdefault(iv.hook, []).append(iv)

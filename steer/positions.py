@@ -38,10 +38,12 @@ class ForwardPositions:
 class PositionTracker:
     """Records `ForwardPositions` for every forward of `model` while attached (`attach`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_lengths: Sequence[int] | int | None = None) -> None:
         self.current: ForwardPositions | None = None
+        self._fixed = None if prompt_lengths is None else torch.as_tensor(prompt_lengths).reshape(-1)
+        """Given prompt lengths (scoring a finished sequence as if it had been generated), else
+        each sequence's first forward is its prompt."""
         self._prompt_lengths: torch.Tensor | None = None
-        self._prompt_width = 0
 
     def attach(self, model: nn.Module) -> Any:
         """Register on the model; returns the handle to remove."""
@@ -62,11 +64,11 @@ class PositionTracker:
         else:
             offset = _cached_length(kwargs)
             positions = torch.arange(offset, offset + width, device=device).expand(batch, width)
-        if offset == 0 or self._prompt_lengths is None or self._prompt_lengths.shape[0] != batch:
-            self._prompt_lengths = (positions >= 0).sum(dim=1)  # a new sequence starts
-            self._prompt_width = width if offset == 0 else 0
-        padded_index = torch.arange(offset, offset + width, device=device)
-        generated = (padded_index >= self._prompt_width).expand(batch, width)
+        if self._fixed is not None:
+            self._prompt_lengths = self._fixed.to(device).expand(batch)
+        elif offset == 0 or self._prompt_lengths is None or self._prompt_lengths.shape[0] != batch:
+            self._prompt_lengths = (positions >= 0).sum(dim=1)  # a new sequence starts: its prompt
+        generated = positions >= self._prompt_lengths.unsqueeze(1)
         self.current = ForwardPositions(positions, generated, self._prompt_lengths)
 
 

@@ -64,3 +64,12 @@ def tiny_dictionary(tiny_run, tmp_path_factory):  # type: ignore[no-untyped-def]
 
     out = tmp_path_factory.mktemp("tiny-dictionary") / "dictionary"
     return build_dictionary(tiny_run.sae_dir, tiny_run.cfg, tiny_run.store_url, out).directory
+
+
+@pytest.fixture(scope="session")
+def late_dictionary(embedded_model, embedded_tokenizer, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A tiny SAE at a late layer (tests/eval_helpers.LATE_HOOK) and its dictionary: where a
+    feature's direct logit effect shows in the output (read-only, shared)."""
+    from tests.eval_helpers import build_late_dictionary
+
+    return build_late_dictionary(tmp_path_factory.mktemp("late-run"), embedded_model, embedded_tokenizer)

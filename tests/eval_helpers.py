@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from saeworks.eval.evaluate import EvalReport, evaluate
 from saeworks.run_config import RunConfig
@@ -78,3 +79,27 @@ def evaluate_run(sae_dir: Path, cfg: RunConfig, store_url: str | None = None) ->
     if store_url is not None:
         return evaluate(sae_dir, cfg.evaluate, store_url=store_url)
     return evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data)
+
+
+LATE_HOOK = "blocks.24.hook_resid_post"
+"""Late enough that a feature's direct logit effect predicts what adding it does to the output."""
+
+
+def build_late_dictionary(run_dir: Path, model: Any, tokenizer: Any) -> Path:
+    """A tiny run at LATE_HOOK (48 windows, a 256-latent TopK) analysed into a feature dictionary,
+    without an evaluation (about 20 s on 2 cores)."""
+    from saeworks.activations.store import ActivationStore
+    from saeworks.api import harvest, train_saes
+    from saeworks.eval.analysis import analyze_features
+    from saeworks.eval.dictionary_build import write_dictionary
+    from saeworks.sae.io import load_sae
+
+    cfg = load_config(RunConfig, None, tiny_overrides(run_dir, **{"harvest.hooks": f"[{LATE_HOOK}]",
+                                                                "harvest.max_tokens": 48 * TINY_CONTEXT}))
+    harvest(cfg)
+    train_saes(cfg)
+    sae_dir = cfg.layout.sae(TINY_SAE_NAME)
+    store = ActivationStore.open(cfg.store_url)
+    analysis = analyze_features(load_sae(sae_dir), store, LATE_HOOK, cfg.analyze, model, "cpu",
+                                progress=False)
+    return write_dictionary(run_dir / "dictionary", analysis, sae_dir, tokenizer, cfg.model, LATE_HOOK)
