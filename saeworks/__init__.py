@@ -7,10 +7,12 @@ The public API (documented in the README, "Python API"):
     saeworks.evaluate(sae, model=..., text=... | dataset=... | store=...)
     saeworks.load_config(path_or_config, "key=value", ...)
     saeworks.harvest / train_saes / analyze / run     the stages, from a config object or YAML path
+    saeworks.steer_completions(dictionary, prompt, "1931=+2", ...)   default vs steered completions
+    saeworks.intervene(model, [saeworks.FeatureIntervention(...)])  steer/ablate any forward or generate
 
 The stages themselves are the subpackages `saeworks.sae`, `saeworks.activations`,
-`saeworks.train` and `saeworks.eval`. Names load on first use, so `import saeworks` (and the CLI's
-`--help`) stay fast and import no model code until it is needed.
+`saeworks.train`, `saeworks.eval` and `saeworks.steer`. Names load on first use, so
+`import saeworks` (and the CLI's `--help`) stay fast and import no model code until it is needed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ if TYPE_CHECKING:
     from saeworks.run_config import RunConfig
     from saeworks.sae.base import SparseAutoencoder
     from saeworks.sae.errors import SaeworksError
+    from saeworks.steer.generate import generate
+    from saeworks.steer.interventions import FeatureIntervention, FeatureSource, VectorIntervention, intervene
+    from saeworks.steer.positions import Positions
+    from saeworks.steer.settings import GenerationSettings
+    from saeworks.steering import SteeringSession, steer_completions
 
 __version__ = package_version()
 
@@ -46,12 +53,23 @@ _EXPORTS = {
     "Feature": "saeworks.eval.dictionary",
     "EvalReport": "saeworks.eval.evaluate",
     "SaeworksError": "saeworks.sae.errors",
+    "steer_completions": "saeworks.steering",
+    "SteeringSession": "saeworks.steering",
+    "FeatureIntervention": "saeworks.steer.interventions",
+    "FeatureSource": "saeworks.steer.interventions",
+    "VectorIntervention": "saeworks.steer.interventions",
+    "intervene": "saeworks.steer.interventions",
+    "Positions": "saeworks.steer.positions",
+    "GenerationSettings": "saeworks.steer.settings",
+    "generate": "saeworks.steer.generate",
 }
 
 __all__ = [
-    "EvalReport", "Feature", "FeatureDictionary", "RunConfig", "SaeworksError", "SparseAutoencoder",
-    "__version__", "analyze", "evaluate", "harvest", "load_config", "load_sae", "open_dictionary", "run",
-    "train_saes",
+    "EvalReport", "Feature", "FeatureDictionary", "FeatureIntervention", "FeatureSource",
+    "GenerationSettings", "Positions", "RunConfig", "SaeworksError", "SparseAutoencoder", "SteeringSession",
+    "VectorIntervention",
+    "__version__", "analyze", "evaluate", "generate", "harvest", "intervene", "load_config", "load_sae",
+    "open_dictionary", "run", "steer_completions", "train_saes",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 

@@ -1,16 +1,18 @@
 """Steering from a feature dictionary, for the CLI and the Python API: open the dictionary, load
 its model once, turn feature specs (`1931=+2`, `55=clamp:0`) into interventions, generate.
+(`saeworks.steer` is the package of the interventions themselves, hence `steer_completions`.)
 
     import saeworks
     with saeworks.open_dictionary("runs/demo/dictionaries/topk-k32-9216") as d:
-        for result in saeworks.steer(d, "My favourite food is", "1710=+4", max_new_tokens=30):
+        for result in saeworks.steer_completions(d, "My favourite food is", "1710=+4"):
             print(result.default.text, "|", result.steered.text)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +28,33 @@ from saeworks.steer.spec import parse_feature, parse_vector
 SETTING_NAMES = tuple(f.name for f in fields(GenerationSettings))
 
 
-@dataclass
 class SteeringSession:
-    """A dictionary with its model, tokenizer and SAE loaded once (reuse it for many prompts)."""
+    """A dictionary with its SAE, and its model and tokenizer loaded on first use (reuse one
+    session for many prompts). Specs are checked before the model loads, so a typo fails fast."""
 
-    dictionary: FeatureDictionary
-    model: Any
-    tokenizer: Any
-    source: FeatureSource
+    def __init__(self, dictionary: FeatureDictionary, source: FeatureSource) -> None:
+        self.dictionary, self.source = dictionary, source
 
     @classmethod
     def open(cls, dictionary: str | Path | FeatureDictionary, *, device: str = "cpu",
              dtype: str | None = None) -> SteeringSession:
-        """Load the model of `dictionary` (a path, or an open dictionary whose model is then shared)."""
+        """`dictionary` is a path, or an open dictionary whose loaded model is then shared."""
         if not isinstance(dictionary, FeatureDictionary):
             dictionary = FeatureDictionary.open(dictionary, readonly=True, device=device, dtype=dtype)
-        model, tokenizer, sae = dictionary._load_runtime()
-        return cls(dictionary, model, tokenizer, FeatureSource.from_dictionary(dictionary, dictionary.device,
-                                                                                sae=sae))
+        sae = dictionary._runtime[2] if dictionary._runtime is not None else None
+        return cls(dictionary, FeatureSource.from_dictionary(dictionary, dictionary.device, sae=sae))
+
+    @property
+    def model(self) -> Any:
+        return self.dictionary._load_runtime()[0]
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        if self.dictionary._runtime is not None:
+            return self.dictionary._runtime[1]
+        from saeworks.activations.model import load_tokenizer
+
+        return load_tokenizer(self.dictionary.model_config())
 
     @property
     def prepend_bos(self) -> bool:
@@ -70,7 +81,7 @@ class SteeringSession:
                             prepend_bos=self.prepend_bos)
 
 
-def steer(dictionary: str | Path | FeatureDictionary, prompts: str | Sequence[str],
+def steer_completions(dictionary: str | Path | FeatureDictionary, prompts: str | Sequence[str],
           *features: str | Intervention, vectors: Sequence[str] = (), method: str = "additive",
           positions: str | Sequence[int] | Positions | None = None, raw: bool = False,
           resample_from: str | None = None, device: str = "cpu", dtype: str | None = None,
