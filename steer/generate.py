@@ -139,7 +139,10 @@ def decode(model: nn.Module, rows: list[list[int]], settings: GenerationSettings
     generators = [torch.Generator(device=device).manual_seed(settings.seed) for _ in rows]
     warpers = _warpers(settings)
     counts: torch.Tensor | None = None  # [batch, vocab] occurrences, for the frequency penalty
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
+    # Only the last position's logits are read: skip the LM head over the prompt, as generate does.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     cache: Any = None
     step_ids, sequence = input_ids, input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -148,7 +151,7 @@ def decode(model: nn.Module, rows: list[list[int]], settings: GenerationSettings
     for _ in range(settings.max_new_tokens):
         positions = (attention.cumsum(dim=1) - 1).masked_fill(attention == 0, 1)[:, -step_ids.shape[1]:]
         output = model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                       use_cache=True, **{cache_name: cache})
+                       use_cache=True, **{cache_name: cache}, **last_only)
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         logits = output.logits[:, -1, :].float()  # [batch, vocab]
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -266,6 +266,8 @@ class _HookEditor:
                 self.value_edits.setdefault(id(iv.source), []).append(_ValueEdit(iv))
             else:
                 self.direction_edits.append(iv)
+        self.feature_ids = {key: torch.tensor([e.intervention.feature for e in edits])
+                            for key, edits in self.value_edits.items()}
 
     def __call__(self, activation: torch.Tensor) -> torch.Tensor:  # [batch, T, d]
         where = self.tracker.current
@@ -277,7 +279,7 @@ class _HookEditor:
         for key, edits in self.value_edits.items():
             sae = self.sources[key].sae
             x = h.to(sae.W_dec.device)
-            features = torch.tensor([e.intervention.feature for e in edits], device=x.device)
+            features = self.feature_ids[key].to(x.device)
             with torch.no_grad():
                 old = sae.encode(x)[..., features]  # [batch, T, n]
             new = old.clone()
