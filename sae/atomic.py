@@ -48,11 +48,16 @@ def publish_modes(path: str | Path) -> None:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a scratch sibling renamed into place, so a reader never sees
     a half-written file; the file gets ordinary permissions (`publish_modes`)."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """`write_text_atomic` for bytes (a PNG, a binary blob)."""
     path = Path(path)
     fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
         publish_modes(scratch)
         os.replace(scratch, path)
     finally:

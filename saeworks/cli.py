@@ -7,6 +7,8 @@
     saeworks run CONFIG [key=value ...]          harvest, train, evaluate, analyze, report
     saeworks steer DICT --prompt TEXT --feature 1931=+2 [--feature 55=clamp:0] [...]
                                                  default and steered completions side by side
+    saeworks steer-eval DICT --feature 1931 --coefficients 0,1,2,4,8 [--prompts FILE] [--out DIR]
+                                                 concept vs fluency per coefficient, two baselines
     saeworks config [SECTION]                    every config field: type, default, meaning
     saeworks --version
 
@@ -183,6 +185,32 @@ def _add_steer(commands: Any) -> None:
                      help="print JSON (texts, token ids, log-probabilities) instead of columns")
 
 
+STEER_EVAL_HELP = ("score steering with one feature per coefficient (concept, fluency, combined) "
+                   "against DiffMean and prompt baselines")
+
+
+def _add_steer_eval(commands: Any) -> None:
+    sub = commands.add_parser("steer-eval", help=STEER_EVAL_HELP, description=STEER_EVAL_HELP)
+    sub.add_argument("dictionary", type=Path, help="a feature dictionary directory (saeworks analyze)")
+    sub.add_argument("--feature", type=int, required=True, help="the feature id to steer with")
+    sub.add_argument("--coefficients", default="0,1,2,4,8",
+                     help="comma-separated strengths (additive: multiples of the max activation)")
+    sub.add_argument("--prompts", type=Path, default=None,
+                     help="prompts file, one per line or .jsonl with a 'prompt' field (default: built-in)")
+    sub.add_argument("--method", default="additive", help="additive, projection_cap or orthogonal")
+    sub.add_argument("--max-new-tokens", type=int, default=32)
+    sub.add_argument("--temperature", type=float, default=0.7)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--store", default=None,
+                     help="activation store for the DiffMean baseline (default: the dictionary's)")
+    sub.add_argument("--out", type=Path, default=None,
+                     help="directory for steer_eval.json and steer_eval.png "
+                          "(default: DICT/steering/feature-N)")
+    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                     help="the model's dtype (default: as the store was harvested)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeworks", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"saeworks {package_version()}")
@@ -210,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "<run_dir>/dictionaries/<sae name> for analyze)")
         _add_print_config(sub)
     _add_steer(commands)
+    _add_steer_eval(commands)
     return parser
 
 
@@ -274,6 +303,25 @@ def _steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steer_eval(args: argparse.Namespace) -> int:
+    from saeworks.eval.dictionary import FeatureDictionary
+    from saeworks.steer.evaluation import SteerEvalSettings, evaluate_steering, parse_coefficients
+    from saeworks.steer.prompts import load_prompts
+
+    settings = SteerEvalSettings(
+        coefficients=parse_coefficients(args.coefficients),
+        prompts=None if args.prompts is None else load_prompts(args.prompts),
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, method=args.method)
+    with FeatureDictionary.open(args.dictionary, readonly=True, device=args.device, dtype=args.dtype) as d:
+        d._check_id(args.feature)
+        result = evaluate_steering(d, args.feature, settings, store_url=args.store,
+                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(result.table())
+    written = result.write(args.out or args.dictionary / "steering" / f"feature-{args.feature}")
+    print("wrote " + ", ".join(str(path) for path in written.values()))
+    return 0
+
+
 def _user_errors(stage: str, command: Callable[[], int]) -> int:
     """Run `command`; a SaeworksError becomes one line on stderr and exit status 2."""
     try:
@@ -298,6 +346,8 @@ def _run_command(argv: Sequence[str] | None) -> int:
         return _config_reference(args.section)
     if args.stage == "steer":
         return _user_errors(args.stage, lambda: _steer(args))
+    if args.stage == "steer-eval":
+        return _user_errors(args.stage, lambda: _steer_eval(args))
     overrides = list(args.overrides)
     if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
         overrides.insert(0, args.config)

@@ -94,3 +94,37 @@ def test_a_prompt_longer_than_the_context_is_refused(capsys: pytest.CaptureFixtu
 def test_not_a_dictionary(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     status, _, err = steer_cli(capsys, tmp_path / "nothing", "--prompt", "x", "--feature", "3=+1")
     assert status == 2 and "no feature dictionary" in err and err.count("\n") == 1
+
+
+def test_steer_eval_cli_prints_the_table_and_writes_json_and_png(
+        capsys: pytest.CaptureFixture[str], tiny_dictionary: Path, tiny_run: Any, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The weather today is\n\nMy favourite thing is\n")
+    out = tmp_path / "eval"
+    status = cli.main(["steer-eval", str(tiny_dictionary), "--feature", "11", "--coefficients", "0,4",
+                       "--prompts", str(prompts), "--max-new-tokens", "4", "--store", tiny_run.store_url,
+                       "--dtype", "float32", "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert status == 0, err
+    lines = printed.splitlines()
+    rows = [line.split()[:2] for line in lines if line.split()[:1] in (["unsteered"], ["prompt"], ["feature"],
+                                                                         ["diffmean"])]
+    assert ["unsteered", "-"] in rows and ["prompt", "-"] in rows
+    assert [r for r in rows if r[0] in ("feature", "diffmean")][1:] == [  # after the title: 2 x 2 rows
+        ["feature", "0"], ["feature", "4"], ["diffmean", "0"], ["diffmean", "4"]]
+    saved = json.loads((out / "steer_eval.json").read_text())
+    assert saved["feature"] == 11 and saved["prompts"] == ["The weather today is", "My favourite thing is"]
+    assert (out / "steer_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--feature", "999"], "256 features"),
+    (["--feature", "3", "--method", "clamp"], "method='clamp'"),
+    (["--feature", "3", "--coefficients", "0,x"], "comma-separated numbers"),
+    (["--feature", "3", "--prompts", "missing.txt"], "missing.txt"),
+])
+def test_steer_eval_bad_input(capsys: pytest.CaptureFixture[str], tiny_dictionary: Path, args: list[str],
+                              expected: str) -> None:
+    status = cli.main(["steer-eval", str(tiny_dictionary), *args])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "" and err.count("\n") == 1 and expected in err, err
