@@ -9,6 +9,7 @@ The public API (documented in the README, "Python API"):
     saeworks.harvest / train_saes / analyze / run     the stages, from a config object or YAML path
     saeworks.steer_completions(dictionary, prompt, "1931=+2", ...)   default vs steered completions
     saeworks.intervene(model, [saeworks.FeatureIntervention(...)])  steer/ablate any forward or generate
+    saeworks.evaluate_steering(dictionary, feature, saeworks.SteerEvalSettings(...))   concept vs fluency
 
 The stages themselves are the subpackages `saeworks.sae`, `saeworks.activations`,
 `saeworks.train`, `saeworks.eval` and `saeworks.steer`. Names load on first use, so
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from saeworks.run_config import RunConfig
     from saeworks.sae.base import SparseAutoencoder
     from saeworks.sae.errors import SaeworksError
+    from saeworks.steer.evaluation import SteerEvalSettings, evaluate_steering
     from saeworks.steer.generate import generate
     from saeworks.steer.interventions import FeatureIntervention, FeatureSource, VectorIntervention, intervene
     from saeworks.steer.positions import Positions
@@ -62,14 +64,16 @@ _EXPORTS = {
     "Positions": "saeworks.steer.positions",
     "GenerationSettings": "saeworks.steer.settings",
     "generate": "saeworks.steer.generate",
+    "evaluate_steering": "saeworks.steer.evaluation",
+    "SteerEvalSettings": "saeworks.steer.evaluation",
 }
 
 __all__ = [
     "EvalReport", "Feature", "FeatureDictionary", "FeatureIntervention", "FeatureSource",
-    "GenerationSettings", "Positions", "RunConfig", "SaeworksError", "SparseAutoencoder", "SteeringSession",
-    "VectorIntervention",
-    "__version__", "analyze", "evaluate", "generate", "harvest", "intervene", "load_config", "load_sae",
-    "open_dictionary", "run", "steer_completions", "train_saes",
+    "GenerationSettings", "Positions", "RunConfig", "SaeworksError", "SparseAutoencoder",
+    "SteerEvalSettings", "SteeringSession", "VectorIntervention", "__version__", "analyze", "evaluate",
+    "evaluate_steering", "generate", "harvest", "intervene", "load_config", "load_sae", "open_dictionary",
+    "run", "steer_completions", "train_saes",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
