@@ -313,7 +313,6 @@ def _steer_eval(args: argparse.Namespace) -> int:
         prompts=None if args.prompts is None else load_prompts(args.prompts),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, method=args.method)
     with FeatureDictionary.open(args.dictionary, readonly=True, device=args.device, dtype=args.dtype) as d:
-        d._check_id(args.feature)
         result = evaluate_steering(d, args.feature, settings, store_url=args.store,
                                    progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(result.table())

@@ -371,7 +371,8 @@ class _Evaluation:
         assert model is not None
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.source = FeatureSource.from_dictionary(dictionary, self.device)
+        loaded_sae = dictionary._runtime[2] if dictionary._runtime is not None else None
+        self.source = FeatureSource.from_dictionary(dictionary, self.device, sae=loaded_sae)
         self.max_activation = self.source.unit(self.feature)
         self.prompts = settings.prompts or BUILTIN_PROMPTS
         self.generation = settings.generation()
