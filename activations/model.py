@@ -165,7 +165,7 @@ def check_context_size(model: PreTrainedModel, context_size: int) -> None:
     if limit is not None and context_size > limit:
         raise ConfigError(
             f"data.context_size: {context_size} exceeds the model's maximum of {limit} positions; "
-            f"set data.context_size={min(limit, 1024)} or less"
+            f"set data.context_size={limit} or less"
         )
 
 

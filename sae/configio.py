@@ -40,13 +40,28 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {yaml_problem(err)}") from err
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields at top level")
         data = loaded or {}
     for item in overrides:
         apply_override(data, item)
     return from_dict(cls, data)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what PyYAML found wrong and where (line and column, 1-based), without its
+    multi-line excerpt that names the text as "<unicode string>"."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())
+
+    def where(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    text = f"{where(err.problem_mark)}: {err.problem}" if err.problem_mark else str(err.problem)
+    if err.context:
+        text += f" ({err.context}" + (f" at {where(err.context_mark)})" if err.context_mark else ")")
+    return text
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -57,7 +72,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: cannot read the value: {err}") from err
+        raise ConfigError(f"override {item!r}: cannot read the value: {yaml_problem(err)}") from err
     node = data
     parts = key.split(".")
     for part in parts[:-1]:

@@ -74,3 +74,21 @@ def test_override_cannot_descend_into_a_value() -> None:
     data = {"run_dir": "x"}
     with pytest.raises(ConfigError, match="'run_dir' is a value, not a section"):
         apply_override(data, "run_dir.sub=1")
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("harvest:\n  max_tokens: [1, 2\n", "line 3, column 1: expected ',' or ']'"),
+    ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
+])
+def test_invalid_yaml_is_one_line_naming_the_file_and_the_place(tmp_path: Path, text: str,
+                                                                 where: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, path)
+    message = str(err.value)
+    assert message.startswith(f"config file {str(path)!r} is not valid YAML: ") and where in message
+    assert "\n" not in message and "<unicode string>" not in message
+    bad_override = r"override 'harvest.hooks=\[a': cannot read the value: line 1, column 3"
+    with pytest.raises(ConfigError, match=bad_override):
+        load_config(RunConfig, None, ["harvest.hooks=[a"])

@@ -59,6 +59,7 @@ def test_context_size_above_the_model_maximum(capsys: pytest.CaptureFixture[str]
     message = harvest_error(capsys, tmp_path, **{"data.context_size": 10_000,
                                                  "harvest.max_tokens": 20_000})
     assert "data.context_size: 10000 exceeds the model's maximum of 8192" in message
+    assert "set data.context_size=8192 or less" in message  # the model's own limit, not a smaller one
 
 
 @pytest.mark.parametrize(
