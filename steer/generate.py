@@ -18,6 +18,7 @@ alternatives.
 from __future__ import annotations
 
 import inspect
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,6 +147,7 @@ def decode(model: nn.Module, rows: list[list[int]], settings: GenerationSettings
     cache: Any = None
     step_ids, sequence = input_ids, input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     out_ids: list[list[int]] = [[] for _ in rows]
     out_lps: list[list[StepLogprobs]] = [[] for _ in rows]
     for _ in range(settings.max_new_tokens):
@@ -180,7 +182,7 @@ def decode(model: nn.Module, rows: list[list[int]], settings: GenerationSettings
         if counts is not None:
             counts.scatter_add_(1, chosen[:, None], (~finished).to(counts.dtype)[:, None])
         if settings.stop_at_eos and eos_ids:
-            finished |= torch.isin(chosen, torch.tensor(sorted(eos_ids), device=device))
+            finished |= torch.isin(chosen, eos)
         step_ids = chosen[:, None]
         sequence = torch.cat([sequence, step_ids], dim=1)
         attention = torch.cat([attention, torch.ones_like(step_ids)], dim=1)
@@ -234,8 +236,6 @@ def _completion(tokenizer: Any, prompt: str, row: list[int], ids: list[int],
 
 def render_side_by_side(result: SideBySide, width: int = 100) -> str:
     """The prompt, then default and steered completions in two columns of `width` characters."""
-    import textwrap
-
     column = max(20, (width - 3) // 2)
 
     def wrap(text: str) -> list[str]:

@@ -266,6 +266,8 @@ class _HookEditor:
                 self.value_edits.setdefault(id(iv.source), []).append(_ValueEdit(iv))
             else:
                 self.direction_edits.append(iv)
+        # Fixed for the life of the hook: computed once, not at every generated token.
+        self.directions = [(iv, iv.direction(), iv.scaled_coefficient()) for iv in self.direction_edits]
         self.feature_ids = {key: torch.tensor([e.intervention.feature for e in edits])
                             for key, edits in self.value_edits.items()}
 
@@ -290,10 +292,9 @@ class _HookEditor:
                 touched |= mask.to(touched.device)
             h = set_latents(sae, x, features, new, old).to(h.device)
         # Then directions, in the order given.
-        for iv in self.direction_edits:
+        for iv, direction, coefficient in self.directions:
             mask = iv.positions.mask(where, iv.first_kept).to(h.device)
-            direction = iv.direction().to(h.device)
-            edited = _edit_along(h, iv.method, direction, iv.scaled_coefficient())
+            edited = _edit_along(h, iv.method, direction.to(h.device), coefficient)
             h = torch.where(mask.unsqueeze(-1), edited, h)
             touched |= mask
         # Untouched positions keep the incoming tensor bit for bit.
