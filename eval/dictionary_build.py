@@ -2,8 +2,9 @@
 reads (the layout and the features.sqlite schema are documented there, with FORMAT_VERSION,
 the file names and SCHEMA).
 
-The directory is built in a hidden scratch sibling and renamed into place, so a killed build never
-leaves a directory that opens as a dictionary; an old dictionary there is moved aside first.
+The directory is built in a hidden scratch sibling and published over the old one in one step
+(sae/atomic.py), so a killed build never leaves a directory that opens as a half-built dictionary,
+and never leaves the real name without a dictionary that was there.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sqlite3
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -42,7 +41,7 @@ from saeworks.eval.dictionary import (
 from saeworks.eval.features import Contexts, FeatureAnalysis
 from saeworks.eval.labels import auto_label
 from saeworks.eval.report import dictionary_report
-from saeworks.sae.atomic import publish_modes
+from saeworks.sae.atomic import atomic_directory
 from saeworks.sae.io import CFG_FILE, WEIGHTS_FILE, read_cfg
 from saeworks.sae.version import package_version
 
@@ -71,9 +70,7 @@ def write_dictionary(directory: str | Path, analysis: FeatureAnalysis, sae_dir: 
     _refuse_foreign(directory)
     user_labels = _user_labels(directory, sha)
     merged = {**analysis.info, **(info or {})}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-building-"))
-    try:
+    with atomic_directory(directory) as scratch:
         (scratch / SAE_DIR).mkdir()
         for name in (CFG_FILE, WEIGHTS_FILE):
             shutil.copy2(sae_dir / name, scratch / SAE_DIR / name)
@@ -84,10 +81,6 @@ def write_dictionary(directory: str | Path, analysis: FeatureAnalysis, sae_dir: 
         _write_plots(scratch / PLOTS_DIR, analysis, labels)
         (scratch / INFO_FILE).write_text(json.dumps(header, indent=2, default=str))
         dictionary_report(scratch)
-        publish_modes(scratch)
-        _swap_into_place(scratch, directory)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return directory
 
 
@@ -117,22 +110,6 @@ def _user_labels(directory: Path, sha: str) -> dict[int, str]:
             return {int(i): str(label) for i, label in rows}
     except (DictionaryError, sqlite3.Error):
         return {}
-
-
-def _swap_into_place(scratch: Path, directory: Path) -> None:
-    """Rename the finished build onto `directory`; an old dictionary there is moved aside first."""
-    if not directory.exists():
-        os.replace(scratch, directory)
-        return
-    old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-old-"))
-    os.replace(directory, old / "dictionary")
-    try:
-        os.replace(scratch, directory)
-    except OSError:
-        os.replace(old / "dictionary", directory)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _focus_slot(analysis: FeatureAnalysis, info: dict[str, Any]) -> int:

@@ -18,7 +18,10 @@ from saeworks.activations.model import load_model, load_tokenizer, model_config_
 from saeworks.activations.store import ActivationStore
 from saeworks.eval.evaluate import METRICS_FILE, EvalReport, SAEMetadata, check_same_model, evaluate
 from saeworks.run_config import RunConfig
+from saeworks.sae.atomic import clean_leftovers, glob_escape
 from saeworks.sae.io import SAEFormatError, read_cfg
+from saeworks.sae.locks import exclusive_writer
+from saeworks.sae.oserrors import require_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,15 @@ def sae_name(sae_dir: Path) -> str:
 
 def evaluate_sae(sae_dir: Path, cfg: RunConfig, store_url: str | None = None,
                  out: Path | None = None) -> tuple[EvalReport, Path]:
-    """Evaluate one SAE and write its metrics.json (default: inside the SAE directory)."""
+    """Evaluate one SAE and write its metrics.json (default: inside the SAE directory); the
+    output's directory is checked writable before the evaluation starts."""
+    path = Path(out or Path(sae_dir) / METRICS_FILE)
+    if out is not None or path.parent.is_dir():  # a missing SAE directory: evaluate says so
+        require_writable_dir(path.parent, "--out" if out else "the SAE directory")
     if store_url is not None:
         report = evaluate(sae_dir, cfg.evaluate, store_url=store_url)
     else:
         report = evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data)
-    path = out or Path(sae_dir) / METRICS_FILE
     report.write(path)
     return report, path
 
@@ -84,20 +90,23 @@ def build_dictionary(sae_dir: Path, cfg: RunConfig, store_url: str | None = None
     check_same_model(sae_dir, SAEMetadata.read(sae_dir), store.attrs.get("model"), f"store {url!r}",
                      "analyze it over a store harvested from that model")
     model_cfg = model_config_of_store(store.attrs.get("identity", {}))
-    metrics_path = sae_dir / METRICS_FILE
-    if metrics_path.is_file():
-        metrics: dict[str, Any] = json.loads(metrics_path.read_text())
-    else:
-        metrics = evaluate_sae(sae_dir, cfg, store_url)[0].to_json()
-    device = rank_info(cfg.analyze.device).device
-    sae = load_sae(sae_dir, device)
-    model = load_model(replace(model_cfg, device=cfg.analyze.device), device)
-    start = time.perf_counter()
-    analysis = analyze_features(sae, store, hook, cfg.analyze, model, device)
-    seconds = time.perf_counter() - start
-    directory = out or default_dictionary_dir(sae_dir, cfg if store_url is None else None)
-    write_dictionary(directory, analysis, sae_dir, load_tokenizer(model_cfg), model_cfg, hook, metrics,
-                     {"store": url})
+    directory = Path(out or default_dictionary_dir(sae_dir, cfg if store_url is None else None))
+    with exclusive_writer(directory, "analyze", setting="the dictionary directory (--out)"):
+        clean_leftovers(directory, any_owner=True, legacy=(f".{glob_escape(directory.name)}-building-*",
+                                                            f".{glob_escape(directory.name)}-old-*"))
+        metrics_path = sae_dir / METRICS_FILE
+        if metrics_path.is_file():
+            metrics: dict[str, Any] = json.loads(metrics_path.read_text())
+        else:
+            metrics = evaluate_sae(sae_dir, cfg, store_url)[0].to_json()
+        device = rank_info(cfg.analyze.device).device
+        sae = load_sae(sae_dir, device)
+        model = load_model(replace(model_cfg, device=cfg.analyze.device), device)
+        start = time.perf_counter()
+        analysis = analyze_features(sae, store, hook, cfg.analyze, model, device)
+        seconds = time.perf_counter() - start
+        write_dictionary(directory, analysis, sae_dir, load_tokenizer(model_cfg), model_cfg, hook,
+                         metrics, {"store": url})
     return DictionaryBuild(directory, metrics, seconds, analysis.n_tokens / max(seconds, 1e-9),
                            dictionary_summary(directory))
 

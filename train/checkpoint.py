@@ -6,8 +6,9 @@
         state.json          format, step, tokens, input scale, the config fingerprint, and per
                             rank its batch-source position and its torch/numpy/python RNG states
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a directory
-named `tokens-*` is always complete; older ones are removed after the new one is in place.
+A checkpoint is written into a hidden scratch directory and renamed into place (sae/atomic.py), so
+a directory named `tokens-*` is always complete; older ones are removed after the new one is in
+place, and scratch left by a killed writer is removed by the next one.
 Resuming compares the fingerprint (everything that shapes the trajectory: SAEs, data, batch size,
 world size, recipe) and refuses a checkpoint made under another config, listing the differences.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from saeworks.sae.atomic import atomic_directory
+from saeworks.sae.atomic import atomic_directory, clean_directory, remove_directory
 from saeworks.sae.configio import to_dict
 from saeworks.train.config import TrainConfig
 from saeworks.train.data import SourceInfo
@@ -60,15 +60,14 @@ def write_checkpoint(root: Path, tokens: int, tensors: dict[str, torch.Tensor],
                      state: dict[str, Any]) -> Path:
     """Write atomically under `root` (rank 0 only); remove older checkpoints once it is in place."""
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_directory(root)  # scratch of checkpoints whose writer was killed
     final = root / f"{PREFIX}{tokens:012d}"
-    with atomic_directory(final, prefix=".tmp-") as scratch:
+    with atomic_directory(final) as scratch:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / STATE_TENSORS))
         (scratch / STATE_JSON).write_text(json.dumps({"format": FORMAT_VERSION, **state}))
     for older in root.glob(f"{PREFIX}*"):
         if older.name < final.name:
-            shutil.rmtree(older, ignore_errors=True)
+            remove_directory(older)
     return final
 
 

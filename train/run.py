@@ -29,8 +29,10 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 import torch
 
+from saeworks.sae.atomic import clean_directory
 from saeworks.sae.distributed import RankInfo, all_gather_objects, barrier, rank_info
 from saeworks.sae.io import save_sae
+from saeworks.sae.locks import exclusive_writer
 from saeworks.sae.precision import AutocastName, autocast_dtype
 from saeworks.sae.registry import create_sae
 from saeworks.sae.version import package_version
@@ -89,8 +91,25 @@ class TrainResult(NamedTuple):
 
 
 def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
-    """Train the SAEs of `cfg.train`; `source` replaces this rank's store reader (tests)."""
+    """Train the SAEs of `cfg.train`; `source` replaces this rank's store reader (tests).
+
+    The run holds the writer lock of its checkpoint directory throughout (sae/locks.py): a second
+    `train` into the same run_dir is refused, naming this one."""
     rank = rank_info(cfg.train.device)
+    with exclusive_writer(cfg.layout.checkpoints, "train", rank.is_main):
+        if rank.is_main:
+            _clean_leftovers(cfg)
+        return _train(cfg, source, rank)
+
+
+def _clean_leftovers(cfg: TrainJob) -> None:
+    """Scratch that killed runs left in the checkpoint and SAE directories (the lock is held, so
+    none of it is being written), including scratch named before it carried its writer's PID."""
+    clean_directory(cfg.layout.checkpoints, any_owner=True, legacy=(".tmp-*",))
+    clean_directory(cfg.layout.sae("x").parent, any_owner=True, legacy=(".*-*",))
+
+
+def _train(cfg: TrainJob, source: BatchSource | None, rank: RankInfo) -> TrainResult:
     cfg = _with_resolved_autocast(cfg, rank)
     data, info = _open_data(cfg, rank)
     plan = make_plan(cfg.train, info.d_in, info.name, rank.world_size)
