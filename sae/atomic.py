@@ -180,9 +180,9 @@ def clean_leftovers(target: str | Path, *, any_owner: bool = False,
     paths = [f.path for f in stale]
     if any_owner:
         paths += [p for pattern in legacy for p in target.parent.glob(pattern) if p != target]
+    size = sum(_size(p) for p in paths)
     removed = [p for p in paths if _remove(p)]
     if removed:
-        size = sum(_size(p) for p in removed if p.exists())
         log.warning("removed %d leftover(s) of interrupted writes of %s: %s", len(removed), target,
                     ", ".join(p.name for p in removed) + (f" ({size / 1e6:.1f} MB)" if size else ""))
     return removed
@@ -229,8 +229,11 @@ def _remove(path: Path) -> bool:
 
 
 def _size(path: Path) -> int:
-    return sum(p.lstat().st_size for p in [path, *path.rglob("*")] if p.is_file()) \
-        if path.is_dir() else 0
+    """Bytes under `path` (0 if it vanished meanwhile)."""
+    try:
+        return sum(p.lstat().st_size for p in [path, *path.rglob("*")] if not p.is_dir())
+    except OSError:
+        return 0
 
 
 def _exchange(a: Path, b: Path) -> bool:
