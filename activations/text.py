@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 
@@ -26,6 +27,9 @@ EMBEDDED = "embedded"
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
              ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _TOKENIZE_BATCH = 64
+"""Most documents tokenised per call. Batches start at one document and double up to this, so a
+reader that needs a few windows (evaluate's held-out ones, a short harvest) tokenises about
+what it uses, not 64 whole documents; the ids are the same whatever the batching."""
 
 
 class DataError(SaeworksError, ValueError):
@@ -72,8 +76,11 @@ def _open_stream(cfg: DataConfig) -> Any:
                 raise DataError(f"data.path: {path!r} mixes or holds unsupported file types: {files[:5]}")
             builder = builders.pop()
             kwargs = {"sample_by": "document"} if builder == "text" else {}
-            stream = datasets.load_dataset(builder, data_files={cfg.split: files}, split=cfg.split,
-                                           streaming=True, **kwargs)
+            # Local files: no "download count" request to S3, which datasets sends for its own
+            # json/text/... builders unless offline (a DNS wait on a machine without network).
+            with patch.object(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False):
+                stream = datasets.load_dataset(builder, data_files={cfg.split: files},
+                                               split=cfg.split, streaming=True, **kwargs)
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for a missing hub name or bad split
@@ -140,8 +147,10 @@ def pack_windows(token_lists: Iterable[list[int]], context_size: int, bos: int |
 
 
 def _tokenized(texts: Iterator[str], tokenizer: Any) -> Iterator[list[int]]:
-    while batch := list(islice(texts, _TOKENIZE_BATCH)):
+    size = 1
+    while batch := list(islice(texts, size)):
         yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+        size = min(2 * size, _TOKENIZE_BATCH)
 
 
 def iter_windows(tokenizer: Any, cfg: DataConfig, max_windows: int, held_out: bool = False

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from saeworks.activations.config import DataConfig
 from saeworks.activations.hooks import HookError
 from saeworks.activations.store import TOKEN_IDS, ActivationStore
-from saeworks.activations.text import iter_windows
+from saeworks.activations.text import iter_documents, iter_windows, pack_windows, separator_ids
 from saeworks.eval.evaluate import (
     METRICS_FILE,
     EvalReport,
@@ -241,3 +244,52 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(EvaluationError, match="no GPU"):
             evaluation_device("cuda")
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the documents it is asked to tokenise."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.documents = tokenizer, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+        self.documents += len(texts)
+        return self.tokenizer(texts, **kwargs)
+
+
+@pytest.mark.parametrize(("held_out", "n_windows"), [(True, 1), (True, 40), (True, 10**6), (False, 300)])
+def test_held_out_windows_tokenise_only_the_documents_they_need(
+        held_out: bool, n_windows: int, embedded_tokenizer: Any, tmp_path: Path) -> None:
+    """Evaluate's held-out windows (`iter_windows(..., held_out=True)`) are those of packing the
+    held-out documents tokenised one at a time, and only about the documents they use are
+    tokenised: a few windows used to tokenise 64 whole documents (the demo: 148k tokens for 2k)."""
+    words = ["the", "model", "reads", "residual", "streams", "of", "held", "out", "python",
+             "documents", "quickly"]
+    docs = [f"Document {i}: " + " ".join(words[(i * j) % len(words)] for j in range(i * 37 % 40 + 1))
+            for i in range(3000)]  # ~150 held out: past the 127 documents of batches 1, 2, ..., 64
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    data = DataConfig(path=str(path), context_size=16)
+
+    used = 0
+
+    def one_at_a_time() -> Iterator[list[int]]:
+        nonlocal used
+        for doc in iter_documents(data, held_out):
+            used += 1
+            yield embedded_tokenizer([doc], add_special_tokens=False)["input_ids"][0]
+
+    bos, separator = separator_ids(embedded_tokenizer)
+    expected = list(islice(pack_windows(one_at_a_time(), 16, bos, separator), n_windows))
+    tokenizer = CountingTokenizer(embedded_tokenizer)
+    windows = list(iter_windows(tokenizer, data, n_windows, held_out=held_out))
+    assert [w.tolist() for w in windows] == [w.tolist() for w in expected]
+    if n_windows == 10**6:  # every document, each tokenised once
+        assert held_out and len(windows) < n_windows and tokenizer.documents == used > 127
+    else:  # batches of 1, 2, 4, ... 64 documents: at most twice those used, never a batch beyond
+        assert len(windows) == n_windows and used <= tokenizer.documents <= min(2 * used - 1, used + 63)
+    if n_windows == 1:
+        assert tokenizer.documents == 1

@@ -78,3 +78,24 @@ def test_directory_of_unsupported_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a.bin").write_bytes(b"\0")
     with pytest.raises(DataError, match="holds no"):
         next(iter_documents(DataConfig(path=str(tmp_path))))
+
+
+def test_local_files_are_read_without_any_network_lookup(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets sends a "download count" request to S3 for its json/text builders unless told
+    not to; on a machine without network that is a DNS wait on every load of a local file."""
+    import socket
+
+    looked_up: list[str] = []
+
+    def no_network(host: str, *args: object, **kwargs: object) -> None:
+        looked_up.append(host)
+        raise OSError(f"no network in this test (asked for {host})")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "one local document"}) + "\n")
+    assert list(iter_documents(DataConfig(path=str(path)), held_out=False)) == ["one local document"]
+    assert looked_up == []
