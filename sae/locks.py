@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from saeworks.sae.atomic import this_host
 from saeworks.sae.distributed import all_gather_objects
@@ -99,7 +100,8 @@ def exclusive_writer(artifact: str | Path, stage: str, is_main: bool = True,
     if "://" in str(artifact):
         yield
         return
-    held, refusal = None, None
+    held: WriterLock | None = None
+    refusal: tuple[str, str] | None = None  # (error class name, message)
     if is_main:
         try:
             require_writable_dir(Path(artifact).parent, setting)
@@ -108,7 +110,7 @@ def exclusive_writer(artifact: str | Path, stage: str, is_main: bool = True,
             refusal = (type(err).__name__, str(err))
     shared = all_gather_objects(refusal)[0]
     if shared is not None:
-        kind, message = shared  # type: ignore[misc]
+        kind, message = cast(tuple[str, str], shared)
         raise (OutputPathError if kind == OutputPathError.__name__ else WriterBusyError)(message)
     try:
         yield
