@@ -3,6 +3,8 @@
 Work is split by shard: shard s (a run of consecutive windows) belongs to rank s % world_size.
 Every rank packs the same deterministic window stream and runs the model only on its own shards;
 a shard is written whole and then flagged, so a rerun after a kill skips exactly the finished ones.
+`repair=True` first verifies an existing store and clears the flags of its damaged shards
+(activations/verify.py), so that the same resume recomputes exactly those.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ from saeworks.activations.store import (
     write_shard,
 )
 from saeworks.activations.text import DataError, excluded_token_ids, iter_windows
+from saeworks.activations.verify import repair_store
+from saeworks.sae.atomic import fault_point
 from saeworks.sae.configio import ConfigError
 from saeworks.sae.distributed import RankInfo, barrier, rank_info
+from saeworks.sae.locks import exclusive_writer
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,19 @@ class HarvestJob:
     store_url: str
 
 
-def harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, store_url: str
-            ) -> HarvestResult:
-    """Fill (or resume) the store at `store_url` with `settings.hooks` of the model over `data`."""
+def harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, store_url: str,
+            repair: bool = False) -> HarvestResult:
+    """Fill (or resume) the store at `store_url` with `settings.hooks` of the model over `data`.
+
+    Holds the store's writer lock throughout (sae/locks.py): a second harvest into the same store
+    is refused at once, naming this one; the directory is checked writable before the model loads."""
     rank = rank_info(model_cfg.device)
+    with exclusive_writer(store_url, "harvest", rank.is_main, setting="run_dir (or harvest.store)"):
+        return _harvest(model_cfg, data, settings, store_url, repair, rank)
+
+
+def _harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, store_url: str,
+             repair: bool, rank: RankInfo) -> HarvestResult:
     # `auto` resolved once: the model loads in the dtype the store identity records.
     cfg = HarvestJob(with_resolved_dtype(model_cfg, rank), data, settings, store_url)
     tokenizer = load_tokenizer(cfg.model)
@@ -88,7 +102,7 @@ def harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, s
                                   cfg.harvest.chunks_per_shard)
     identity = _identity(cfg, model, tokenizer)
     if rank.is_main:
-        _open_or_create(cfg, identity, geometry, hooks, tokenizer)
+        _open_or_create(cfg, identity, geometry, hooks, tokenizer, repair)
     barrier()
     store = ActivationStore.open(cfg.store_url, mode="r+")
     if store.complete:
@@ -148,13 +162,17 @@ def _identity(cfg: HarvestJob, model: Any, tokenizer: Any) -> dict[str, Any]:
 
 
 def _open_or_create(cfg: HarvestJob, identity: dict[str, Any], geometry: StoreGeometry,
-                    hooks: list[HookPoint], tokenizer: Any) -> None:
-    """Resume a store made with the same identity; refuse any other; create one if none."""
+                    hooks: list[HookPoint], tokenizer: Any, repair: bool = False) -> None:
+    """Resume a store made with the same identity (after marking its damaged shards unfinished
+    when `repair`); refuse any other; create one if none."""
     try:
         existing = ActivationStore.open(cfg.store_url, mode="r+")
     except StoreError as err:
         if "no activation store" not in str(err):
             raise
+        if repair:
+            raise StoreError(f"no activation store at {cfg.store_url!r} to repair; run `saeworks "
+                             "harvest CONFIG` without --repair to make one") from err
     except Exception as err:  # unreadable metadata
         raise StoreError(f"{cfg.store_url!r} exists but cannot be read as a store ({err}); "
                          "delete it or choose another harvest.store") from err
@@ -165,6 +183,8 @@ def _open_or_create(cfg: HarvestJob, identity: dict[str, Any], geometry: StoreGe
                 f"store {cfg.store_url!r} was made with another configuration ({'; '.join(mismatch)}); "
                 "choose another harvest.store or run_dir, or delete the old store"
             )
+        if repair:
+            repair_store(existing)
         log.info("resuming %s: %d of %d tokens done", existing.url,
                  existing.attrs.get("n_tokens_complete", 0), existing.n_tokens)
         return
@@ -212,6 +232,7 @@ def _wait(pending: Future | None, store: ActivationStore, rank: RankInfo) -> Non
         pending.result()  # re-raises a failed write
         if rank.is_main:
             record_progress(store)
+        fault_point("harvest:shard-written")
 
 
 def _run_shard(model: Any, hooks: list[HookPoint], token_ids: np.ndarray, store_dtype: str,

@@ -28,7 +28,8 @@ Reading: a background daemon thread decodes each block's chunks into one reused 
 call per run of up to `MAX_RUN_CHUNKS` adjacent chunks) and gathers its shuffled batches with
 numpy; a queue of `prefetch` blocks separates it from the consumer. Zarr, zstd and numpy release
 the GIL, so the thread overlaps the training step. Exceptions in the thread are raised in the
-consumer; the thread stops when the iterator is closed or garbage-collected.
+consumer (a damaged chunk: the `StoreError` that names it, see `ActivationStore.reading`); the
+thread stops when the iterator is closed or garbage-collected.
 """
 
 from __future__ import annotations
@@ -83,13 +84,12 @@ class KeptRows:
         chunk_rows, n_tokens, context = store.geometry.chunk_rows, store.n_tokens, store.context_size
         step = chunk_rows * 8 * max(1, _KEPT_SCAN_ROWS // (chunk_rows * 8))
         excluded = np.asarray(sorted(token_ids), dtype=np.int64)
-        tokens = store.array(TOKEN_IDS)
         bits, counts = [], []
         for start in range(0, n_tokens, step):
             stop = min(start + step, n_tokens)
             keep = np.arange(start, stop) % context >= first_positions  # [stop - start] bool
             if excluded.size:
-                keep &= ~np.isin(np.asarray(tokens[start:stop]), excluded)
+                keep &= ~np.isin(store.read(TOKEN_IDS, start, stop), excluded)
             bits.append(np.packbits(keep))
             counts.append(np.add.reduceat(keep, np.arange(0, stop - start, chunk_rows), dtype=np.int64))
         return cls(np.concatenate(bits), np.concatenate(counts), chunk_rows, n_tokens)
@@ -374,7 +374,8 @@ class _Loader:
                 raise _Stopped
             start, stop = first * chunk_rows, min((last + 1) * chunk_rows, kept.n_tokens)
             into = NDBuffer.from_numpy_array(self.buffer[offset:offset + stop - start])
-            self.reader.array.get_basic_selection(slice(start, stop), out=into)
+            with self.reader.store.reading(self.reader.hook, start, stop):  # StoreError if damaged
+                self.reader.array.get_basic_selection(slice(start, stop), out=into)
             local = np.flatnonzero(kept.mask(start, stop))  # [kept in run]
             sources.append(local + offset)
             rows.append(local + start)

@@ -53,7 +53,6 @@ def iter_kept_rows(store: ActivationStore, hook: str, selection: RowSelection, b
         raise StoreError(f"store {store.url!r} has no hook {hook!r}; it holds {', '.join(store.hooks)}")
     context, n_tokens = store.context_size, store.n_tokens
     excluded = np.asarray(selection.special_token_ids, dtype=np.int64)
-    tokens, values = store.array(TOKEN_IDS), store.array(hook)
     limit = selection.max_rows if selection.max_rows is not None else n_tokens
     pending_x: list[torch.Tensor] = []
     pending_rows: list[torch.Tensor] = []
@@ -64,11 +63,11 @@ def iter_kept_rows(store: ActivationStore, hook: str, selection: RowSelection, b
         row_ids = np.arange(start, stop)
         keep = row_ids % context >= selection.first_positions
         if excluded.size:
-            keep &= ~np.isin(np.asarray(tokens[start:stop]), excluded)
+            keep &= ~np.isin(store.read(TOKEN_IDS, start, stop), excluded)
         kept = row_ids[keep][: limit - emitted - held]
         if kept.size == 0:
             continue
-        block = to_tensor(np.asarray(values[start:stop]), store.store_dtype)[torch.from_numpy(kept - start)]
+        block = to_tensor(store.read(hook, start, stop), store.store_dtype)[torch.from_numpy(kept - start)]
         pending_x.append(block.float())
         pending_rows.append(torch.from_numpy(kept.astype(np.int64)))
         held += kept.size

@@ -13,19 +13,33 @@ Layout (rows are tokens; row r is position r % context_size of window r // conte
 A shard (`chunks_per_shard` chunks of whole windows) is the unit of writing: one process writes
 it in full, then sets its `shard_done` flag, which is a separate object per shard, so processes
 never write the same file and a killed harvest redoes exactly the shards it had not finished.
+
+Integrity: every chunk of every array ends with a CRC32C (Zarr v3's `crc32c` codec after the
+compressor; the shard index carries its own), checked by Zarr on every decode, and the group
+attribute `chunk_checksums` says so. All reads go through `ActivationStore.read` (or its guard
+`reading`), which turns a chunk that fails its checksum or does not decode into one `StoreError`
+naming the array, chunk, rows and shard and the repair (`saeworks verify`, then `saeworks harvest
+--repair`, see activations/verify.py). Stores written before checksums still open and read; a
+flipped bit inside one of their chunks goes unnoticed unless it breaks decoding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
 import zarr.codecs
+from zarr.abc.store import SuffixByteRequest
+from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 
 from saeworks.sae.errors import SaeworksError
@@ -37,10 +51,19 @@ WINDOW = "window"
 POSITION = "position"
 SHARD_DONE = "shard_done"
 INDEX_ARRAYS = (TOKEN_IDS, WINDOW, POSITION)
+CHECKSUM = "crc32c"
+"""The value of the group attribute `chunk_checksums` of stores whose chunks carry a CRC32C."""
+DECODE_ERRORS = (ValueError, RuntimeError)
+"""What Zarr raises for bytes that do not decode: ValueError for a CRC32C mismatch (of a chunk or a
+shard index), RuntimeError from the zstd and blosc decompressors."""
 
 
 class StoreError(SaeworksError, RuntimeError):
     """A store that is missing, corrupt, incomplete, or made by another configuration."""
+
+
+class StoreMetadataError(StoreError):
+    """A store whose metadata (a zarr.json) is missing or unreadable: not repairable in place."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,47 @@ class StoreGeometry:
         start = shard * self.windows_per_shard
         return range(start, min(start + self.windows_per_shard, self.n_windows))
 
+    def shard_rows_range(self, shard: int) -> range:
+        """Global rows held by one shard."""
+        windows = self.shard_windows(shard)
+        return range(windows.start * self.context_size, windows.stop * self.context_size)
+
+    def chunk_rows_range(self, chunk: int) -> range:
+        """Global rows held by one chunk of a row array (a hook or an index array)."""
+        return range(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_tokens))
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged piece of a store: chunks of one array that fail their checksum, do not decode,
+    or hold impossible values. For `shard_done`, chunk s is the flag of shard s."""
+
+    array: str
+    chunks: range
+    rows: range
+    shard: int
+    reason: str
+
+    def describe(self) -> str:
+        """`array 'h' chunk 3 (rows 384-511, shard 1): CRC32C checksum mismatch`."""
+        if self.array == SHARD_DONE:
+            where = f"the done flag of shard {self.shard} (rows {_span(self.rows)})"
+        else:
+            chunks = f"chunk {self.chunks.start}" if len(self.chunks) == 1 else \
+                f"chunks {self.chunks.start}-{self.chunks.stop - 1}"
+            where = f"array {self.array!r} {chunks} (rows {_span(self.rows)}, shard {self.shard})"
+        return f"{where}: {self.reason}"
+
+
+def _span(rows: range) -> str:
+    return f"{rows.start}-{rows.stop - 1}" if len(rows) else "none"
+
+
+def repair_advice(url: str) -> str:
+    """How to list and fix damage, for the end of every damage message."""
+    return (f"run `saeworks verify {url}` to list the damage, then `saeworks harvest CONFIG --repair` "
+            "(with the config that made the store) to recompute the damaged shards")
+
 
 def _compressors(name: str, itemsize: int) -> Any:
     if name == "none":
@@ -92,6 +156,19 @@ def _compressors(name: str, itemsize: int) -> Any:
     return zarr.codecs.ZstdCodec(level=1)
 
 
+def _chunk_codecs(compressor: Any, checksums: bool) -> list[Any]:
+    """The bytes-to-bytes codecs of a chunk: the compressor, then (`checksums`) a CRC32C of the
+    compressed bytes, so that a flipped bit is caught before decompression."""
+    return [c for c in (compressor, zarr.codecs.Crc32cCodec() if checksums else None) if c is not None]
+
+
+def has_chunk_checksums(array: zarr.Array) -> bool:
+    """Whether the chunks of `array` (the inner chunks of a sharded one) end with a CRC32C."""
+    codecs = array.metadata.codecs  # type: ignore[union-attr]
+    inner = getattr(codecs[0], "codecs", codecs) if codecs else ()
+    return any(isinstance(codec, zarr.codecs.Crc32cCodec) for codec in inner)
+
+
 class ActivationStore:
     """An opened store: its attributes, its arrays, and typed row reads."""
 
@@ -99,6 +176,7 @@ class ActivationStore:
         self.group = group
         self.url = url
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: opening reads the metadata
         if self.attrs.get("saeworks_store_format") != FORMAT_VERSION:
             raise StoreError(f"{url!r} is not a saeworks activation store (no saeworks_store_format)")
 
@@ -110,6 +188,11 @@ class ActivationStore:
         except (GroupNotFoundError, FileNotFoundError) as err:
             raise StoreError(
                 f"no activation store at {url!r}; run `saeworks harvest CONFIG` to make one"
+            ) from err
+        except ValueError as err:  # zarr.json is not valid JSON
+            raise StoreMetadataError(
+                f"{url!r} exists but cannot be read as a store: its zarr.json is damaged ({err}); it "
+                "cannot be repaired in place: restore it from a copy, or delete the store and harvest again"
             ) from err
         return cls(group, url)
 
@@ -140,29 +223,149 @@ class ActivationStore:
     def d(self, hook: str) -> int:
         return int(self.attrs["d"][hook])
 
+    @property
+    def chunk_checksums(self) -> bool:
+        """Whether this store was written with a CRC32C on every chunk (stores before: no)."""
+        return self.attrs.get("chunk_checksums") == CHECKSUM
+
     def array(self, name: str) -> zarr.Array:
         if name not in self.attrs["hooks"] and name not in (*INDEX_ARRAYS, SHARD_DONE):
             raise StoreError(
                 f"store {self.url!r} has no hook {name!r}; it holds {', '.join(self.hooks)}"
             )
-        return self.group[name]  # type: ignore[return-value]
+        if name not in self._arrays:
+            self._arrays[name] = self._open_array(name)
+        return self._arrays[name]
+
+    def _open_array(self, name: str) -> zarr.Array:
+        try:
+            return self.group[name]  # type: ignore[return-value]
+        except (KeyError, ValueError) as err:  # missing, or its zarr.json is not valid JSON
+            raise StoreMetadataError(
+                f"store {self.url!r} is damaged: the metadata of array {name!r} ({name}/zarr.json) "
+                f"is missing or unreadable ({type(err).__name__}: {err}); it cannot be repaired in "
+                "place: restore it from a copy, or delete the store and harvest again"
+            ) from err
+
+    def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) of one array, decoded (into `out` when given, which must be C-contiguous
+        and of that shape): the one way rows leave the store, so that a chunk that fails its
+        checksum or does not decode is always a `StoreError` naming it (see `Damage`)."""
+        array = self.array(name)
+        with self.reading(name, start, stop):
+            if out is None:
+                return np.asarray(array[start:stop])
+            array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+            return out
+
+    @contextmanager
+    def reading(self, name: str, start: int, stop: int) -> Iterator[None]:
+        """Around a read of rows [start, stop) of `name` (for callers that hold the array):
+        a chunk that does not decode becomes the `StoreError` that names it."""
+        try:
+            yield
+        except DECODE_ERRORS as err:
+            damaged = self._damage_error(name, start, stop)
+            if damaged is None:  # every chunk decodes alone: the failure was not damage
+                raise
+            raise damaged from err
+
+    def _damage_error(self, name: str, start: int, stop: int) -> StoreError | None:
+        """The StoreError for the first damaged chunk of rows [start, stop) of `name`, if any."""
+        for chunk in self.chunks_of(name, start, stop):
+            damage = self.chunk_damage(name, chunk)
+            if damage is not None:
+                return StoreError(f"store {self.url!r} is damaged: {damage.describe()}; "
+                                  + repair_advice(self.url))
+        return None
+
+    def chunks_of(self, name: str, start: int, stop: int) -> range:
+        """Chunks of `name` that hold rows [start, stop) (entries, for `shard_done`)."""
+        size = 1 if name == SHARD_DONE else self.geometry.chunk_rows
+        return range(start // size, max(start // size, -(-stop // size)))
+
+    def chunk_damage(self, name: str, chunk: int) -> Damage | None:
+        """Decode one chunk of `name` alone: None if it decodes, else what is wrong with it."""
+        geometry = self.geometry
+        shard = chunk if name == SHARD_DONE else chunk // geometry.chunks_per_shard
+        rows = geometry.shard_rows_range(shard) if name == SHARD_DONE else geometry.chunk_rows_range(chunk)
+        start, stop = (chunk, chunk + 1) if name == SHARD_DONE else (rows.start, rows.stop)
+        try:
+            self.array(name)[start:stop]
+        except DECODE_ERRORS as err:
+            whole = None if name == SHARD_DONE else shard_file_problem(self.array(name), shard)
+            return Damage(name, range(chunk, chunk + 1), rows, shard, whole or decode_failure(err))
+        return None
 
     def require_complete(self) -> None:
-        """Refuse to read a store whose harvest has not finished."""
+        """Refuse to read a store whose harvest has not finished, or one of whose shard files is
+        gone (Zarr would read the rows as fill values, zeros, without complaint)."""
         if not self.complete:
             done = int(self.attrs.get("n_tokens_complete", 0))
             raise StoreError(
                 f"store {self.url!r} is incomplete ({done} of {self.n_tokens} tokens); rerun the "
                 "same `saeworks harvest` command to resume it"
             )
+        for name in (*self.hooks, *INDEX_ARRAYS):
+            missing = self.missing_shard_files(name)
+            if missing:
+                rows = self.geometry.shard_rows_range(missing[0])
+                raise StoreError(
+                    f"store {self.url!r} is damaged: array {name!r} has no file for shard "
+                    f"{missing[0]} (rows {_span(rows)})" + (f" and {len(missing) - 1} more" if
+                                                             len(missing) > 1 else "")
+                    + "; " + repair_advice(self.url))
+
+    def missing_shard_files(self, name: str) -> list[int]:
+        """Shards of a row array whose file does not exist (one existence check per shard)."""
+        array = self.array(name)
+        if not array.shards:
+            return []
+        keys = [array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+                for shard in range(math.ceil(array.shape[0] / array.shards[0]))]
+
+        async def exists() -> list[bool]:
+            return list(await asyncio.gather(*((array.store_path / key).exists() for key in keys)))
+
+        return [shard for shard, found in enumerate(sync(exists())) if not found]
 
     def read_rows(self, hook: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one hook as a tensor in the stored dtype `[rows, d]`."""
-        return to_tensor(np.asarray(self.array(hook)[start:stop]), self.store_dtype)
+        return to_tensor(self.read(hook, start, stop), self.store_dtype)
 
     def shards_done(self) -> np.ndarray:
         """Boolean per shard: fully written."""
-        return np.asarray(self.array(SHARD_DONE)[:]).astype(bool)
+        return self.read(SHARD_DONE, 0, self.array(SHARD_DONE).shape[0]).astype(bool)
+
+
+def decode_failure(err: BaseException) -> str:
+    """Why a chunk did not decode, from Zarr's exception, as a `Damage` reason."""
+    message = " ".join(str(err).split())
+    if isinstance(err, ValueError) and "checksum" in message:
+        return "CRC32C checksum mismatch"
+    return f"undecodable ({type(err).__name__}: {message[:200]})"
+
+
+def shard_file_problem(array: zarr.Array, shard: int) -> str | None:
+    """What is wrong with one shard file of a sharded row array as a whole (missing, or its index
+    fails its CRC32C), as a `Damage` reason; None if nothing (or the array is not sharded)."""
+    codec = array.metadata.codecs[0]  # type: ignore[union-attr]
+    if not isinstance(codec, zarr.codecs.ShardingCodec) \
+            or codec.index_location != zarr.codecs.ShardingCodecIndexLocation.end:
+        return None
+    chunks_per_shard = math.prod(s // c for s, c in zip(array.shards or (), array.chunks, strict=True))
+    checked = any(isinstance(c, zarr.codecs.Crc32cCodec) for c in codec.index_codecs)
+    size = 16 * chunks_per_shard + (4 if checked else 0)
+    path = array.store_path / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+    raw = sync(path.get(byte_range=SuffixByteRequest(size)))
+    if raw is None:
+        return "shard file missing (it would read as fill values)"
+    index = raw.to_bytes()
+    if len(index) < size:
+        return f"shard file truncated ({len(index)} bytes)"
+    if checked and google_crc32c.value(index[:-4]) != int.from_bytes(index[-4:], "little"):
+        return "shard index CRC32C checksum mismatch"
+    return None
 
 
 def to_tensor(raw: np.ndarray, store_dtype: str) -> torch.Tensor:
@@ -191,8 +394,10 @@ def to_storable(activations: torch.Tensor, store_dtype: str, hook: str) -> np.nd
 
 def create_store(url: str, identity: Mapping[str, Any], geometry: StoreGeometry,
                  hook_dims: Mapping[str, int], store_dtype: str, compression: str,
-                 extra_attrs: Mapping[str, Any]) -> ActivationStore:
-    """Create an empty store (overwriting nothing: the caller checked there is none)."""
+                 extra_attrs: Mapping[str, Any], checksums: bool = True) -> ActivationStore:
+    """Create an empty store (overwriting nothing: the caller checked there is none).
+    `checksums=False` writes the format of stores made before chunk checksums (for tests and
+    benchmarks only)."""
     group = zarr.open_group(url, mode="w-")  # type: ignore[arg-type]
     disk_dtype = "uint16" if store_dtype == "bfloat16" else store_dtype
     itemsize = np.dtype(disk_dtype).itemsize
@@ -200,18 +405,20 @@ def create_store(url: str, identity: Mapping[str, Any], geometry: StoreGeometry,
         array = group.create_array(
             hook, shape=(geometry.n_tokens, d), dtype=disk_dtype,
             chunks=(geometry.chunk_rows, d), shards=(geometry.shard_rows, d),
-            compressors=_compressors(compression, itemsize), fill_value=0,
+            compressors=_chunk_codecs(_compressors(compression, itemsize), checksums), fill_value=0,
         )
         array.attrs["dtype"] = store_dtype
     for name in INDEX_ARRAYS:
         group.create_array(name, shape=(geometry.n_tokens,), dtype="int32",
                            chunks=(geometry.chunk_rows,), shards=(geometry.shard_rows,),
-                           compressors=zarr.codecs.ZstdCodec(level=3), fill_value=-1)
+                           compressors=_chunk_codecs(zarr.codecs.ZstdCodec(level=3), checksums),
+                           fill_value=-1)
     group.create_array(SHARD_DONE, shape=(geometry.n_shards,), dtype="uint8", chunks=(1,),
-                       fill_value=0, compressors=None)
+                       fill_value=0, compressors=_chunk_codecs(None, checksums))
     group.attrs.update({
         "saeworks_store_format": FORMAT_VERSION,
         "saeworks_version": package_version(),
+        **({"chunk_checksums": CHECKSUM} if checksums else {}),
         "identity": dict(identity),
         "hooks": list(hook_dims),
         "d": dict(hook_dims),

@@ -88,15 +88,14 @@ def window_batches(store: ActivationStore, hook: str, selection: RowSelection, w
     if hook not in store.hooks:
         raise StoreError(f"store {store.url!r} has no hook {hook!r}; it holds {', '.join(store.hooks)}")
     context, n_windows = store.context_size, store.n_tokens // store.context_size
-    values, token_ids = store.array(hook), store.array(TOKEN_IDS)
     special = torch.tensor(selection.special_token_ids, dtype=torch.int64)
     limit = selection.max_rows if selection.max_rows is not None else store.n_tokens
 
     def read(first_window: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = first_window * context
         stop = min(first_window + windows_per_batch, n_windows) * context
-        x = to_tensor(np.asarray(values[start:stop]), store.store_dtype).float()
-        return x, torch.from_numpy(np.asarray(token_ids[start:stop]).astype(np.int64))
+        x = to_tensor(store.read(hook, start, stop), store.store_dtype).float()
+        return x, torch.from_numpy(store.read(TOKEN_IDS, start, stop).astype(np.int64))
 
     starts = range(first_window, n_windows, windows_per_batch)
     kept = kept_before

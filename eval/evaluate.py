@@ -392,7 +392,7 @@ def _on_store(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, se
             raise EvaluationError(f"no downstream predictions: evaluate.held_out_tokens="
                                   f"{settings.held_out_tokens} with windows of {context} tokens from "
                                   f"position {meta.first_kept}; raise it or set evaluate.downstream=false")
-        token_ids = np.asarray(store.array(TOKEN_IDS)[: n_windows * context], dtype=np.int64)
+        token_ids = store.read(TOKEN_IDS, 0, n_windows * context).astype(np.int64)
         windows = torch.from_numpy(token_ids.reshape(n_windows, context))  # [windows, context]
         model_cfg = model_config_of_store(store.attrs.get("identity", {}), settings.device)
         model = load_model(model_cfg, device)

@@ -7,6 +7,7 @@ The public API (documented in the README, "Python API"):
     saeworks.evaluate(sae, model=..., text=... | dataset=... | store=...)
     saeworks.load_config(path_or_config, "key=value", ...)
     saeworks.harvest / train_saes / analyze / run     the stages, from a config object or YAML path
+    saeworks.verify_store(url)                        check every chunk of an activation store
     saeworks.steer_completions(dictionary, prompt, "1931=+2", ...)   default vs steered completions
     saeworks.intervene(model, [saeworks.FeatureIntervention(...)])  steer/ablate any forward or generate
     saeworks.evaluate_steering(dictionary, feature, saeworks.SteerEvalSettings(...))   concept vs fluency
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from saeworks.sae.version import package_version
 
 if TYPE_CHECKING:
+    from saeworks.activations.verify import verify_store
     from saeworks.api import analyze, evaluate, harvest, load_config, open_dictionary, run, train_saes
     from saeworks.eval.dictionary import Feature, FeatureDictionary
     from saeworks.eval.evaluate import EvalReport
@@ -66,6 +68,7 @@ _EXPORTS = {
     "generate": "saeworks.steer.generate",
     "evaluate_steering": "saeworks.steer.evaluation",
     "SteerEvalSettings": "saeworks.steer.evaluation",
+    "verify_store": "saeworks.activations.verify",
 }
 
 __all__ = [
@@ -73,7 +76,7 @@ __all__ = [
     "GenerationSettings", "Positions", "RunConfig", "SaeworksError", "SparseAutoencoder",
     "SteerEvalSettings", "SteeringSession", "VectorIntervention", "__version__", "analyze", "evaluate",
     "evaluate_steering", "generate", "harvest", "intervene", "load_config", "load_sae", "open_dictionary",
-    "run", "steer_completions", "train_saes",
+    "run", "steer_completions", "train_saes", "verify_store",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 

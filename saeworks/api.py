@@ -49,12 +49,14 @@ def load_config(config: ConfigLike = None, *overrides: str, **fields: Any) -> Ru
     return _load_yaml(RunConfig, config, pairs)
 
 
-def harvest(config: ConfigLike = None, *overrides: str, **fields: Any) -> HarvestResult:
-    """Run the model over the dataset and fill (or resume) the run's activation store."""
+def harvest(config: ConfigLike = None, *overrides: str, repair: bool = False,
+            **fields: Any) -> HarvestResult:
+    """Run the model over the dataset and fill (or resume) the run's activation store;
+    `repair=True` first recomputes the shards that `verify_store` finds damaged."""
     from saeworks.activations.harvest import harvest as run_harvest
 
     cfg = load_config(config, *overrides, **fields)
-    return run_harvest(cfg.model, cfg.data, cfg.harvest, cfg.store_url)
+    return run_harvest(cfg.model, cfg.data, cfg.harvest, cfg.store_url, repair=repair)
 
 
 def train_saes(config: ConfigLike = None, *overrides: str, source: BatchSource | None = None,

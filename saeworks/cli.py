@@ -1,6 +1,6 @@
 """`saeworks`: one console command, a subcommand per stage.
 
-    saeworks harvest CONFIG [key=value ...]
+    saeworks harvest CONFIG [key=value ...] [--repair]
     saeworks train CONFIG [key=value ...]
     saeworks evaluate SAE_DIR [CONFIG | STORE] [key=value ...] [--out metrics.json]
     saeworks analyze SAE_DIR [CONFIG | STORE] [key=value ...] [--out DICTIONARY_DIR]
@@ -9,6 +9,8 @@
                                                  default and steered completions side by side
     saeworks steer-eval DICT --feature 1931 --coefficients 0,1,2,4,8 [--prompts FILE] [--out DIR]
                                                  concept vs fluency per coefficient, two baselines
+    saeworks verify STORE                        check every chunk of an activation store (exit 1:
+                                                 damaged; repair: saeworks harvest CONFIG --repair)
     saeworks config [SECTION]                    every config field: type, default, meaning
     saeworks --version
 
@@ -36,6 +38,7 @@ from saeworks.run_config import RunConfig
 from saeworks.sae.configdoc import render, section_docs, sections
 from saeworks.sae.configio import ConfigError, load_config, to_dict
 from saeworks.sae.errors import SaeworksError
+from saeworks.sae.oserrors import describe_os_error, require_writable_dir
 from saeworks.sae.version import package_version
 from saeworks.steer.settings import GenerationSettings
 from saeworks.train.errors import TrainingInterrupted
@@ -46,10 +49,10 @@ EXIT_INTERRUPTED = 143
 not a success, since the SAEs are not trained yet; rerun with train.resume=true."""
 
 
-def _harvest(cfg: RunConfig) -> None:
+def _harvest(cfg: RunConfig, repair: bool = False) -> None:
     from saeworks.activations.harvest import harvest
 
-    result = harvest(cfg.model, cfg.data, cfg.harvest, cfg.store_url)
+    result = harvest(cfg.model, cfg.data, cfg.harvest, cfg.store_url, repair=repair)
     print(f"rank {result.rank}/{result.world_size} harvested shards {result.shards}", flush=True)
     if result.tokens_harvested:
         rate = result.tokens_harvested / max(result.seconds, 1e-9)
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="override any config field, dotted for sections: harvest.max_tokens=20000")
         _add_print_config(sub)
+        if name == "harvest":
+            sub.add_argument("--repair", action="store_true", help=REPAIR_HELP)
     for name, (_, help_text) in SAE_STAGES.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("sae_dir", type=Path, help="an SAE directory (cfg.json + sae_weights.safetensors)")
@@ -239,7 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
         _add_print_config(sub)
     _add_steer(commands)
     _add_steer_eval(commands)
+    sub = commands.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP)
+    sub.add_argument("store", help="an activation store path or URL (e.g. RUN_DIR/activations.zarr)")
     return parser
+
+
+VERIFY_HELP = ("decode and check every chunk of an activation store (checksums, finite values, index "
+               "arrays, done flags); exit 1 and one line per damaged chunk if damaged")
+REPAIR_HELP = ("verify the existing store first and recompute exactly its damaged shards (those "
+               "`saeworks verify` lists), leaving the others as they are")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """`saeworks verify STORE`: the report, and exit 0 (no damage) or 1 (damage)."""
+    from saeworks.activations.verify import EXIT_DAMAGED, verify_store
+
+    report = verify_store(args.store)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else EXIT_DAMAGED
 
 
 def _add_print_config(sub: argparse.ArgumentParser) -> None:
@@ -312,21 +335,30 @@ def _steer_eval(args: argparse.Namespace) -> int:
         coefficients=parse_coefficients(args.coefficients),
         prompts=None if args.prompts is None else load_prompts(args.prompts),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, method=args.method)
+    out = args.out or args.dictionary / "steering" / f"feature-{args.feature}"
     with FeatureDictionary.open(args.dictionary, readonly=True, device=args.device, dtype=args.dtype) as d:
+        require_writable_dir(out, "--out")  # before minutes of generation, not after
         result = evaluate_steering(d, args.feature, settings, store_url=args.store,
                                    progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(result.table())
-    written = result.write(args.out or args.dictionary / "steering" / f"feature-{args.feature}")
+    written = result.write(out)
     print("wrote " + ", ".join(str(path) for path in written.values()))
     return 0
 
 
 def _user_errors(stage: str, command: Callable[[], int]) -> int:
-    """Run `command`; a SaeworksError becomes one line on stderr and exit status 2."""
+    """Run `command`; a SaeworksError, or an OS error the user can fix (permission, read-only,
+    full disk, missing directory), becomes one line on stderr and exit status 2."""
     try:
         return command()
     except SaeworksError as err:
         print(f"saeworks {stage}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as err:
+        line = describe_os_error(err)
+        if line is None:
+            raise
+        print(f"saeworks {stage}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
@@ -347,6 +379,8 @@ def _run_command(argv: Sequence[str] | None) -> int:
         return _user_errors(args.stage, lambda: _steer(args))
     if args.stage == "steer-eval":
         return _user_errors(args.stage, lambda: _steer_eval(args))
+    if args.stage == "verify":
+        return _user_errors(args.stage, lambda: _verify(args))
     overrides = list(args.overrides)
     if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
         overrides.insert(0, args.config)
@@ -355,24 +389,29 @@ def _run_command(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        if args.stage in SAE_STAGES:
-            config, store, overrides = split_target(args.target, overrides)
-            cfg = load_config(RunConfig, config, overrides)
-            if args.print_config:
-                return _print_config(cfg, store)
-            SAE_STAGES[args.stage][0](args.sae_dir, cfg, store, args.out)
-        else:
-            cfg = load_config(RunConfig, args.config, overrides)
-            if args.print_config:
-                return _print_config(cfg)
-            STAGES[args.stage][0](cfg)
-    except SaeworksError as err:
-        print(f"saeworks {args.stage}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_errors(args.stage, lambda: _run_stage(args, overrides))
     except TrainingInterrupted as err:
         print(f"saeworks {args.stage}: {err}; a checkpoint was written: rerun with "
               "train.resume=true to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _run_stage(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Load the config and run one stage (or print its config)."""
+    if args.stage in SAE_STAGES:
+        config, store, overrides = split_target(args.target, overrides)
+        cfg = load_config(RunConfig, config, overrides)
+        if args.print_config:
+            return _print_config(cfg, store)
+        SAE_STAGES[args.stage][0](args.sae_dir, cfg, store, args.out)
+    else:
+        cfg = load_config(RunConfig, args.config, overrides)
+        if args.print_config:
+            return _print_config(cfg)
+        if args.stage == "harvest":
+            _harvest(cfg, repair=args.repair)
+        else:
+            STAGES[args.stage][0](cfg)
     return 0
 
 

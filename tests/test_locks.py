@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from saeworks.sae.atomic import FAULT_ENV
 from saeworks.sae.locks import WriterBusyError, WriterLock, exclusive_writer, lock_path
 from saeworks.sae.oserrors import OutputPathError
+from tests.helpers import REPO, run_cli, shards_printed, small_harvest_overrides
 
 HOLD = """
 import sys, time
@@ -85,3 +88,38 @@ def test_a_lock_holder_that_just_started_is_named_unknown(tmp_path: Path) -> Non
             WriterLock.acquire(target, "train")
     finally:
         os.close(fd)
+
+
+def _wait_until_stopped(process: subprocess.Popen[str], timeout: float = 300) -> None:
+    """Until `process` is stopped (state T): it sent itself SIGSTOP at a fault point."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        state = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the first harvest never reached its first finished shard")
+
+
+def test_a_second_harvest_is_refused_while_the_first_runs_and_admitted_after_kill_9(
+        tmp_path: Path) -> None:
+    overrides = small_harvest_overrides(tmp_path / "run")
+    first = subprocess.Popen([sys.executable, "-m", "saeworks", "harvest", *overrides], cwd=REPO,
+                             env={**os.environ, FAULT_ENV: "harvest:shard-written:stop"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until_stopped(first)  # one shard written, the lock held
+        second = run_cli(["harvest", *overrides])
+        assert second.returncode == 2, second.stderr[-3000:]
+        errors = [line for line in second.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "Traceback" not in second.stderr
+        assert f"pid {first.pid}" in errors[0] and "saeworks harvest" in errors[0], errors[0]
+        assert "Loading weights" not in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+    third = run_cli(["harvest", *overrides])
+    assert third.returncode == 0, third.stderr[-3000:]
+    written = shards_printed(third.stdout)["rank 0/1"]
+    assert 0 not in written and written, third.stdout  # it resumed after the killed one's shard
