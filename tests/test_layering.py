@@ -1,4 +1,5 @@
-"""Imports point one way: sae <- activations <- train, eval <- steer <- the application layer (saeworks/).
+"""Imports point one way: sae <- activations <- train, eval <- steer <- interp <- the application
+layer (saeworks/).
 
 Every import statement of the package (module level or inside a function) is parsed, so a lazy
 import cannot hide an upward dependency. A stage package's `__main__.py` is a command-line entry
@@ -13,17 +14,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("sae", "activations", "train", "eval", "steer")
+STAGES = ("sae", "activations", "train", "eval", "steer", "interp")
 ALLOWED: dict[str, set[str]] = {
     "sae": {"sae"},
     "activations": {"sae", "activations"},
     "train": {"sae", "activations", "train"},
     "eval": {"sae", "activations", "eval"},
     "steer": {"sae", "activations", "eval", "steer"},
-    "app": {"sae", "activations", "train", "eval", "steer", "app"},
+    "interp": {"sae", "activations", "eval", "steer", "interp"},
+    "app": {"sae", "activations", "train", "eval", "steer", "interp", "app"},
 }
 """Which layers each layer may import (train and eval are siblings: neither imports the other; the
-interventions in steer use the dictionary, so they sit above eval)."""
+interventions in steer use the dictionary, so they sit above eval; interp builds on steer's)."""
 
 
 def package_files() -> list[tuple[str, Path]]:

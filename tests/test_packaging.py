@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("sae", "activations", "train", "eval", "steer")
+STAGES = ("sae", "activations", "train", "eval", "steer", "interp")
 
 
 def run(args: list[str | Path], cwd: Path, env: dict[str, str] | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TREE = ("pyproject.toml", "saeworks", "sae", "activations", "train", "eval", "steer")
+TREE = ("pyproject.toml", "saeworks", "sae", "activations", "train", "eval", "steer", "interp")
 """What mypy reads: its config and the five folders (saeworks/ with its symlinks as symlinks)."""
 
 CALLEE = "sae/limits.py"
