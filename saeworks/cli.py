@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from saeworks import cli_interp
 from saeworks.run_config import RunConfig
 from saeworks.sae.configdoc import render, section_docs, sections
 from saeworks.sae.configio import ConfigError, load_config, to_dict
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steer_eval(commands)
     sub = commands.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP)
     sub.add_argument("store", help="an activation store path or URL (e.g. RUN_DIR/activations.zarr)")
+    cli_interp.add_parsers(commands)
     return parser
 
 
@@ -381,6 +383,8 @@ def _run_command(argv: Sequence[str] | None) -> int:
         return _user_errors(args.stage, lambda: _steer_eval(args))
     if args.stage == "verify":
         return _user_errors(args.stage, lambda: _verify(args))
+    if args.stage in cli_interp.COMMANDS:
+        return _user_errors(args.stage, lambda: cli_interp.COMMANDS[args.stage](args))
     overrides = list(args.overrides)
     if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
         overrides.insert(0, args.config)
