@@ -84,7 +84,8 @@ def harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, s
     Holds the store's writer lock throughout (sae/locks.py): a second harvest into the same store
     is refused at once, naming this one; the directory is checked writable before the model loads."""
     rank = rank_info(model_cfg.device)
-    with exclusive_writer(store_url, "harvest", rank.is_main, setting="run_dir (or harvest.store)"):
+    with exclusive_writer(store_url, "harvest", rank.is_main, setting="run_dir (or harvest.store)",
+                          collective=True):
         return _harvest(model_cfg, data, settings, store_url, repair, rank)
 
 

@@ -92,11 +92,12 @@ def _holder(fd: int) -> str:
 
 @contextmanager
 def exclusive_writer(artifact: str | Path, stage: str, is_main: bool = True,
-                     setting: str = "run_dir") -> Iterator[None]:
+                     setting: str = "run_dir", collective: bool = False) -> Iterator[None]:
     """Hold the artifact's writer lock for the block, after checking that its directory can be
-    written (an OutputPathError naming `setting` otherwise), before any model loads. Rank 0 does
-    both for all ranks, and every rank raises the same error. Remote URLs (`s3://...`) are not
-    locked: their stores have no OS locks."""
+    written (an OutputPathError naming `setting` otherwise), before any model loads. With
+    `collective` (a stage every rank runs), rank 0 does both for all ranks and every rank raises
+    the same error; without, the calling process alone (a stage only rank 0 runs, or one process).
+    Remote URLs (`s3://...`) are not locked: their stores have no OS locks."""
     if "://" in str(artifact):
         yield
         return
@@ -108,7 +109,7 @@ def exclusive_writer(artifact: str | Path, stage: str, is_main: bool = True,
             held = WriterLock.acquire(artifact, stage)
         except SaeworksError as err:
             refusal = (type(err).__name__, str(err))
-    shared = all_gather_objects(refusal)[0]
+    shared = all_gather_objects(refusal)[0] if collective else refusal
     if shared is not None:
         kind, message = cast(tuple[str, str], shared)
         raise (OutputPathError if kind == OutputPathError.__name__ else WriterBusyError)(message)

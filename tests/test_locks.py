@@ -123,3 +123,22 @@ def test_a_second_harvest_is_refused_while_the_first_runs_and_admitted_after_kil
     assert third.returncode == 0, third.stderr[-3000:]
     written = shards_printed(third.stdout)["rank 0/1"]
     assert 0 not in written and written, third.stdout  # it resumed after the killed one's shard
+
+
+def test_only_a_collective_lock_talks_to_the_other_ranks(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """analyze runs on rank 0 alone (`saeworks run` under torchrun): its lock must not wait for
+    ranks that never come; harvest and train share the outcome with every rank."""
+    calls: list[object] = []
+
+    def gather(obj: object) -> list[object]:
+        calls.append(obj)
+        return [obj]
+
+    monkeypatch.setattr("saeworks.sae.locks.all_gather_objects", gather)
+    with exclusive_writer(tmp_path / "dictionary", "analyze"):
+        pass
+    assert calls == []
+    with exclusive_writer(tmp_path / "activations.zarr", "harvest", collective=True):
+        pass
+    assert calls == [None]

@@ -96,7 +96,7 @@ def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
     The run holds the writer lock of its checkpoint directory throughout (sae/locks.py): a second
     `train` into the same run_dir is refused, naming this one."""
     rank = rank_info(cfg.train.device)
-    with exclusive_writer(cfg.layout.checkpoints, "train", rank.is_main):
+    with exclusive_writer(cfg.layout.checkpoints, "train", rank.is_main, collective=True):
         if rank.is_main:
             _clean_leftovers(cfg)
         return _train(cfg, source, rank)
