@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,11 +60,16 @@ def tiny_run(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def tiny_dictionary(tiny_run, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """The feature dictionary of the tiny run's SAE, analysed over its store (read-only, shared)."""
+    """The feature dictionary of the tiny run's SAE, analysed over its store (read-only, shared).
+    Built from a copy of the SAE: analysing evaluates first and writes metrics.json beside the SAE,
+    which must not change the shared tiny run for the tests that come after."""
+    import shutil
+
     from saeworks.pipeline import build_dictionary
 
-    out = tmp_path_factory.mktemp("tiny-dictionary") / "dictionary"
-    return build_dictionary(tiny_run.sae_dir, tiny_run.cfg, tiny_run.store_url, out).directory
+    root = tmp_path_factory.mktemp("tiny-dictionary")
+    sae_dir = Path(shutil.copytree(tiny_run.sae_dir, root / "saes" / tiny_run.sae_dir.name))
+    return build_dictionary(sae_dir, tiny_run.cfg, tiny_run.store_url, root / "dictionary").directory
 
 
 @pytest.fixture(scope="session")
