@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -51,7 +50,7 @@ from transformers.pytorch_utils import Conv1D
 from saeworks.activations.hooks import ARCHITECTURES, blocks_of, capture_activations
 from saeworks.sae.atomic import atomic_directory
 from saeworks.sae.errors import SaeworksError
-from saeworks.sae.io import read_tensors
+from saeworks.sae.io import read_vector
 from saeworks.sae.version import package_version
 from saeworks.steer.interventions import FeatureSource
 
@@ -117,23 +116,10 @@ def load_direction(spec: str | Path, key: str | None = None) -> Direction:
     if not path.is_file():
         raise OrthogonalizeError(f"no vector file at {str(spec)!r}; give a safetensors file, or FILE:KEY")
     try:
-        tensors = read_tensors(path)
+        vector, key, metadata = read_vector(path, key)
     except SaeworksError as err:
         raise OrthogonalizeError(str(err)) from None
-    if key is None:
-        if len(tensors) != 1:
-            raise OrthogonalizeError(f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); "
-                                     f"name one as {path}:KEY")
-        (key,) = tensors
-    if key not in tensors:
-        raise OrthogonalizeError(f"{path} has no tensor {key!r}; it holds {', '.join(sorted(tensors))}")
-    tensor = tensors[key]
-    if tensor.numel() != max(tensor.shape, default=1):
-        raise OrthogonalizeError(f"{path}:{key} has shape {tuple(tensor.shape)}; a direction is one "
-                                 "[d_model] vector")
-    with safe_open(str(path), "pt") as opened:  # probe files (interp/probing.py) name their hook
-        hook = (opened.metadata() or {}).get("hook")
-    return Direction(tensor.reshape(-1).float(), f"{path}:{key}", hook)
+    return Direction(vector, f"{path}:{key}", metadata.get("hook"))  # probe files name their hook
 
 
 def feature_direction(source: FeatureSource, feature: int) -> Direction:

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
@@ -48,6 +47,7 @@ from saeworks.interp.input_attribution import FeatureSite, as_site
 from saeworks.sae.atomic import write_bytes_atomic
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.errors import SaeworksError
+from saeworks.sae.io import read_vector
 from saeworks.sae.version import package_version
 
 DIRECTION_KEY = "direction"
@@ -520,13 +520,9 @@ def save_direction(path: str | Path, direction: torch.Tensor, hook: str, *, d_mo
 def load_direction(path: str | Path, d_model: int | None = None) -> tuple[torch.Tensor, dict[str, str]]:
     """(vector [d] float32, metadata) of a direction file, checked as `save_direction` checks it."""
     try:
-        with safe_open(str(path), "pt") as opened:
-            metadata, keys = dict(opened.metadata() or {}), list(opened.keys())
-            vector = opened.get_tensor(DIRECTION_KEY) if DIRECTION_KEY in keys else None
-    except (OSError, SafetensorError) as err:
-        raise ProbeError(f"{path} is not a readable safetensors file: {err}") from err
-    if vector is None:
-        raise ProbeError(f"{path} has no tensor {DIRECTION_KEY!r}; it holds {', '.join(sorted(keys))}")
+        vector, _, metadata = read_vector(path, DIRECTION_KEY)
+    except SaeworksError as err:
+        raise ProbeError(str(err)) from None
     return check_direction(vector, d_model), metadata
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from saeworks.sae.atomic import atomic_directory
@@ -111,6 +111,26 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise SAEFormatError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def read_vector(path: str | Path, key: str | None = None) -> tuple[torch.Tensor, str, dict[str, str]]:
+    """One vector of a safetensors file (a steering vector, a probe direction): tensor `key`, or
+    the file's only tensor, as float32 [d]; with its key and the file's metadata. An SAEFormatError
+    naming the file's tensors when the key is missing or ambiguous, or the tensor is not a vector."""
+    tensors = read_tensors(path)
+    if key is None:
+        if len(tensors) != 1:
+            raise SAEFormatError(f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); "
+                                 f"name one as {path}:KEY")
+        (key,) = tensors
+    if key not in tensors:
+        raise SAEFormatError(f"{path} has no tensor {key!r}; it holds {', '.join(sorted(tensors))}")
+    tensor = tensors[key]
+    if tensor.numel() != max(tensor.shape, default=1):
+        raise SAEFormatError(f"{path}:{key} has shape {tuple(tensor.shape)}; a direction is one [d] vector")
+    with safe_open(str(path), "pt") as opened:
+        metadata = dict(opened.metadata() or {})
+    return tensor.reshape(-1).float(), key, metadata
 
 
 def sae_from_parts(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> SparseAutoencoder:

@@ -41,7 +41,7 @@ from saeworks.eval.evaluate import SAEMetadata
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.errors import SaeworksError
 from saeworks.sae.interventions import add_direction, cap_projection, scale_projection, set_latents
-from saeworks.sae.io import load_sae, read_tensors
+from saeworks.sae.io import load_sae, read_vector
 from saeworks.steer.positions import Positions, PositionTracker
 
 DIRECTION_METHODS = ("additive", "projection_cap", "orthogonal")
@@ -196,15 +196,8 @@ class VectorIntervention:
     def from_file(cls, path: str | Path, hook: str, key: str | None = None,
                   **kwargs: Any) -> VectorIntervention:
         """A vector stored in a safetensors file (`key`, or its only tensor)."""
-        tensors = read_tensors(Path(path))
-        if key is None:
-            if len(tensors) != 1:
-                raise InterventionError(f"{path} holds {len(tensors)} tensors "
-                                        f"({', '.join(sorted(tensors))}); name the one to steer with")
-            (key,) = tensors
-        if key not in tensors:
-            raise InterventionError(f"{path} has no tensor {key!r}; it holds {', '.join(sorted(tensors))}")
-        return cls(hook, tensors[key].float().reshape(-1), **kwargs)
+        vector, _, _ = read_vector(path, key)
+        return cls(hook, vector, **kwargs)
 
     def direction(self) -> torch.Tensor:
         return self.vector.detach().float()
