@@ -64,6 +64,7 @@ import html
 import json
 import re
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,15 @@ class DictionaryError(SaeworksError, RuntimeError):
 
 class FeatureNotFoundError(DictionaryError, IndexError):
     """A feature id outside 0..d_sae-1."""
+
+
+class SearchSyntaxError(DictionaryError, ValueError):
+    """A full-text query that SQLite's FTS5 cannot parse."""
+
+
+def words_query(query: str) -> str:
+    """An FTS5 expression matching every word of `query` as a prefix (empty: no words)."""
+    return " ".join('"' + w.replace('"', '""') + '"*' for w in re.findall(r"\w+", query))
 
 
 @dataclass(frozen=True)
@@ -264,6 +274,19 @@ class TokenActivations:
     features: list[FeatureActivation]
 
 
+@dataclass(frozen=True)
+class TextEncoding:
+    """A text as the model read it and the SAE's activations on each of its tokens."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    """Each token decoded on its own (special tokens kept)."""
+    special: list[bool]
+    """Whether each token is a special token (BOS, EOS, padding): not text the user wrote."""
+    activations: torch.Tensor
+    """[n_tokens, d_sae] float32 on the CPU."""
+
+
 SUMMARY_COLUMNS = "id, label, label_source, density, max_activation, top_tokens"
 FEATURE_COLUMNS = ("id, density, count, mean_activation, max_activation, quantiles, histogram, label, "
                    "label_source, top_tokens, logit_positive, logit_negative, neighbours")
@@ -385,20 +408,51 @@ class FeatureDictionary:
     def search(self, query: str, limit: int = 20) -> list[FeatureSummary]:
         """Features whose label or top tokens match `query`: full-text words first (best match
         first), then plain substring matches (for tokens with spaces or punctuation)."""
-        words = re.findall(r"\w+", query)
-        ids: list[int] = []
-        if words:
-            fts_query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)
-            ids = [int(r[0]) for r in self._query(
-                "SELECT rowid FROM features_fts WHERE features_fts MATCH ? ORDER BY rank LIMIT ?",
-                (fts_query, limit))]
+        return self.summaries(self.search_ids(query, limit))
+
+    def search_ids(self, query: str, limit: int = 20, *, syntax: str = "words") -> list[int]:
+        """Ids of the features whose label or top tokens match `query`, best first.
+
+        syntax "words": every word of the query, each as a prefix (`cat` finds `cats`), best
+        match first, then plain substring matches (tokens with spaces or punctuation); "fts": the
+        query is an SQLite FTS5 expression (`cat OR dog`, `"new york"`, `label: cat*`), and one
+        that does not parse raises SearchSyntaxError."""
+        if syntax == "fts":
+            return [int(r[0]) for r in self._fts("features_fts", query, limit)]
+        if syntax != "words":
+            raise DictionaryError(f"unknown search syntax {syntax!r}; choose 'words' or 'fts'")
+        words = words_query(query)
+        ids = [int(r[0]) for r in self._fts("features_fts", words, limit)] if words else []
         if len(ids) < limit and query:
             pattern = "%" + re.sub(r"([\\%_])", r"\\\1", query) + "%"
+            seen = set(ids)
             for (i,) in self._query("SELECT rowid FROM features_fts WHERE label LIKE ?1 ESCAPE '\\' "
                                     "OR tokens LIKE ?1 ESCAPE '\\' ORDER BY rowid", (pattern,)):
-                if len(ids) < limit and int(i) not in ids:
+                if len(ids) >= limit:
+                    break
+                if int(i) not in seen:
                     ids.append(int(i))
-        return self.summaries(ids)
+                    seen.add(int(i))
+        return ids
+
+    def _fts(self, table: str, expression: str, limit: int) -> list[tuple]:
+        try:
+            return self.con.execute(f"SELECT rowid FROM {table} WHERE {table} MATCH ? ORDER BY rank LIMIT ?",
+                                    (expression, limit)).fetchall()
+        except sqlite3.OperationalError as err:
+            if any(word in str(err) for word in ("locked", "I/O", "malformed", "no such table")):
+                raise DictionaryError(f"{self.path / DB_FILE} cannot be searched ({err})") from err
+            raise SearchSyntaxError(f"cannot read the full-text query {expression!r}: {err} (FTS5 "
+                                    "syntax: words, \"a phrase\", prefix*, AND/OR/NOT, NEAR(a b), "
+                                    "column: term)") from err
+
+    def context_texts(self, kind: str = "top") -> Iterator[tuple[int, str]]:
+        """(feature id, the text of its `kind` contexts, one per line) for every feature with one."""
+        yield from self.con.execute(
+            "SELECT feature_id, group_concat(text, char(10)) FROM (SELECT c.feature_id, (SELECT "
+            "group_concat(t.text, '') FROM row_tokens r JOIN tokens t ON t.id = r.token_id WHERE r.row "
+            "BETWEEN c.row - c.focus AND c.row - c.focus + c.length - 1) AS text FROM contexts c "
+            "WHERE c.kind = ? ORDER BY c.feature_id, c.rank) GROUP BY feature_id", (kind,))
 
     def token_ids(self, token: str | int) -> list[int]:
         """Ids of a token given as an id or as text (exact text first, else ignoring case and
@@ -468,36 +522,48 @@ class FeatureDictionary:
     def labels(self, ids: list[int]) -> dict[int, str]:
         return {s.id: s.label for s in self.summaries(ids)}
 
-    def features_on(self, text: str, top: int = 5) -> list[TokenActivations]:
-        """Per token of `text`: its `top` most active features. The text is tokenised as the
-        harvester did (BOS first), run through the model up to the hook, and encoded by the SAE.
-        The analysis skipped the first positions of every window (attention sinks); their
-        features here can be outliers."""
+    def encode_text(self, text: str) -> TextEncoding:
+        """`text` as the model reads it for this dictionary and the SAE's activations on every
+        token: tokenised as the harvester did (BOS first when it prepended one), run through the
+        model up to the hook, encoded by the SAE."""
         from saeworks.activations.hooks import capture_activations
         from saeworks.activations.text import separator_ids
 
         model, tokenizer, sae = self._load_runtime()
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        first = 1 if self.info.get("prepend_bos", True) else 0
-        if first:
+        if self.info.get("prepend_bos", True):
             ids.insert(0, separator_ids(tokenizer)[0])
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and len(ids) > limit:
             raise DictionaryError(f"the text is {len(ids)} tokens; the model reads at most {limit}")
-        if len(ids) <= first:
-            return []
+        texts = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        special = [t in special_ids for t in ids]
+        if not ids:
+            return TextEncoding([], [], [], torch.zeros(0, len(self)))
         hook = str(self.info["hook"])
         x = capture_activations(model, torch.tensor([ids], device=self.device), [hook])[hook][0]
         with torch.no_grad():
-            values, latents = sae.encode(x.float()).topk(min(top, len(self)), dim=-1)
-        values, latents = values.cpu().tolist(), latents.cpu().tolist()
+            activations = sae.encode(x.float()).float().cpu()  # [T, d_sae]
+        return TextEncoding(ids, texts, special, activations)
+
+    def features_on(self, text: str, top: int = 5) -> list[TokenActivations]:
+        """Per token of `text`: its `top` most active features. The text is tokenised as the
+        harvester did (BOS first), run through the model up to the hook, and encoded by the SAE.
+        The analysis skipped the first positions of every window (attention sinks); their
+        features here can be outliers."""
+        encoded = self.encode_text(text)
+        first = 1 if self.info.get("prepend_bos", True) else 0
+        if len(encoded.token_ids) <= first:
+            return []
+        best = encoded.activations.topk(min(top, len(self)), dim=-1)
+        values, latents = best.values.tolist(), best.indices.tolist()
         labels = self.labels(sorted({j for row in latents for j in row}))
-        texts = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False)
-        return [TokenActivations(p, ids[p], texts[p], [FeatureActivation(j, v, labels.get(j, ""))
-                                                       for v, j in zip(values[p], latents[p], strict=True)
-                                                       if v > 0])
-                for p in range(first, len(ids))]
+        return [TokenActivations(p, encoded.token_ids[p], encoded.tokens[p],
+                                 [FeatureActivation(j, v, labels.get(j, ""))
+                                  for v, j in zip(values[p], latents[p], strict=True) if v > 0])
+                for p in range(first, len(encoded.token_ids))]
 
     def model_config(self) -> ModelConfig:
         """The config that loads the model this dictionary's store was harvested from, on this

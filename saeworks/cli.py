@@ -9,6 +9,8 @@
                                                  default and steered completions side by side
     saeworks steer-eval DICT --feature 1931 --coefficients 0,1,2,4,8 [--prompts FILE] [--out DIR]
                                                  concept vs fluency per coefficient, two baselines
+    saeworks serve DICT [DICT ...] [--port 8000] [--writable]
+                                                 the feature-dictionary service: web page + JSON API
     saeworks verify STORE                        check every chunk of an activation store (exit 1:
                                                  damaged; repair: saeworks harvest CONFIG --repair)
     saeworks config [SECTION]                    every config field: type, default, meaning
@@ -34,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from saeworks import cli_interp
+from saeworks import cli_browse, cli_interp
 from saeworks.run_config import RunConfig
 from saeworks.sae.configdoc import render, section_docs, sections
 from saeworks.sae.configio import ConfigError, load_config, to_dict
@@ -245,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_print_config(sub)
     _add_steer(commands)
     _add_steer_eval(commands)
+    _add_serve(commands)
     sub = commands.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP)
     sub.add_argument("store", help="an activation store path or URL (e.g. RUN_DIR/activations.zarr)")
     cli_interp.add_parsers(commands)
+    cli_browse.add_parsers(commands)
     return parser
 
 
@@ -255,6 +259,42 @@ VERIFY_HELP = ("decode and check every chunk of an activation store (checksums, 
                "arrays, done flags); exit 1 and one line per damaged chunk if damaged")
 REPAIR_HELP = ("verify the existing store first and recompute exactly its damaged shards (those "
                "`saeworks verify` lists), leaving the others as they are")
+
+
+SERVE_HELP = "serve feature dictionaries: a web page and a JSON API (browse, search, inspect, steer)"
+
+
+def _add_serve(commands: Any) -> None:
+    sub = commands.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP + ". Read-only and "
+                              "loopback-only unless told otherwise; API docs at /docs.")
+    sub.add_argument("dictionaries", nargs="+", type=Path, metavar="DICT_DIR",
+                     help="feature dictionary directories")
+    sub.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this machine only)")
+    sub.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    sub.add_argument("--writable", action="store_true", help="allow label edits (saved to features.sqlite)")
+    sub.add_argument("--allow-remote", action="store_true",
+                     help="required to listen on a non-loopback address; every request then needs the token")
+    sub.add_argument("--token", default=None,
+                     help="access token every request must carry (default: $SAEWORKS_TOKEN; generated and "
+                          "printed for --allow-remote)")
+    sub.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="a browser origin allowed to call the API from its pages (repeatable; none by "
+                          "default)")
+    sub.add_argument("--max-waiting", type=int, default=4,
+                     help="requests that may wait for a busy model before the next gets 503 (default 4)")
+    sub.add_argument("--device", default="cpu", help="where the model runs for inspect and steer")
+    sub.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="the model's dtype (default: as the store was harvested)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from saeworks.service.server import serve
+
+    serve(args.dictionaries, host=args.host, port=args.port, writable=args.writable,
+          allow_remote=args.allow_remote, token=args.token, cors_origins=args.cors_origin, device=args.device,
+          dtype=args.dtype, max_waiting=args.max_waiting)
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -383,8 +423,12 @@ def _run_command(argv: Sequence[str] | None) -> int:
         return _user_errors(args.stage, lambda: _steer_eval(args))
     if args.stage == "verify":
         return _user_errors(args.stage, lambda: _verify(args))
+    if args.stage == "serve":
+        return _user_errors(args.stage, lambda: _serve(args))
     if args.stage in cli_interp.COMMANDS:
         return _user_errors(args.stage, lambda: cli_interp.COMMANDS[args.stage](args))
+    if args.stage in cli_browse.COMMANDS:
+        return _user_errors(args.stage, lambda: cli_browse.COMMANDS[args.stage](args))
     overrides = list(args.overrides)
     if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
         overrides.insert(0, args.config)
