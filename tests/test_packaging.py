@@ -100,7 +100,10 @@ def test_wheel_has_one_top_level_package_and_runs_installed(tmp_path: Path) -> N
     assert not tops & set(STAGES)
     assert top_level == ["saeworks"]
     for required in ("saeworks/sae/io.py", "saeworks/train/__main__.py", "saeworks/py.typed",
-                     "saeworks/cli.py", f"{dist_info}/licenses/LICENSE"):
+                     "saeworks/cli.py", f"{dist_info}/licenses/LICENSE",
+                     # the web page is package data: `saeworks serve` works offline once installed
+                     "saeworks/service/static/index.html", "saeworks/service/static/app.js",
+                     "saeworks/service/static/style.css"):
         assert required in names, required
     for stage in STAGES:
         assert f"saeworks/{stage}/__init__.py" in names, stage

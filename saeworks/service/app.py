@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from saeworks.eval.dictionary import DictionaryError, FeatureNotFoundError, SearchSyntaxError, words_query
 from saeworks.sae.version import package_version
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TOKEN_COOKIE = "saeworks_token"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+DOCS_ASSETS = "/static-offline-docs"
+"""Where fastapi-offline serves Swagger UI's and ReDoc's files (the docs pages load nothing from a CDN)."""
 SEARCH_CAP = 2000
 """Most matches a search collects before paginating (pages beyond it are empty)."""
 
@@ -61,9 +64,10 @@ def create_app(paths: Sequence[str | Path], *, writable: bool = False, token: st
     busy model before the next one gets 503.
     """
     catalog = open_catalog(paths, writable=writable, device=device, dtype=dtype, max_waiting=max_waiting)
-    app = FastAPI(title="saeworks feature dictionaries", version=package_version(),
-                  description="Browse, search, inspect and steer with SAE feature dictionaries. Field names "
-                              "follow Neuronpedia's where it has the same quantity.")
+    app = FastAPIOffline(static_url=DOCS_ASSETS, title="saeworks feature dictionaries",
+                         version=package_version(),
+                         description="Browse, search, inspect and steer with SAE feature dictionaries. Field "
+                                     "names follow Neuronpedia's where it has the same quantity.")
     app.state.catalog = catalog
     app.state.writable = writable
     _add_security(app, token, allowed_hosts, cors_origins)

@@ -25,7 +25,8 @@ from saeworks.steer.interventions import FeatureSource
 
 log = logging.getLogger(__name__)
 
-RESERVED_NAMES = frozenset({"api", "static", "docs", "redoc", "openapi.json", "favicon.ico"})
+RESERVED_NAMES = frozenset({"api", "static", "static-offline-docs", "docs", "redoc", "openapi.json",
+                            "favicon.ico"})
 """First path segments the service uses itself: a dictionary never gets one of these names."""
 
 
