@@ -26,7 +26,8 @@ written against one reads the other. Where Neuronpedia has the same quantity its
 
 Fields Neuronpedia has and a dictionary does not are left out rather than filled with zeros:
 logits_hist_data_bar_* (the histogram of logit effects over the vocabulary), decoder_weights_dist,
-neuron_alignment_*, correlated_neurons_* / correlated_features_*, dfaValues, lossValues, vector.
+neuron_alignment_*, correlated_neurons_* / correlated_features_*, dfaValues, lossValues. The
+decoder row (Neuronpedia's `vector`) is in the dictionary's sae/ directory; records leave it out.
 Fields only saeworks has keep their own names (count, mean_activation, quantiles, top_tokens,
 label_source, and kind/rank/band/row/window/position on activations).
 """
@@ -81,7 +82,7 @@ def activation_record(info: dict[str, Any], feature: Feature, context: Context) 
     values = [float(v) for v in context.activations]
     peak = max(range(len(values)), key=values.__getitem__) if values else 0
     record: dict[str, Any] = {
-        "id": f"{source_id(info)}-{feature.id}-{context.kind}-{context.rank}",
+        "id": f"{model_id(info)}@{source_id(info)}-{feature.id}-{context.kind}-{context.rank}",
         "modelId": model_id(info), "layer": source_id(info), "index": str(feature.id),
         "tokens": list(context.tokens), "values": values,
         "maxValue": values[peak] if values else 0.0, "maxValueTokenIndex": peak,
