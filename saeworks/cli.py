@@ -99,6 +99,8 @@ def _run(cfg: RunConfig) -> None:
     print("times: " + ", ".join(f"{t.stage} {t.seconds:.0f} s" for t in summary.times)
           + f" (total {sum(t.seconds for t in summary.times):.0f} s)")
     if summary.dictionaries:
+        print(f"browse it: saeworks serve {' '.join(str(d) for d in summary.dictionaries)}  "
+              "(then open http://127.0.0.1:8000/)")
         print(f"open it: python -c \"import saeworks; "
               f"print(saeworks.open_dictionary('{summary.dictionaries[0]}').feature(0))\"")
 
