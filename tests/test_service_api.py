@@ -111,7 +111,8 @@ def test_feature_id_out_of_range_or_not_a_number_is_422(client: httpx.Client, na
 
 def test_unknown_dictionary_or_path_like_name_is_404(client: httpx.Client, name: str) -> None:
     for path in ("/api/nope/features/0", "/api/..%2F..%2Fetc/features/0", "/api/%2Fetc%2Fpasswd/features/0",
-                 f"/api/{name}%2F..%2F{name}/features/0", "/nope/features/0"):
+                 "/nope/features/0", "/nope/search", "/..%2F..%2Fetc/features/0",
+                 f"/api/{name}%2F..%2F{name}/features/0"):
         response = client.get(path)
         assert response.status_code == 404, (path, response.text)
     assert "served: " + name in client.get("/api/nope/features/0").json()["detail"]
@@ -185,6 +186,7 @@ def test_inspect_equals_features_on(client: httpx.Client, name: str, opened: Fea
         ordinary = ranked["values"][1:]  # BOS is special: never ranked
         assert ranked["maxValue"] == pytest.approx(max(ordinary))
         assert ranked["maxValueTokenIndex"] == 1 + ordinary.index(max(ordinary))
+        assert ranked["maxActApprox"] == pytest.approx(opened.summaries([ranked["index"]])[0].max_activation)
     peaks = [r["maxValue"] for r in body["ranked"]]
     assert peaks == sorted(peaks, reverse=True)
 
@@ -197,7 +199,8 @@ def test_activation_of_one_feature_on_a_text(client: httpx.Client, name: str,
     assert body["values"] == pytest.approx(top["values"], abs=1e-5)
     assert body["tokens"] == [t["token"] for t in inspected["tokens"]]
     assert body["special"][0] is True
-    assert body["maxValue"] == pytest.approx(max(body["values"]))
+    assert body["maxValue"] == pytest.approx(max(body["values"][1:]))  # BOS is special: not counted
+    assert body["maxActApprox"] == pytest.approx(opened.summaries([top["index"]])[0].max_activation)
     response = client.post(f"/api/{name}/activation", json={"text": TEXT, "index": len(opened)})
     assert response.status_code == 422 and f"ids 0 to {len(opened) - 1}" in response.json()["detail"]
 

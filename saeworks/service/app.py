@@ -188,29 +188,37 @@ def _add_api(app: FastAPI, catalog: dict[str, ServedDictionary], writable: bool)
             best = peak.topk(min(request.ranked, served.d_sae))
             ranked = [(float(v), int(j), ordinary[int(where[j])]) for v, j in
                       zip(best.values.tolist(), best.indices.tolist(), strict=True) if v > 0]
-        labels = served.handle().labels(sorted({*latents.flatten().tolist(), *(j for _, j, _ in ranked)}))
+        summaries = {s.id: s for s in served.handle().summaries(
+            sorted({*latents.flatten().tolist(), *(j for _, j, _ in ranked)}))}
+        labels = {j: s.label for j, s in summaries.items()}
+        peaks = {j: s.max_activation for j, s in summaries.items()}
         tokens = [{"position": p, "token_id": encoded.token_ids[p], "token": encoded.tokens[p],
                    "special": encoded.special[p],
-                   "features": [{"index": j, "activation": v, "label": labels.get(j, "")}
+                   "features": [{"index": j, "activation": v, "label": labels.get(j, ""),
+                                 "maxActApprox": peaks.get(j, 0.0)}
                                 for v, j in zip(values[p].tolist(), latents[p].tolist(), strict=True)
                                 if v > 0]}
                   for p in range(len(encoded.token_ids))]
         return {"text": request.text, "tokens": tokens,
                 "ranked": [{"index": j, "label": labels.get(j, ""), "maxValue": v, "maxValueTokenIndex": at,
-                            "values": acts[:, j].tolist()} for v, j, at in ranked]}
+                            "maxActApprox": peaks.get(j, 0.0), "values": acts[:, j].tolist()}
+                           for v, j, at in ranked]}
 
     @app.post("/api/{name}/activation", tags=["model"])
     def activation(name: str, request: ActivationRequest) -> dict[str, Any]:
-        """One feature's activation on every token of the text."""
+        """One feature's activation on every token of the text; maxValue and maxValueTokenIndex
+        over its ordinary tokens (special ones such as BOS are attention sinks, as in /inspect)."""
         served = _served(catalog, name)
         index = _check_index(served, request.index)
         with served.gate.call():
             encoded = served.model_handle().encode_text(request.text)
         values = encoded.activations[:, index].tolist()
-        peak = max(range(len(values)), key=values.__getitem__)
+        ordinary = [p for p, special in enumerate(encoded.special) if not special] or list(range(len(values)))
+        peak = max(ordinary, key=values.__getitem__)
         return {"index": index, "tokens": encoded.tokens, "token_ids": encoded.token_ids, "values": values,
                 "special": encoded.special, "maxValue": values[peak], "maxValueTokenIndex": peak,
-                "minValue": min(values)}
+                "minValue": min(values[p] for p in ordinary),
+                "maxActApprox": served.handle().summaries([index])[0].max_activation}
 
     @app.post("/api/{name}/steer", tags=["model"])
     def steer(name: str, request: SteerRequest) -> dict[str, Any]:
@@ -262,21 +270,21 @@ def _add_page(app: FastAPI, catalog: dict[str, ServedDictionary]) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     index_html = STATIC_DIR / "index.html"
 
-    def page() -> FileResponse:
-        return FileResponse(index_html, media_type="text/html")
+    def page(name: str | None = None) -> FileResponse:
+        """The page; a 404 for a dictionary not served (the page then shows the error itself)."""
+        status = 404 if name is not None and name not in catalog else 200
+        return FileResponse(index_html, media_type="text/html", status_code=status)
 
     @app.get("/", include_in_schema=False)
     def home() -> FileResponse:
         return page()
 
     @app.get("/{name}/features/{index}", include_in_schema=False)
-    def feature_page(name: str, index: int) -> FileResponse:
-        _served(catalog, name)
-        return page()
+    def feature_page(name: str, index: str) -> FileResponse:
+        return page(name)
 
     @app.get("/{name}/{view}", include_in_schema=False)
     def view_page(name: str, view: str) -> FileResponse:
-        _served(catalog, name)
         if view not in ("search", "inspect", "steer"):
             raise HTTPException(404, f"no page {view!r}; pages: features/ID, search, inspect, steer")
-        return page()
+        return page(name)
