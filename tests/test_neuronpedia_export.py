@@ -243,3 +243,18 @@ def test_a_killed_export_is_not_published_and_the_next_run_cleans_up(
     assert "wrote 256 features (3 batches)" in done.out and "export neuronpedia" in done.err  # the bar
     assert [p.name for p in tmp_path.iterdir()] == ["np"]  # the dead writer's scratch is gone
     assert sorted(p.name for p in (out / "features").iterdir()) == [f"batch-{i}.jsonl.gz" for i in range(3)]
+
+
+def test_a_dead_feature_is_exported_without_contexts_or_its_auto_label(tmp_path: Path) -> None:
+    from tests.dictionary_helpers import build
+
+    directory, analysis = build(tmp_path)  # feature 1 never fired
+    summary = export_neuronpedia(directory, tmp_path / "out", progress=False)
+    (features,) = _batches(tmp_path / "out" / "features")
+    (activations,) = _batches(tmp_path / "out" / "activations")
+    (explanations,) = _batches(tmp_path / "out" / "explanations")
+    dead = features[1]
+    assert dead["index"] == "1" and dead["frac_nonzero"] == 0 and dead["maxActApprox"] == 0
+    assert sum(dead["freq_hist_data_bar_heights"]) == 0 and dead["dead"] is True
+    assert "1" not in {r["index"] for r in activations} and "1" not in {r["index"] for r in explanations}
+    assert summary.features == analysis.d_sae and summary.explanations == analysis.d_sae - 1

@@ -315,3 +315,15 @@ def test_page_routes_serve_the_page_and_its_assets(client: httpx.Client, name: s
             assert client.get(asset).status_code == 200, asset
     assert client.get(f"/{name}/nothing").status_code == 404
     assert client.get("/static/../../pyproject.toml").status_code == 404
+
+
+def test_a_dead_feature_has_no_contexts_and_says_so(tmp_path: Path) -> None:
+    from tests.dictionary_helpers import build
+
+    directory, _ = build(tmp_path)  # feature 1 never fired
+    with serving(create_app([directory])) as url, httpx.Client(base_url=url) as client:
+        record = client.get("/api/dict/features/1").json()
+        assert record["dead"] is True and record["label"] == "dead" and record["activations"] == []
+        assert record["frac_nonzero"] == 0 and sum(record["freq_hist_data_bar_heights"]) == 0
+        alive = client.get("/api/dict/features/0").json()
+        assert alive["dead"] is False and alive["activations"]

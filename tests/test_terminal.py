@@ -182,3 +182,14 @@ def test_inspect_lists_each_tokens_top_features(tiny_dictionary: Path, dictionar
         assert [v for _, v in listed] == pytest.approx([f.activation for f in token.features], rel=1e-3)
     coloured = _render(True, lambda c: show_inspect(c, dictionary, tokens, color=True))
     assert BACKGROUND.search(coloured) and ANSI.sub("", coloured) == out
+
+
+def test_show_says_a_dead_feature_is_dead(tmp_path: Path) -> None:
+    from tests.dictionary_helpers import build
+
+    directory, analysis = build(tmp_path)  # feature 1 never fired
+    assert int(analysis.count[1]) == 0
+    with FeatureDictionary.open(directory, readonly=True) as d:
+        out = _render(False, lambda c: show_feature(c, d, d.feature(1), color=False))
+    assert "dead: it was active on none of the analysed tokens" in out
+    assert "«" not in out  # no contexts to show
