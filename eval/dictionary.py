@@ -310,6 +310,7 @@ class FeatureDictionary:
         """The model's dtype when it is loaded (None: the dtype the store was harvested in)."""
         self.activation_dtype = dict(con.execute("SELECT key, value FROM meta"))["activation_dtype"]
         self._runtime: tuple[Any, Any, Any] | None = None
+        self._texts: dict[int, str] | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, readonly: bool = False, device: str = "cpu",
@@ -378,19 +379,31 @@ class FeatureDictionary:
                        [(int(j), float(c)) for j, c in json.loads(near)], self._contexts(fid))
 
     def _contexts(self, i: int) -> list[Context]:
+        """Feature `i`'s contexts: two queries (the contexts, then every shown token of all of
+        them in one join), token texts from the in-memory table."""
         rows = self._query("SELECT kind, rank, band, activation, row, window, position, focus, length, "
                            "activations FROM contexts WHERE feature_id = ? ORDER BY kind DESC, rank", (i,))
+        shown: dict[tuple[str, int], list[int]] = {(kind, rank): [] for kind, rank, *_ in rows}
+        for kind, rank, token in self._query(
+                "SELECT c.kind, c.rank, r.token_id FROM contexts c JOIN row_tokens r ON r.row BETWEEN "
+                "c.row - c.focus AND c.row - c.focus + c.length - 1 WHERE c.feature_id = ? "
+                "ORDER BY c.kind DESC, c.rank, r.row", (i,)):
+            shown[(kind, rank)].append(token)
+        texts = self._token_texts()
+        dtype = np.dtype(self.activation_dtype).newbyteorder("<")
         contexts = []
-        for kind, rank, band, activation, row, window, position, focus, length, blob in rows:
-            start = row - focus
-            tokens = self._query("SELECT r.token_id, t.text FROM row_tokens r JOIN tokens t "
-                                 "ON t.id = r.token_id WHERE r.row BETWEEN ? AND ? ORDER BY r.row",
-                                 (start, start + length - 1))
-            values = np.frombuffer(blob, dtype=np.dtype(self.activation_dtype).newbyteorder("<"))
-            contexts.append(Context(kind, rank, band, activation, row, window, position, focus,
-                                    [int(t) for t, _ in tokens], [text for _, text in tokens],
-                                    values.astype(np.float64).tolist()))
+        for kind, rank, band, activation, row, window, position, focus, _, blob in rows:
+            ids = shown[(kind, rank)]
+            values = np.frombuffer(blob, dtype=dtype).astype(np.float64).tolist()
+            contexts.append(Context(kind, rank, band, activation, row, window, position, focus, ids,
+                                    [texts[t] for t in ids], values))
         return contexts
+
+    def _token_texts(self) -> dict[int, str]:
+        """The tokens table (every token id a context shows, decoded), read once per handle."""
+        if self._texts is None:
+            self._texts = {int(i): text for i, text in self._query("SELECT id, text FROM tokens")}
+        return self._texts
 
     def summaries(self, ids: list[int]) -> list[FeatureSummary]:
         """Summaries of `ids`, in that order."""

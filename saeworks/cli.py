@@ -285,6 +285,8 @@ def _add_serve(commands: Any) -> None:
                           "default)")
     sub.add_argument("--max-waiting", type=int, default=4,
                      help="requests that may wait for a busy model before the next gets 503 (default 4)")
+    sub.add_argument("--cache-mb", type=float, default=512,
+                     help="memory for ready feature records, filled in the background (default 512; 0: none)")
     sub.add_argument("--device", default="cpu", help="where the model runs for inspect and steer")
     sub.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="the model's dtype (default: as the store was harvested)")
@@ -295,7 +297,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.dictionaries, host=args.host, port=args.port, writable=args.writable,
           allow_remote=args.allow_remote, token=args.token, cors_origins=args.cors_origin, device=args.device,
-          dtype=args.dtype, max_waiting=args.max_waiting)
+          dtype=args.dtype, max_waiting=args.max_waiting, cache_mb=args.cache_mb)
     return 0
 
 

@@ -244,7 +244,7 @@ def _model_shape(info: dict[str, Any]) -> dict[str, Any]:
 def _write_batches(dictionary: FeatureDictionary, out: Path, meta: _Metadata, per_batch: int, labels: str,
                    progress: bool) -> dict[str, int]:
     """Every feature, its activations and its label into the batch files; returns the counts."""
-    from saeworks.service.records import activation_record, feature_record
+    from saeworks.service.records import feature_record
 
     for name in (FEATURES_DIR, ACTIVATIONS_DIR) + ((EXPLANATIONS_DIR,) if labels != "none" else ()):
         (out / name).mkdir()
@@ -257,11 +257,10 @@ def _write_batches(dictionary: FeatureDictionary, out: Path, meta: _Metadata, pe
                 for i in ids:
                     feature = dictionary.feature(i)
                     record = feature_record(dictionary, feature)
-                    record.pop("activations")
+                    activations = record.pop("activations")
                     record.update(sourceSetName=meta.source_set, creatorId=meta.creator_id)
                     files.write(FEATURES_DIR, _dumps(record, f"feature {i}"))
-                    for context in feature.contexts:
-                        activation = activation_record(dictionary.info, feature, context)
+                    for activation in activations:
                         activation["creatorId"] = meta.creator_id
                         files.write(ACTIVATIONS_DIR, _dumps(activation, f"feature {i}'s activations"))
                         counts["activations"] += 1

@@ -327,3 +327,54 @@ def test_a_dead_feature_has_no_contexts_and_says_so(tmp_path: Path) -> None:
         assert record["frac_nonzero"] == 0 and sum(record["freq_hist_data_bar_heights"]) == 0
         alive = client.get("/api/dict/features/0").json()
         assert alive["dead"] is False and alive["activations"]
+
+
+def test_feature_records_are_prepared_and_sent_gzipped_when_asked(
+        service: tuple[httpx.Client, Any], name: str, opened: FeatureDictionary) -> None:
+    import gzip
+    import json
+    import time
+
+    client, app = service
+    served = app.state.catalog[name]
+    deadline = time.monotonic() + 120
+    alive = opened.counts()["alive"]
+    while len(served.cache) < alive:  # the background fill: every live feature, densest first
+        assert time.monotonic() < deadline, f"{len(served.cache)} of {alive} records prepared"
+        time.sleep(0.1)
+    raw = client.get(f"/api/{name}/features/7", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in raw.headers and raw.headers["content-type"] == "application/json"
+    with httpx.Client(base_url=str(client.base_url)) as plain:
+        zipped = plain.stream("GET", f"/api/{name}/features/7", headers={"Accept-Encoding": "gzip"})
+        with zipped as response:
+            assert response.headers["content-encoding"] == "gzip"
+            body = b"".join(response.iter_raw())
+    assert json.loads(gzip.decompress(body)) == raw.json() == json.loads(raw.content)
+
+
+def test_a_label_edit_refreshes_the_records_that_show_it(tiny_dictionary: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_dictionary, tmp_path / "dictionary"))
+    with FeatureDictionary.open(copy, readonly=True) as d:
+        i = d.top_features(1)[0].id
+        j = d.feature(i).neighbours[0][0]
+    app = create_app([copy], writable=True, warm_cache=False)
+    with serving(app) as url, httpx.Client(base_url=url) as client:
+        before = client.get(f"/api/dictionary/features/{i}").json()
+        assert i in app.state.catalog["dictionary"].cache
+        client.put(f"/api/dictionary/features/{j}/label", json={"label": "a neighbour's new name"})
+        after = client.get(f"/api/dictionary/features/{i}").json()
+        renamed = "a neighbour's new name"
+        assert after["neighbour_labels"][str(j)] == renamed != before["neighbour_labels"][str(j)]
+        assert client.get(f"/api/dictionary/features/{j}").json()["label"] == "a neighbour's new name"
+
+
+def test_record_cache_keeps_to_its_budget() -> None:
+    from saeworks.service.cache import RecordCache
+
+    cache = RecordCache(budget_bytes=100)
+    assert cache.put(1, b"x" * 40, [2]) and cache.put(2, b"y" * 40, [3])
+    assert cache.get(1) == b"x" * 40  # 1 is now the most recently used
+    assert cache.put(3, b"z" * 40, [1])  # over budget: 2, the least recently used, goes
+    assert 2 not in cache and 1 in cache and 3 in cache and cache.size_bytes == 80
+    assert not cache.put(4, b"w" * 101, [])
+    assert cache.forget_label(1) == 2 and len(cache) == 0 and cache.size_bytes == 0

@@ -56,7 +56,7 @@ def test_every_request_needs_the_token(tiny_dictionary: Path) -> None:
                 response = anonymous.get(path)
                 assert response.status_code == 401, path
                 assert "Bearer" in response.json()["detail"]
-            for header in ("Bearer wrong", "s3cret-token", "Bearer ", "Basic czNjcmV0LXRva2Vu"):
+            for header in ("Bearer wrong", "s3cret-token", "Bearer", "Basic czNjcmV0LXRva2Vu"):
                 response = anonymous.get("/api/dictionaries", headers={"Authorization": header})
                 assert response.status_code == 401, header
         with httpx.Client(base_url=url, headers={"Authorization": "Bearer s3cret-token"}) as bearer:

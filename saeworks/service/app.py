@@ -8,6 +8,7 @@ model 503 with Retry-After, a label edit on a read-only service 403, a missing t
 
 from __future__ import annotations
 
+import gzip
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,7 +54,8 @@ SEARCH_CAP = 2000
 
 def create_app(paths: Sequence[str | Path], *, writable: bool = False, token: str | None = None,
                allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS, cors_origins: Sequence[str] = (),
-               device: str = "cpu", dtype: str | None = None, max_waiting: int = 4) -> FastAPI:
+               device: str = "cpu", dtype: str | None = None, max_waiting: int = 4, cache_mb: float = 512,
+               warm_cache: bool = True) -> FastAPI:
     """The service over the dictionaries at `paths`.
 
     writable: label edits allowed (persisted to features.sqlite). token: when set, every request
@@ -61,9 +63,11 @@ def create_app(paths: Sequence[str | Path], *, writable: bool = False, token: st
     allowed_hosts: Host headers answered (loopback by default: a web page elsewhere cannot reach
     the service through DNS rebinding); None answers any. cors_origins: browser origins allowed to
     call the API from their pages (none by default). max_waiting: requests that may wait for a
-    busy model before the next one gets 503.
+    busy model before the next one gets 503. cache_mb: memory for ready feature records (cache.py),
+    filled in the background unless warm_cache is False.
     """
-    catalog = open_catalog(paths, writable=writable, device=device, dtype=dtype, max_waiting=max_waiting)
+    catalog = open_catalog(paths, writable=writable, device=device, dtype=dtype, max_waiting=max_waiting,
+                           cache_mb=cache_mb, warm_cache=warm_cache)
     app = FastAPIOffline(static_url=DOCS_ASSETS, title="saeworks feature dictionaries",
                          version=package_version(),
                          description="Browse, search, inspect and steer with SAE feature dictionaries. Field "
@@ -143,15 +147,21 @@ def _add_api(app: FastAPI, catalog: dict[str, ServedDictionary], writable: bool)
     @app.get("/api/dictionaries", tags=["dictionaries"])
     def dictionaries() -> dict[str, Any]:
         """The dictionaries served: model, hook, SAE, metrics, size."""
-        return {"dictionaries": [records.dictionary_record(name, s.handle()) for name, s in catalog.items()],
-                "writable": writable}
+        return {"dictionaries": [served.summary() for served in catalog.values()], "writable": writable}
 
-    @app.get("/api/{name}/features/{index}", tags=["features"])
-    def feature(name: str, index: int = PathParam(ge=0)) -> dict[str, Any]:
-        """Everything the dictionary knows about one feature."""
+    @app.get("/api/{name}/features/{index}", tags=["features"], response_class=Response,
+             responses={200: {"content": {"application/json": {}},
+                              "description": "the feature record (records.feature_record)"}})
+    async def feature(name: str, request: Request, index: int = PathParam(ge=0)) -> Response:
+        """Everything the dictionary knows about one feature. Answered on the event loop: a ready
+        record is bytes to send (gzip when the client takes it), a new one a few ms of SQLite."""
         served = _served(catalog, name)
-        handle = served.handle()
-        return records.feature_record(handle, handle.feature(_check_index(served, index)))
+        body = served.feature_body(_check_index(served, index))
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(body, media_type="application/json",
+                            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        return Response(gzip.decompress(body), media_type="application/json",
+                        headers={"Vary": "Accept-Encoding"})
 
     @app.get("/api/{name}/search", tags=["features"])
     def search(name: str, q: str = Query(min_length=1, max_length=500), page: int = Query(1, ge=1),
@@ -253,9 +263,8 @@ def _add_api(app: FastAPI, catalog: dict[str, ServedDictionary], writable: bool)
         served = _served(catalog, name)
         if not writable:
             raise HTTPException(403, "this service is read-only: restart it with --writable to edit labels")
-        handle = served.handle()
-        handle.set_label(_check_index(served, index), edit.label)
-        (summary,) = handle.summaries([index])
+        served.set_label(_check_index(served, index), edit.label)
+        (summary,) = served.handle().summaries([index])
         return {"index": index, "label": summary.label, "label_source": summary.label_source}
 
 

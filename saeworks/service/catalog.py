@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from saeworks.eval.dictionary import FeatureDictionary, SearchSyntaxError
+from saeworks.service import records
+from saeworks.service.cache import RecordCache, encode_record, warm
 from saeworks.service.gate import ModelGate
 from saeworks.steer.interventions import FeatureSource
 
@@ -106,7 +108,10 @@ class ServedDictionary:
     dtype: str | None
     gate: ModelGate
     contexts: ContextIndex
+    cache: RecordCache
     _local: threading.local = field(default_factory=threading.local)
+    _summary: dict[str, Any] | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
     _runtime: tuple[Any, Any, Any] | None = None
     _source: FeatureSource | None = None
 
@@ -120,6 +125,49 @@ class ServedDictionary:
         if self._runtime is not None:
             handle._runtime = self._runtime
         return handle
+
+    def summary(self) -> dict[str, Any]:
+        """What /api/dictionaries says of it (counts, metrics, size: read once, they do not change
+        while it is served)."""
+        if self._summary is None:
+            self._summary = records.dictionary_record(self.name, self.handle())
+        return self._summary
+
+    def feature_body(self, index: int) -> bytes:
+        """Feature `index`'s record, gzip-compressed JSON, from the cache or built now (and kept)."""
+        body = self.cache.get(index)
+        if body is None:
+            body, neighbours = self._build(self.handle(), index)
+            self.cache.put(index, body, neighbours)
+        return body
+
+    @staticmethod
+    def _build(handle: FeatureDictionary, index: int) -> tuple[bytes, list[int]]:
+        feature = handle.feature(index)
+        return encode_record(records.feature_record(handle, feature)), [j for j, _ in feature.neighbours]
+
+    def set_label(self, index: int, label: str) -> None:
+        self.handle().set_label(index, label)
+        self.cache.forget_label(index)
+
+    def start_warming(self) -> threading.Thread:
+        """Fill the record cache in the background, densest features first, once the context index
+        is built (the two would only slow each other)."""
+        def run() -> None:
+            self.contexts.ready.wait()
+            try:
+                with FeatureDictionary.open(self.path, readonly=True) as handle:
+                    ids = [s.id for s in handle.top_features(len(handle))]
+                    warm(self.cache, ids, lambda i: self._build(handle, i), self.name, self._stop)
+            except Exception as err:  # requests still build records themselves
+                log.warning("%s: feature records not prepared: %s", self.name, err)
+
+        thread = threading.Thread(target=run, name=f"records:{self.name}", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def model_handle(self) -> FeatureDictionary:
         """This thread's handle with the model, tokenizer and SAE loaded (call inside `gate.call()`)."""
@@ -138,9 +186,12 @@ class ServedDictionary:
 
 
 def open_catalog(paths: Sequence[str | Path], *, writable: bool = False, device: str = "cpu",
-                 dtype: str | None = None, max_waiting: int = 4) -> dict[str, ServedDictionary]:
+                 dtype: str | None = None, max_waiting: int = 4, cache_mb: float = 512,
+                 warm_cache: bool = True) -> dict[str, ServedDictionary]:
     """Open every dictionary (each checked now, so a bad path fails before the server starts),
-    name it, and start indexing its context text. Dictionaries of the same model share a gate."""
+    name it, start indexing its context text and preparing its feature records (`cache_mb` of
+    them, split between the dictionaries; 0: none kept). Dictionaries of the same model share a
+    gate."""
     if not paths:
         raise ValueError("give at least one feature dictionary directory")
     resolved = [Path(p) for p in paths]
@@ -150,6 +201,9 @@ def open_catalog(paths: Sequence[str | Path], *, writable: bool = False, device:
         with FeatureDictionary.open(path, readonly=not writable, device=device, dtype=dtype) as d:
             info, d_sae, model_key = d.info, len(d), repr(sorted(d.model_config().__dict__.items()))
         gate = gates.setdefault(model_key, ModelGate(str(info.get("model", {}).get("name")), max_waiting))
+        budget = int(cache_mb * 2**20 / len(resolved))
         catalog[name] = ServedDictionary(name, path, info, d_sae, writable, device, dtype, gate,
-                                         ContextIndex(path).start())
+                                         ContextIndex(path).start(), RecordCache(budget))
+        if warm_cache and budget > 0:
+            catalog[name].start_warming()
     return catalog

@@ -34,6 +34,7 @@ label_source, and kind/rank/band/row/window/position on activations).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from typing import Any
@@ -47,9 +48,13 @@ HOOK_KINDS = (("resid", "res"), ("attn", "att"), ("mlp", "mlp"))
 def model_id(info: dict[str, Any]) -> str:
     """Neuronpedia-style model id: the last part of the hub name, lowercased
     (HuggingFaceTB/SmolLM2-135M-Instruct -> smollm2-135m-instruct; the embedded model likewise)."""
+    return _model_id(str(info.get("model", {}).get("name") or "model"))
+
+
+@functools.lru_cache(maxsize=256)
+def _model_id(name: str) -> str:
     from saeworks.activations.model import EMBEDDED_ORIGIN
 
-    name = str(info.get("model", {}).get("name") or "model")
     if name == "embedded":
         name = EMBEDDED_ORIGIN
     return re.sub(r"[^a-z0-9.\-]+", "-", name.rstrip("/").split("/")[-1].lower()).strip("-") or "model"
@@ -63,10 +68,14 @@ def hook_layer(hook: str) -> int | None:
 
 def source_id(info: dict[str, Any]) -> str:
     """Neuronpedia's source ("layer") id: `<layer>-<kind>-<sae name>`, e.g. 15-res-topk-k32-9216."""
-    hook = str(info.get("hook", ""))
+    return _source_id(str(info.get("hook", "")), str(info.get("sae_name") or "sae"))
+
+
+@functools.lru_cache(maxsize=256)
+def _source_id(hook: str, sae_name: str) -> str:
     kind = next((short for part, short in HOOK_KINDS if part in hook), "hook")
     layer = hook_layer(hook)
-    name = re.sub(r"[^A-Za-z0-9.\-]+", "-", str(info.get("sae_name") or "sae")).strip("-")
+    name = re.sub(r"[^A-Za-z0-9.\-]+", "-", sae_name).strip("-")
     return f"{layer if layer is not None else 0}-{kind}-{name}"
 
 

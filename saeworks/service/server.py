@@ -76,7 +76,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def serve(paths: Sequence[str | Path], *, host: str = "127.0.0.1", port: int = 8000, writable: bool = False,
           allow_remote: bool = False, token: str | None = None, cors_origins: Sequence[str] = (),
-          device: str = "cpu", dtype: str | None = None, max_waiting: int = 4,
+          device: str = "cpu", dtype: str | None = None, max_waiting: int = 4, cache_mb: float = 512,
           log_level: str = "info") -> None:
     """Serve the dictionaries at `paths` until interrupted (Ctrl-C)."""
     import uvicorn
@@ -84,11 +84,16 @@ def serve(paths: Sequence[str | Path], *, host: str = "127.0.0.1", port: int = 8
     from saeworks.service.app import create_app
 
     binding = plan_binding(host, port, allow_remote=allow_remote, token=token)
+    if max_waiting < 0:
+        raise ServeError(f"--max-waiting {max_waiting} must be >= 0 (0: a busy model refuses at once)")
+    if cache_mb < 0:
+        raise ServeError(f"--cache-mb {cache_mb} must be >= 0 (0: build every feature record on request)")
     if binding.port == 0:
         binding = Binding(binding.host, free_port(binding.host), binding.token, binding.generated_token,
                           binding.allowed_hosts)
     app = create_app(paths, writable=writable, token=binding.token, allowed_hosts=binding.allowed_hosts,
-                     cors_origins=cors_origins, device=device, dtype=dtype, max_waiting=max_waiting)
+                     cors_origins=cors_origins, device=device, dtype=dtype, max_waiting=max_waiting,
+                     cache_mb=cache_mb)
     names = ", ".join(app.state.catalog)
     mode = "read-write (label edits saved to features.sqlite)" if writable else "read-only"
     print(f"saeworks serve: {names} ({mode})", flush=True)
