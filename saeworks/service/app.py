@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from saeworks.eval.dictionary import DictionaryError, FeatureNotFoundError, SearchSyntaxError, words_query
+from saeworks.eval.dictionary import DictionaryError, FeatureNotFoundError, SearchSyntaxError
 from saeworks.sae.version import package_version
 from saeworks.service import records
 from saeworks.service.catalog import ServedDictionary, open_catalog
@@ -147,7 +147,8 @@ def _add_api(app: FastAPI, catalog: dict[str, ServedDictionary], writable: bool)
     @app.get("/api/dictionaries", tags=["dictionaries"])
     def dictionaries() -> dict[str, Any]:
         """The dictionaries served: model, hook, SAE, metrics, size."""
-        return {"dictionaries": [served.summary() for served in catalog.values()], "writable": writable}
+        return {"dictionaries": [{**served.summary(), **served.readiness()} for served in catalog.values()],
+                "writable": writable}
 
     @app.get("/api/{name}/features/{index}", tags=["features"], response_class=Response,
              responses={200: {"content": {"application/json": {}},
@@ -170,16 +171,11 @@ def _add_api(app: FastAPI, catalog: dict[str, ServedDictionary], writable: bool)
         """Features whose label, top tokens or context text match `q` (mode=words: every word as a
         prefix; mode=fts: an SQLite FTS5 expression). Label and token matches come first."""
         served = _served(catalog, name)
-        handle = served.handle()
-        ids = handle.search_ids(q, SEARCH_CAP, syntax=mode)
-        expression = q if mode == "fts" else words_query(q)
-        from_contexts = served.contexts.search(expression, SEARCH_CAP) if expression else []
-        seen = set(ids)
-        ids += [i for i in from_contexts or [] if i not in seen]
+        ids, context_searched = served.search(q, mode, SEARCH_CAP)
         start = (page - 1) * per_page
-        shown = handle.summaries(ids[start:start + per_page])
+        shown = served.handle().summaries(list(ids[start:start + per_page]))
         return {"query": q, "mode": mode, "page": page, "per_page": per_page, "total": len(ids),
-                "context_text_searched": from_contexts is not None,
+                "context_text_searched": context_searched,
                 "results": [records.summary_record(s) for s in shown]}
 
     @app.post("/api/{name}/inspect", tags=["model"])

@@ -14,12 +14,13 @@ import re
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saeworks.eval.dictionary import FeatureDictionary, SearchSyntaxError
+from saeworks.eval.dictionary import FeatureDictionary, SearchSyntaxError, words_query
 from saeworks.service import records
 from saeworks.service.cache import RecordCache, encode_record, warm
 from saeworks.service.gate import ModelGate
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 RESERVED_NAMES = frozenset({"api", "static", "static-offline-docs", "docs", "redoc", "openapi.json",
                             "favicon.ico"})
 """First path segments the service uses itself: a dictionary never gets one of these names."""
+SEARCHES_KEPT = 256
+"""Search results kept per dictionary (all their ids), for paging through them."""
 
 
 def served_names(paths: Sequence[Path]) -> list[str]:
@@ -111,6 +114,8 @@ class ServedDictionary:
     cache: RecordCache
     _local: threading.local = field(default_factory=threading.local)
     _summary: dict[str, Any] | None = None
+    _searches: OrderedDict[tuple[str, str], tuple[tuple[int, ...], bool]] = field(default_factory=OrderedDict)
+    _searches_lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _runtime: tuple[Any, Any, Any] | None = None
     _source: FeatureSource | None = None
@@ -133,6 +138,34 @@ class ServedDictionary:
             self._summary = records.dictionary_record(self.name, self.handle())
         return self._summary
 
+    def search(self, query: str, syntax: str, limit: int) -> tuple[tuple[int, ...], bool]:
+        """(ids of the features matching `query`, best first: label and top-token matches, then
+        context-text ones; whether context text was searched). The last SEARCHES_KEPT results are
+        kept, so the next page of a search costs nothing."""
+        key = (query, syntax)
+        with self._searches_lock:
+            kept = self._searches.get(key)
+            if kept is not None:
+                self._searches.move_to_end(key)
+                return kept
+        ids = self.handle().search_ids(query, limit, syntax=syntax)
+        expression = query if syntax == "fts" else words_query(query)
+        from_contexts = self.contexts.search(expression, limit) if expression else []
+        seen = set(ids)
+        ids += [i for i in from_contexts or [] if i not in seen]
+        result = (tuple(ids), from_contexts is not None)
+        if from_contexts is not None:  # a search made before the index was ready is not kept
+            with self._searches_lock:
+                self._searches[key] = result
+                while len(self._searches) > SEARCHES_KEPT:
+                    self._searches.popitem(last=False)
+        return result
+
+    def readiness(self) -> dict[str, Any]:
+        """How far the background work is: the context-text index, the prepared feature records."""
+        return {"context_text_indexed": self.contexts.ready.is_set() and self.contexts.error is None,
+                "records_ready": len(self.cache), "records_bytes": self.cache.size_bytes}
+
     def feature_body(self, index: int) -> bytes:
         """Feature `index`'s record, gzip-compressed JSON, from the cache or built now (and kept)."""
         body = self.cache.get(index)
@@ -149,6 +182,8 @@ class ServedDictionary:
     def set_label(self, index: int, label: str) -> None:
         self.handle().set_label(index, label)
         self.cache.forget_label(index)
+        with self._searches_lock:
+            self._searches.clear()
 
     def start_warming(self) -> threading.Thread:
         """Fill the record cache in the background, densest features first, once the context index
