@@ -72,7 +72,12 @@ def test_host_header_and_cors_are_closed_by_default(tiny_dictionary: Path) -> No
     app = create_app([tiny_dictionary])
     with serving(app) as url, httpx.Client(base_url=url) as client:
         port = url.rsplit(":", 1)[1]
-        assert client.get("/api/dictionaries", headers={"Host": "attacker.example"}).status_code == 400
+        for path in ("/", "/api/dictionaries", "/static/app.js", "/api/nope/features/0"):
+            headers = client.get(path).headers
+            assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+            assert headers["referrer-policy"] == "no-referrer"
+        refused = client.get("/api/dictionaries", headers={"Host": "attacker.example"})
+        assert refused.status_code == 400 and refused.headers["x-frame-options"] == "DENY"
         assert client.get("/api/dictionaries", headers={"Host": f"localhost:{port}"}).status_code == 200
         response = client.get("/api/dictionaries", headers={"Origin": "http://attacker.example"})
         assert "access-control-allow-origin" not in response.headers

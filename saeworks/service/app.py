@@ -81,6 +81,12 @@ def create_app(paths: Sequence[str | Path], *, writable: bool = False, token: st
     return app
 
 
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                    "Referrer-Policy": "no-referrer"}
+"""On every response: no MIME sniffing, no framing (label edits cannot be clickjacked), and no
+Referer carrying a page URL (or its ?token=) to another site."""
+
+
 def _add_security(app: FastAPI, token: str | None, allowed_hosts: Sequence[str] | None,
                   cors_origins: Sequence[str]) -> None:
     if token is not None:
@@ -108,6 +114,13 @@ def _add_security(app: FastAPI, token: str | None, allowed_hosts: Sequence[str] 
                            allow_headers=["Authorization", "Content-Type"])
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    @app.middleware("http")  # added last, so outermost: the 400s and 401s above carry them too
+    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                               ) -> Response:
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
 
 def _add_error_handlers(app: FastAPI) -> None:
