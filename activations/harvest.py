@@ -31,6 +31,7 @@ from saeworks.activations.model import (
     resolve_source,
     with_resolved_dtype,
 )
+from saeworks.activations.remote import is_remote, require_writable
 from saeworks.activations.store import (
     ActivationStore,
     StoreError,
@@ -82,8 +83,11 @@ def harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, s
     """Fill (or resume) the store at `store_url` with `settings.hooks` of the model over `data`.
 
     Holds the store's writer lock throughout (sae/locks.py): a second harvest into the same store
-    is refused at once, naming this one; the directory is checked writable before the model loads."""
+    is refused at once, naming this one; the directory is checked writable before the model loads.
+    A remote store (`s3://...`) is checked writable the same way but not locked (README)."""
     rank = rank_info(model_cfg.device)
+    if is_remote(store_url):
+        require_writable(store_url, "run_dir (or harvest.store)", rank.is_main, collective=True)
     with exclusive_writer(store_url, "harvest", rank.is_main, setting="run_dir (or harvest.store)",
                           collective=True):
         return _harvest(model_cfg, data, settings, store_url, repair, rank)

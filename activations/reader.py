@@ -25,11 +25,12 @@ The position, (epoch, rows yielded in that epoch), is the same on every rank, so
 that holds the next row, using the kept counts: skipped blocks are never read.
 
 Reading: a background daemon thread decodes each block's chunks into one reused buffer (one Zarr
-call per run of up to `MAX_RUN_CHUNKS` adjacent chunks) and gathers its shuffled batches with
-numpy; a queue of `prefetch` blocks separates it from the consumer. Zarr, zstd and numpy release
-the GIL, so the thread overlaps the training step. Exceptions in the thread are raised in the
-consumer (a damaged chunk: the `StoreError` that names it, see `ActivationStore.reading`); the
-thread stops when the iterator is closed or garbage-collected.
+call per run of up to `MAX_RUN_CHUNKS` adjacent chunks; from a remote store, `REMOTE_READS` runs
+at a time, since each costs HTTP round trips) and gathers its shuffled batches with numpy; a
+queue of `prefetch` blocks separates it from the consumer. Zarr, zstd and numpy release the GIL,
+so the thread overlaps the training step. Exceptions in the thread are raised in the consumer (a
+damaged chunk: the `StoreError` that names it, see `ActivationStore.reading`); the thread stops
+when the iterator is closed or garbage-collected.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -50,12 +52,17 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from saeworks.activations.config import ReaderConfig
+from saeworks.activations.remote import is_remote
 from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
 
 STATE_VERSION = 1
 MAX_RUN_CHUNKS = 4
 """Adjacent chunks read in one Zarr call. More is slower: a call covering a whole shard makes Zarr
 read the shard file in one piece (measured ~0.6x the per-chunk rate for 16-chunk shards)."""
+REMOTE_READS = 8
+"""Runs of a block read at once from a remote store (`s3://`): a run costs an index request and a
+ranged request per chunk, and one after another the reader would wait out every round trip (see
+benchmarks/reader_s3.py --remote-reads). Local stores read runs one by one."""
 _KEPT_SCAN_ROWS = 1 << 22  # token ids read per step when counting kept rows
 _POLL_S = 0.1  # how often a blocked thread checks whether the other side is gone
 
@@ -316,9 +323,18 @@ class _Loader:
         n_rows = min(reader.cfg.buffer_chunks * reader.kept.chunk_rows, reader.kept.n_tokens)
         self.buffer = np.empty((0, reader.d), dtype=reader.array.dtype)  # [n_rows, d], on first use
         self.buffer_rows = n_rows
+        self.pool: ThreadPoolExecutor | None = None  # concurrent run reads (remote stores)
 
     def run(self) -> None:
         """Put each block's batches on the queue, then `_END`; or the error that stopped it."""
+        if not is_remote(self.reader.store.url):
+            self._run()
+            return
+        with ThreadPoolExecutor(REMOTE_READS, thread_name_prefix="ActivationReader-fetch") as pool:
+            self.pool = pool
+            self._run()
+
+    def _run(self) -> None:
         try:
             last = self.reader.epochs
             for epoch in itertools.count(self.epoch) if last is None else range(self.epoch, last):
@@ -369,20 +385,30 @@ class _Loader:
             self.buffer = np.empty((self.buffer_rows, self.reader.d), dtype=self.buffer.dtype)
         kept, chunk_rows = self.reader.kept, self.reader.kept.chunk_rows
         sources, rows, offset = [], [], 0
+        pending = []
         for first, last in _runs(chunks):
             if self.stop.is_set():
                 raise _Stopped
             start, stop = first * chunk_rows, min((last + 1) * chunk_rows, kept.n_tokens)
-            into = NDBuffer.from_numpy_array(self.buffer[offset:offset + stop - start])
-            with self.reader.store.reading(self.reader.hook, start, stop):  # StoreError if damaged
-                self.reader.array.get_basic_selection(slice(start, stop), out=into)
+            if self.pool is None:
+                self._read_run(start, stop, offset)
+            else:
+                pending.append(self.pool.submit(self._read_run, start, stop, offset))
             local = np.flatnonzero(kept.mask(start, stop))  # [kept in run]
             sources.append(local + offset)
             rows.append(local + start)
             offset += stop - start
+        for read in pending:
+            read.result()  # the first failed run's error (a StoreError naming a damaged chunk)
         order = np.random.default_rng([self.reader.cfg.seed, epoch, self.reader.rank, index]
                                       ).permutation(sum(len(s) for s in sources))
         return np.concatenate(sources)[order], np.concatenate(rows).astype(np.int64, copy=False)[order]
+
+    def _read_run(self, start: int, stop: int, offset: int) -> None:
+        """Decode rows [start, stop) into the buffer from row `offset` on."""
+        into = NDBuffer.from_numpy_array(self.buffer[offset:offset + stop - start])
+        with self.reader.store.reading(self.reader.hook, start, stop):  # StoreError if damaged
+            self.reader.array.get_basic_selection(slice(start, stop), out=into)
 
 
 def _batch(pieces: list[tuple[np.ndarray, np.ndarray]], plan: EpochPlan, end: int) -> _Batch:

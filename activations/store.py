@@ -42,6 +42,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 
+from saeworks.activations.remote import STORAGE_OPTIONS, access_problem, is_remote
 from saeworks.sae.errors import SaeworksError
 from saeworks.sae.version import package_version
 
@@ -53,6 +54,7 @@ SHARD_DONE = "shard_done"
 INDEX_ARRAYS = (TOKEN_IDS, WINDOW, POSITION)
 CHECKSUM = "crc32c"
 """The value of the group attribute `chunk_checksums` of stores whose chunks carry a CRC32C."""
+RESUME_ADVICE = "rerun the same `saeworks harvest` command to resume: finished shards are kept"
 DECODE_ERRORS = (ValueError, RuntimeError)
 """What Zarr raises for bytes that do not decode: ValueError for a CRC32C mismatch (of a chunk or a
 shard index), RuntimeError from the zstd and blosc decompressors."""
@@ -142,6 +144,34 @@ def _span(rows: range) -> str:
     return f"{rows.start}-{rows.stop - 1}" if len(rows) else "none"
 
 
+def open_group(url: str, mode: str) -> zarr.Group:
+    """The Zarr group at `url`: a local directory, or a remote URL opened with STORAGE_OPTIONS (no
+    listings cache: activations/remote.py) as Zarr v3, which all stores are: one request for its
+    zarr.json instead of four concurrent ones that also look for Zarr v2 metadata (when the
+    endpoint is down, those left behind each print a traceback as they are collected)."""
+    if is_remote(url):
+        return zarr.open_group(url, mode=mode, zarr_format=3,  # type: ignore[arg-type]
+                               storage_options=STORAGE_OPTIONS)
+    return zarr.open_group(url, mode=mode)  # type: ignore[arg-type]
+
+
+@contextmanager
+def remote_access(url: str, doing: str, advice: str = "") -> Iterator[None]:
+    """Around an operation on the store at `url`: a failure to reach a remote store (network,
+    endpoint, credentials, permissions, bucket; see activations/remote.py) becomes one StoreError
+    saying what could not be done (`doing`), why, and `advice`. Local stores: nothing changes."""
+    try:
+        yield
+    except SaeworksError:
+        raise
+    except Exception as err:
+        problem = access_problem(url, err)
+        if problem is None:
+            raise
+        raise StoreError(f"cannot {doing} store {url!r}: {problem}" + (f"; {advice}" if advice else "")
+                         ) from err
+
+
 def repair_advice(url: str) -> str:
     """How to list and fix damage, for the end of every damage message."""
     return (f"run `saeworks verify {url}` to list the damage, then `saeworks harvest CONFIG --repair` "
@@ -184,12 +214,18 @@ class ActivationStore:
     def open(cls, url: str, mode: str = "r") -> ActivationStore:
         """Open an existing store; a missing or foreign path is a StoreError that says what to do."""
         try:
-            group = zarr.open_group(url, mode=mode)  # type: ignore[arg-type]
+            group = open_group(url, mode)
         except (GroupNotFoundError, FileNotFoundError) as err:
             raise StoreError(
                 f"no activation store at {url!r}; run `saeworks harvest CONFIG` to make one"
             ) from err
-        except ValueError as err:  # zarr.json is not valid JSON
+        except Exception as err:
+            problem = access_problem(url, err)  # None for a local store
+            if problem is not None:
+                raise StoreError(f"cannot open store {url!r}: {problem}") from err
+            if not isinstance(err, ValueError):
+                raise
+            # zarr.json is not valid JSON
             raise StoreMetadataError(
                 f"{url!r} exists but cannot be read as a store: its zarr.json is damaged ({err}); it "
                 "cannot be repaired in place: restore it from a copy, or delete the store and harvest again"
@@ -261,14 +297,27 @@ class ActivationStore:
     @contextmanager
     def reading(self, name: str, start: int, stop: int) -> Iterator[None]:
         """Around a read of rows [start, stop) of `name` (for callers that hold the array):
-        a chunk that does not decode becomes the `StoreError` that names it."""
+        a chunk that does not decode becomes the `StoreError` that names it; a remote store that
+        cannot be reached, a `StoreError` that says so (the rows are not known to be damaged)."""
         try:
-            yield
-        except DECODE_ERRORS as err:
-            damaged = self._damage_error(name, start, stop)
-            if damaged is None:  # every chunk decodes alone: the failure was not damage
+            try:
+                yield
+            except DECODE_ERRORS as err:
+                if access_problem(self.url, err) is not None:
+                    raise
+                damaged = self._damage_error(name, start, stop)
+                if damaged is None:  # every chunk decodes alone: the failure was not damage
+                    raise
+                raise damaged from err
+        except SaeworksError:
+            raise
+        except Exception as err:
+            problem = access_problem(self.url, err)  # None for a local store
+            if problem is None:
                 raise
-            raise damaged from err
+            raise StoreError(f"cannot read rows {_span(range(start, stop))} of {name!r} from store "
+                             f"{self.url!r}: {problem}; the rows are not known to be damaged; rerun once "
+                             "the store can be reached") from err
 
     def _damage_error(self, name: str, start: int, stop: int) -> StoreError | None:
         """The StoreError for the first damaged chunk of rows [start, stop) of `name`, if any."""
@@ -293,6 +342,8 @@ class ActivationStore:
         try:
             self.array(name)[start:stop]
         except DECODE_ERRORS as err:
+            if access_problem(self.url, err) is not None:  # not damage: the store is out of reach
+                raise
             whole = None if name == SHARD_DONE else shard_file_problem(self.array(name), shard)
             return Damage(name, range(chunk, chunk + 1), rows, shard, whole or decode_failure(err))
         return None
@@ -317,12 +368,17 @@ class ActivationStore:
                     + "; " + repair_advice(self.url))
 
     def missing_shard_files(self, name: str) -> list[int]:
-        """Shards of a row array whose file does not exist (one existence check per shard)."""
+        """Shards of a row array whose file does not exist (one existence check per shard; for a
+        remote store one listing of the array's chunk prefix, ~1 request per 1,000 shards)."""
         array = self.array(name)
         if not array.shards:
             return []
         keys = [array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
                 for shard in range(math.ceil(array.shape[0] / array.shards[0]))]
+        if is_remote(self.url):
+            with remote_access(self.url, f"list the shard objects of {name!r} in"):
+                present = sync(_listed_keys(array))
+            return [shard for shard, key in enumerate(keys) if key not in present]
 
         async def exists() -> list[bool]:
             return list(await asyncio.gather(*((array.store_path / key).exists() for key in keys)))
@@ -336,6 +392,23 @@ class ActivationStore:
     def shards_done(self) -> np.ndarray:
         """Boolean per shard: fully written."""
         return self.read(SHARD_DONE, 0, self.array(SHARD_DONE).shape[0]).astype(bool)
+
+    def flag_objects(self) -> np.ndarray:
+        """Boolean per shard: its done flag is stored (one listing of the flags' prefix, no reads;
+        a damaged flag counts as stored). `shards_done` reads and checks them."""
+        array = self.array(SHARD_DONE)
+        with remote_access(self.url, "list the done flags of"):
+            present = sync(_listed_keys(array))
+        return np.asarray([array.metadata.encode_chunk_key((shard,)) in present
+                           for shard in range(array.shape[0])], dtype=bool)
+
+
+async def _listed_keys(array: zarr.Array) -> set[str]:
+    """The chunk keys of `array` that its store lists (relative to the array, like `c/3/0`)."""
+    root = array.store_path.path
+    prefix = f"{root}/c/" if root else "c/"
+    return {key[len(root) + 1:] if root else key
+            async for key in array.store_path.store.list_prefix(prefix)}
 
 
 def decode_failure(err: BaseException) -> str:
@@ -398,7 +471,15 @@ def create_store(url: str, identity: Mapping[str, Any], geometry: StoreGeometry,
     """Create an empty store (overwriting nothing: the caller checked there is none).
     `checksums=False` writes the format of stores made before chunk checksums (for tests and
     benchmarks only)."""
-    group = zarr.open_group(url, mode="w-")  # type: ignore[arg-type]
+    with remote_access(url, "create"):
+        return _create_store(url, identity, geometry, hook_dims, store_dtype, compression, extra_attrs,
+                             checksums)
+
+
+def _create_store(url: str, identity: Mapping[str, Any], geometry: StoreGeometry,
+                  hook_dims: Mapping[str, int], store_dtype: str, compression: str,
+                  extra_attrs: Mapping[str, Any], checksums: bool) -> ActivationStore:
+    group = open_group(url, "w-")
     disk_dtype = "uint16" if store_dtype == "bfloat16" else store_dtype
     itemsize = np.dtype(disk_dtype).itemsize
     for hook, d in hook_dims.items():
@@ -443,6 +524,12 @@ def write_shard(store: ActivationStore, shard: int, activations: Mapping[str, np
                 token_ids: np.ndarray) -> None:
     """Write the rows of one shard's windows (`token_ids` is `[windows, context_size]`; the last
     shard of a dataset that ran out may hold fewer), then mark it done: the flag is written last."""
+    with remote_access(store.url, f"write shard {shard} of", RESUME_ADVICE):
+        _write_shard(store, shard, activations, token_ids)
+
+
+def _write_shard(store: ActivationStore, shard: int, activations: Mapping[str, np.ndarray],
+                 token_ids: np.ndarray) -> None:
     geometry = store.geometry
     first_window = geometry.shard_windows(shard).start
     start = first_window * geometry.context_size
@@ -457,16 +544,26 @@ def write_shard(store: ActivationStore, shard: int, activations: Mapping[str, np
 
 
 def record_progress(store: ActivationStore) -> int:
-    """Recompute `n_tokens_complete` from the shard flags and save it (rank 0 only)."""
-    geometry, done = store.geometry, store.shards_done()
+    """Recompute `n_tokens_complete` from the shard flags and save it (rank 0 only). For a remote
+    store the flags counted are the flag objects one listing finds (a set flag is an object, a
+    cleared one is deleted: 0 is the fill value, which Zarr does not store), not each flag read:
+    this runs after every shard, and reading thousands of flags costs two requests each."""
+    geometry = store.geometry
+    done = store.flag_objects() if is_remote(store.url) else store.shards_done()
     tokens = sum(len(geometry.shard_windows(s)) for s in np.flatnonzero(done).tolist())
     tokens *= geometry.context_size
-    store.group.attrs["n_tokens_complete"] = int(tokens)
+    with remote_access(store.url, "record the progress of", RESUME_ADVICE):
+        store.group.attrs["n_tokens_complete"] = int(tokens)
     return int(tokens)
 
 
 def finalize(store: ActivationStore, n_windows: int) -> None:
     """Trim the arrays to the windows the dataset really had, then mark the store complete."""
+    with remote_access(store.url, "finish", RESUME_ADVICE):
+        _finalize(store, n_windows)
+
+
+def _finalize(store: ActivationStore, n_windows: int) -> None:
     geometry = store.geometry
     if n_windows < geometry.n_windows:
         trimmed = StoreGeometry(n_windows, geometry.context_size, geometry.windows_per_chunk,
