@@ -299,25 +299,17 @@ class ActivationStore:
         """Around a read of rows [start, stop) of `name` (for callers that hold the array):
         a chunk that does not decode becomes the `StoreError` that names it; a remote store that
         cannot be reached, a `StoreError` that says so (the rows are not known to be damaged)."""
-        try:
+        with remote_access(self.url, f"read rows {_span(range(start, stop))} of {name!r} from",
+                           "the rows are not known to be damaged; rerun once the store can be reached"):
             try:
                 yield
             except DECODE_ERRORS as err:
-                if access_problem(self.url, err) is not None:
+                if access_problem(self.url, err) is not None:  # out of reach, not damage
                     raise
                 damaged = self._damage_error(name, start, stop)
                 if damaged is None:  # every chunk decodes alone: the failure was not damage
                     raise
                 raise damaged from err
-        except SaeworksError:
-            raise
-        except Exception as err:
-            problem = access_problem(self.url, err)  # None for a local store
-            if problem is None:
-                raise
-            raise StoreError(f"cannot read rows {_span(range(start, stop))} of {name!r} from store "
-                             f"{self.url!r}: {problem}; the rows are not known to be damaged; rerun once "
-                             "the store can be reached") from err
 
     def _damage_error(self, name: str, start: int, stop: int) -> StoreError | None:
         """The StoreError for the first damaged chunk of rows [start, stop) of `name`, if any."""

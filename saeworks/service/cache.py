@@ -91,13 +91,12 @@ class RecordCache:
 def warm(cache: RecordCache, ids: Iterable[int], build: Callable[[int], tuple[bytes, Iterable[int]]],
          name: str, stop: threading.Event) -> None:
     """Fill `cache` with the records of `ids` in order until it is full (or `stop` is set)."""
-    started, built = time.perf_counter(), 0
+    started = time.perf_counter()
     for i in ids:
         if stop.is_set() or cache.full(headroom=64 * 1024):
             break
         if i not in cache:
             body, neighbours = build(i)
             cache.put(i, body, neighbours)
-            built += 1
     log.info("%s: %d feature records ready (%.0f MB) in %.1f s", name, len(cache), cache.size_bytes / 2**20,
              time.perf_counter() - started)
