@@ -138,8 +138,17 @@ class ReaderConfig:
     (`data.exclude_first_positions`, saved in its `excluded` attributes)."""
     exclude_special_tokens: bool = True
     """Skip rows whose token is one of the store's special tokens (BOS/EOS/PAD)."""
+    stream: bool = False
+    """Train while a harvest writes the store: the first epoch reads each rank's shards in
+    ascending index order as their done flags appear (never a shard before its flag); later epochs
+    are shuffled as usual. Same batches whether the store is growing or finished (README)."""
+    stream_timeout_s: float = 600.0
+    """With `stream`: the longest wait for the next shard the reader needs; past it, training
+    stops with an error naming the shard (the harvest died or is too slow)."""
 
     def __post_init__(self) -> None:
+        require(self.stream_timeout_s > 0, "stream_timeout_s",
+                f"must be positive (seconds), got {self.stream_timeout_s}")
         require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         require(self.buffer_chunks > 0, "buffer_chunks", f"must be positive, got {self.buffer_chunks}")
         require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")

@@ -24,6 +24,22 @@ The position, (epoch, rows yielded in that epoch), is the same on every rank, so
 `state_dict()` of any rank resumes all ranks exactly. Restoring it jumps straight to the block
 that holds the next row, using the kept counts: skipped blocks are never read.
 
+Streaming (`ReaderConfig.stream`: train while a harvest is still writing the store). Epoch 0
+does not permute: rank r takes shards r, r + world_size, ... (the harvester's own split), in
+ascending order; its chunks, in that order, form its blocks (`buffer_chunks` each), shuffled as
+in 3. A block is read only once the done flags of all its shards are set; a shard's kept rows are
+counted when its flag appears (from its token ids, the same rule as in 1). Epoch 0's batch count
+is min over ranks of their kept rows in it, as in 4; it is known once every shard is in, and
+until then a batch is handed on only when every rank is known to hold at least as many rows (the
+sum of its shards counted so far), so every rank computes the same count, without communicating,
+and the batches never depend on timing: a growing store and the finished one give the same
+batches. Epochs from 1 on use the permuted plan, which needs every shard: they (and
+`batches_in_epoch(0)`, `plan`) wait for the harvest to finish. Each wait is bounded by
+`stream_timeout_s` without a new shard; past it, a `StoreError` names the shard awaited. A harvest
+whose dataset ran out writes a short last shard and then trims the store (`finalize`): a shard
+whose rows are not all written (token id -1, the fill value) is not read until the store is
+complete, and the plan then follows the trimmed geometry, whose earlier blocks are unchanged.
+
 Reading: a background daemon thread decodes each block's chunks into one reused buffer (one Zarr
 call per run of up to `MAX_RUN_CHUNKS` adjacent chunks; from a remote store, `REMOTE_READS` runs
 at a time, since each costs HTTP round trips) and gathers its shuffled batches with numpy; a
@@ -41,6 +57,7 @@ import itertools
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,7 +70,14 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from saeworks.activations.config import ReaderConfig
 from saeworks.activations.remote import is_remote
-from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, to_tensor
+from saeworks.activations.store import (
+    SHARD_DONE,
+    TOKEN_IDS,
+    ActivationStore,
+    StoreError,
+    StoreGeometry,
+    to_tensor,
+)
 
 STATE_VERSION = 1
 MAX_RUN_CHUNKS = 4
@@ -65,6 +89,10 @@ ranged request per chunk, and one after another the reader would wait out every 
 benchmarks/reader_s3.py --remote-reads). Local stores read runs one by one."""
 _KEPT_SCAN_ROWS = 1 << 22  # token ids read per step when counting kept rows
 _POLL_S = 0.1  # how often a blocked thread checks whether the other side is gone
+STREAM_POLL_S = 0.2
+"""How often a streaming reader looks for new done flags in a local store (remote: `_REMOTE_POLL_S`,
+one listing of the flags and one read of the group metadata each time)."""
+_REMOTE_POLL_S = 2.0
 
 
 class ReaderBatch(NamedTuple):
@@ -112,6 +140,59 @@ class KeptRows:
         return int(self.per_chunk.sum())
 
 
+class ShardKept:
+    """`KeptRows` built shard by shard as a harvest finishes them (streaming): packed keep flags
+    per counted shard, kept rows per chunk and per shard (0 until counted), which are counted."""
+
+    def __init__(self, geometry: StoreGeometry) -> None:
+        self.geometry = geometry
+        self.chunk_rows, self.n_tokens = geometry.chunk_rows, geometry.n_tokens
+        self.per_chunk = np.zeros(-(-self.n_tokens // self.chunk_rows), dtype=np.int64)
+        self.per_shard = np.zeros(geometry.n_shards, dtype=np.int64)
+        self.counted = np.zeros(geometry.n_shards, dtype=bool)
+        self.bits: dict[int, np.ndarray] = {}
+
+    def add(self, shard: int, keep: np.ndarray) -> None:
+        """Record shard `shard`'s keep flags (`keep`: [rows of the shard] bool)."""
+        first_chunk = self.geometry.shard_rows_range(shard).start // self.chunk_rows
+        counts = np.add.reduceat(keep, np.arange(0, len(keep), self.chunk_rows), dtype=np.int64)
+        self.per_chunk[first_chunk:first_chunk + len(counts)] = counts
+        self.per_shard[shard] = int(counts.sum())
+        self.bits[shard] = np.packbits(keep)
+        self.counted[shard] = True
+
+    def mask(self, start: int, stop: int) -> np.ndarray:
+        """Keep flags of rows [start, stop) as a bool array (their shards must be counted)."""
+        shard_rows = self.geometry.shard_rows
+        parts = []
+        for shard in range(start // shard_rows, (stop - 1) // shard_rows + 1):
+            if shard not in self.bits:
+                raise RuntimeError(f"rows {start}-{stop - 1} reach shard {shard}, which is not done")
+            base = shard * shard_rows
+            lo, hi = max(start, base) - base, min(stop, base + shard_rows) - base
+            flags = np.unpackbits(self.bits[shard][lo // 8:(hi + 7) // 8])
+            parts.append(flags[lo % 8:lo % 8 + hi - lo])
+        return np.concatenate(parts).view(bool)
+
+    def trimmed(self, geometry: StoreGeometry) -> ShardKept:
+        """The counts carried over to the geometry `finalize` trimmed the store to: every counted
+        shard whose rows are unchanged (all but a short last one, which is counted again)."""
+        kept = ShardKept(geometry)
+        for shard in np.flatnonzero(self.counted).tolist():
+            if shard < geometry.n_shards and \
+                    geometry.shard_rows_range(shard) == self.geometry.shard_rows_range(shard):
+                kept.add(shard, self.mask(*_bounds(self.geometry.shard_rows_range(shard))))
+        return kept
+
+    @property
+    def total(self) -> int:
+        return int(self.per_chunk.sum())
+
+
+def _bounds(rows: range) -> tuple[int, int]:
+    return rows.start, rows.stop
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """One rank's share of one epoch: its blocks and where each starts in its row stream."""
@@ -146,12 +227,13 @@ class ActivationReader:
 
     `epochs=None` streams forever; an int stops after that many epochs (counted from epoch 0, so a
     restored reader yields what is left of them). Starting a new iteration, or loading a state,
-    invalidates the previous iterator.
+    invalidates the previous iterator. With `cfg.stream` the store may still be being harvested.
     """
 
     def __init__(self, store: ActivationStore, hook: str, cfg: ReaderConfig, rank: int = 0,
                  world_size: int = 1, epochs: int | None = None) -> None:
-        store.require_complete()
+        if not cfg.stream or store.complete:
+            store.require_complete()
         self.array: zarr.Array = store.array(hook)  # StoreError naming the hooks if unknown
         if hook not in store.hooks:
             raise StoreError(f"{hook!r} is an index array, not a hook; the store holds "
@@ -162,11 +244,24 @@ class ActivationReader:
             raise ValueError(f"epochs must be positive or None (endless), got {epochs}")
         self.store, self.hook, self.cfg = store, hook, cfg
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
-        self.first_positions, special = _exclusions(store, cfg)
-        self.kept = KeptRows.count(store, self.first_positions, special)
-        self._check_enough_rows()
-        self._fingerprint = _fingerprint(store)
+        self.first_positions, self._special = _exclusions(store, cfg)
+        self._fingerprint = _fingerprint(store, cfg.stream)
         self._epoch, self._rows, self._generation = 0, 0, 0
+        self.kept: KeptRows | ShardKept
+        if cfg.stream:
+            self._lock = threading.RLock()  # the loader thread and the consumer both count shards
+            self._complete, self._final = store.complete, False
+            self._blocks: list[np.ndarray] | None = None
+            self.kept = ShardKept(store.geometry)
+            if store.geometry.n_shards < world_size:
+                raise ValueError(f"store {store.url!r} has {store.geometry.n_shards} shards; streaming "
+                                 f"gives each of {world_size} ranks whole shards, so some would get "
+                                 "none: use fewer ranks, or train on the finished store without stream")
+            if self._complete:
+                self._await(None, None)  # every flag is set: counts the whole store
+        else:
+            self.kept = KeptRows.count(store, self.first_positions, self._special)
+            self._check_enough_rows()
 
     @property
     def d(self) -> int:
@@ -182,20 +277,32 @@ class ActivationReader:
         return len(self.kept.per_chunk)
 
     def plan(self, epoch: int) -> EpochPlan:
-        """This rank's blocks of `epoch` and the rows every rank yields in it."""
+        """This rank's blocks of `epoch` and the rows every rank yields in it. Streaming: waits
+        (bounded by `stream_timeout_s` per shard) until every shard of the store is done."""
+        return self._plan(epoch, None)
+
+    def _plan(self, epoch: int, stop: threading.Event | None) -> EpochPlan:
+        if self.cfg.stream:
+            self._await(None, stop)
+            if epoch == 0:
+                return self._stream_plan()
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_chunks)
         kept_by_rank = [int(self.kept.per_chunk[order[r::self.world_size]].sum())
                         for r in range(self.world_size)]
         mine = order[self.rank::self.world_size]
         size = self.cfg.buffer_chunks
         blocks = [np.sort(mine[i:i + size]) for i in range(0, len(mine), size)]
+        return self._epoch_plan(epoch, blocks, min(kept_by_rank))
+
+    def _epoch_plan(self, epoch: int, blocks: list[np.ndarray], fewest: int) -> EpochPlan:
         block_rows = [int(self.kept.per_chunk[block].sum()) for block in blocks]
         starts = np.concatenate([[0], np.cumsum(block_rows, dtype=np.int64)]).astype(np.int64)
-        usable = min(kept_by_rank) // self.cfg.batch_size * self.cfg.batch_size
+        usable = fewest // self.cfg.batch_size * self.cfg.batch_size
         return EpochPlan(epoch, blocks, starts, usable)
 
     def batches_in_epoch(self, epoch: int) -> int:
-        """Batches every rank yields in `epoch` (the same on all ranks)."""
+        """Batches every rank yields in `epoch` (the same on all ranks). Streaming: waits for
+        every shard, like `plan`."""
         return self.plan(epoch).usable // self.cfg.batch_size
 
     def state_dict(self) -> dict[str, Any]:
@@ -214,10 +321,12 @@ class ActivationReader:
         if wrong:
             raise ValueError("reader state was saved by a reader with another schedule ("
                              + "; ".join(wrong) + "); resume with the same store, hook, seed, "
-                             "world size, batch size, buffer_chunks and exclusions")
+                             "world size, batch size, buffer_chunks, exclusions and stream setting")
         epoch, rows = int(state["epoch"]), int(state["rows_in_epoch"])
-        usable = self.plan(epoch).usable if epoch >= 0 else 0
-        if epoch < 0 or rows < 0 or rows > usable or rows % self.cfg.batch_size:
+        # Streaming epoch 0 before every shard is in: its end is not known yet (the loader stops there).
+        known = epoch >= 0 and not (self.cfg.stream and epoch == 0 and not self._final)
+        usable = self.plan(epoch).usable if known else None
+        if epoch < 0 or rows < 0 or rows % self.cfg.batch_size or (usable is not None and rows > usable):
             raise ValueError(f"reader state position (epoch {epoch}, row {rows}) is not a batch "
                              f"boundary of that epoch (it has {usable} rows)")
         self._epoch, self._rows = (epoch + 1, 0) if rows == usable else (epoch, rows)
@@ -255,22 +364,165 @@ class ActivationReader:
             _drain(blocks)
 
     def _identity(self) -> dict[str, Any]:
-        """What decides the batch sequence: a state resumes only a reader with the same."""
-        return {"store": self._fingerprint, "hook": self.hook, "seed": self.cfg.seed,
-                "world_size": self.world_size, "batch_size": self.cfg.batch_size,
-                "buffer_chunks": self.cfg.buffer_chunks, "exclude_first_positions": self.first_positions,
-                "exclude_special_tokens": self.cfg.exclude_special_tokens, "kept_rows": self.kept.total}
+        """What decides the batch sequence: a state resumes only a reader with the same. (A
+        streaming reader's kept-row total is not known up front: its identity says `stream`.)"""
+        identity = {"store": self._fingerprint, "hook": self.hook, "seed": self.cfg.seed,
+                    "world_size": self.world_size, "batch_size": self.cfg.batch_size,
+                    "buffer_chunks": self.cfg.buffer_chunks,
+                    "exclude_first_positions": self.first_positions,
+                    "exclude_special_tokens": self.cfg.exclude_special_tokens}
+        if self.cfg.stream:
+            return {**identity, "stream": True}
+        return {**identity, "kept_rows": self.kept.total}
 
-    def _check_enough_rows(self) -> None:
+    def _check_enough_rows(self, error: type[Exception] = ValueError) -> None:
         """Refuse a schedule in which some epoch could give a rank less than one batch."""
         per_rank = self.n_chunks // self.world_size
         smallest = int(np.sort(self.kept.per_chunk)[:per_rank].sum())
         if smallest < self.cfg.batch_size:
-            raise ValueError(
+            raise error(
                 f"store {self.store.url!r} has {self.kept.total} kept rows of {self.hook!r} in "
                 f"{self.n_chunks} chunks; split over {self.world_size} ranks, a rank may get only "
                 f"{smallest} in an epoch, less than batch_size={self.cfg.batch_size}; lower the "
                 "batch size or use fewer ranks")
+
+    # Streaming: shards are counted as their done flags appear; epoch 0 follows the shard order.
+
+    def _rank_rows(self) -> list[int]:
+        """Kept rows of each rank's epoch-0 shards counted so far (all of them once `_final`)."""
+        assert isinstance(self.kept, ShardKept)
+        return [int(self.kept.per_shard[r::self.world_size].sum()) for r in range(self.world_size)]
+
+    def _stream_bound(self) -> tuple[int, bool]:
+        """(rows every rank is known to yield in epoch 0, whether that is its final count)."""
+        with self._lock:
+            fewest = min(self._rank_rows())
+            return fewest // self.cfg.batch_size * self.cfg.batch_size, self._final
+
+    def _stream_blocks(self) -> list[np.ndarray]:
+        """This rank's epoch-0 blocks: the chunks of shards rank, rank + world_size, ... in order."""
+        blocks = self._blocks
+        if blocks is None:
+            geometry = self.store.geometry
+            chunks = np.arange(self.n_chunks)
+            mine = chunks[chunks // geometry.chunks_per_shard % self.world_size == self.rank]
+            size = self.cfg.buffer_chunks
+            blocks = self._blocks = [mine[i:i + size] for i in range(0, len(mine), size)]
+        return blocks
+
+    def _stream_plan(self) -> EpochPlan:
+        """Epoch 0 of a streaming reader, once every shard is counted."""
+        return self._epoch_plan(0, self._stream_blocks(), min(self._rank_rows()))
+
+    def _await_rows(self, rows: int, stop: threading.Event | None) -> bool:
+        """Wait until every rank is known to yield at least `rows` rows in epoch 0 (True), or the
+        final count is known to be fewer (False)."""
+        while True:
+            bound, final = self._stream_bound()
+            if bound >= rows or final:
+                return bound >= rows
+            self._await(None, stop, until_progress=True)
+
+    def _await(self, shards: list[int] | None, stop: threading.Event | None,
+               until_progress: bool = False) -> None:
+        """Wait until `shards` (None: every shard) are counted (`until_progress`: until one more
+        is), polling their done flags; error after `stream_timeout_s` without a new shard
+        counted. `stop` set: raise `_Stopped`."""
+        timeout, since = self.cfg.stream_timeout_s, time.monotonic()
+        poll = _REMOTE_POLL_S if is_remote(self.store.url) else STREAM_POLL_S
+        while True:
+            with self._lock:
+                missing = self._missing(shards)
+                if missing and self._poll(missing):
+                    if until_progress:
+                        return
+                    since = time.monotonic()
+                    missing = self._missing(shards)
+            if not missing:
+                return
+            waited = time.monotonic() - since
+            if waited >= timeout:
+                rows = self.store.geometry.shard_rows_range(missing[0])
+                raise StoreError(
+                    f"store {self.store.url!r} is still incomplete: the reader waited {waited:.0f} s "
+                    f"(stream_timeout_s) for shard {missing[0]} (rows {rows.start}-{rows.stop - 1}) "
+                    "and no new shard was finished; the harvest writing it has stopped or is too "
+                    "slow: rerun the same `saeworks harvest` command to resume it (then resume "
+                    "training with train.resume=true), or raise train.reader.stream_timeout_s")
+            pause = min(poll, timeout - waited)
+            if stop is None:
+                time.sleep(pause)
+            elif stop.wait(pause):
+                raise _Stopped
+
+    def _missing(self, shards: list[int] | None) -> list[int]:
+        """Those of `shards` (None: all) not counted yet, in the current geometry."""
+        assert isinstance(self.kept, ShardKept)
+        counted = self.kept.counted
+        if shards is None:
+            return np.flatnonzero(~counted).tolist()  # type: ignore[no-any-return]
+        return [s for s in shards if s < len(counted) and not counted[s]]
+
+    def _poll(self, missing: list[int]) -> bool:
+        """Count each of `missing` whose done flag is set and whose rows are all written; adopt
+        the finished store once it is complete. Whether anything was counted or adopted."""
+        assert isinstance(self.kept, ShardKept)
+        lo, hi = missing[0], missing[-1] + 1
+        if is_remote(self.store.url):
+            flags = self.store.flag_objects()[lo:hi]  # one listing, not a read per flag
+        else:
+            flags = self.store.read(SHARD_DONE, lo, hi).astype(bool)
+        progress = False
+        for shard in missing:
+            keep = self._count_shard(shard) if flags[shard - lo] else None
+            if keep is not None:
+                self.kept.add(shard, keep)
+                progress = True
+        if not self._complete and not self.kept.counted[missing].all():
+            fresh = ActivationStore.open(self.store.url)
+            if fresh.complete:
+                self._adopt(fresh)
+                progress = True
+        if not self._final and self.kept.counted.all():
+            self._final = True
+            self._check_stream_rows()
+        return progress
+
+    def _count_shard(self, shard: int) -> np.ndarray | None:
+        """[rows of the shard] keep flags; None for a shard with rows not written (the short last
+        shard of a dataset that ran out, read once `finalize` has trimmed the store)."""
+        rows = self.kept.geometry.shard_rows_range(shard)  # type: ignore[union-attr]
+        token_ids = self.store.read(TOKEN_IDS, rows.start, rows.stop)
+        if not self._complete and (token_ids < 0).any():
+            return None
+        keep = np.arange(rows.start, rows.stop) % self.store.context_size >= self.first_positions
+        if self._special:
+            keep &= ~np.isin(token_ids, np.asarray(self._special, dtype=np.int64))
+        return keep
+
+    def _adopt(self, fresh: ActivationStore) -> None:
+        """Read the finished store from now on (its geometry trimmed if the dataset ran out)."""
+        assert isinstance(self.kept, ShardKept)
+        fresh.require_complete()
+        if fresh.geometry != self.kept.geometry:
+            self.kept = self.kept.trimmed(fresh.geometry)
+            self._blocks = None
+        # `self.array` stays: its rows below the trimmed length are the same files (and a
+        # subclass may have replaced it, see activations/multi_reader.py).
+        self.store, self._complete = fresh, True
+
+    def _check_stream_rows(self) -> None:
+        """Once every shard is counted: every epoch must give every rank a batch."""
+        rows = self._rank_rows()
+        fewest = min(rows)
+        if fewest < self.cfg.batch_size:
+            raise StoreError(
+                f"store {self.store.url!r}: streaming, rank {rows.index(fewest)} of "
+                f"{self.world_size} reads shards {rows.index(fewest)}, "
+                f"{rows.index(fewest) + self.world_size}, ... in its first epoch, {fewest} kept rows "
+                f"of {self.hook!r}, less than batch_size={self.cfg.batch_size}; lower the batch "
+                "size or use fewer ranks")
+        self._check_enough_rows(StoreError)
 
 
 def _exclusions(store: ActivationStore, cfg: ReaderConfig) -> tuple[int, list[int]]:
@@ -286,9 +538,14 @@ def _exclusions(store: ActivationStore, cfg: ReaderConfig) -> tuple[int, list[in
     return first, special
 
 
-def _fingerprint(store: ActivationStore) -> str:
-    """A short digest of what makes a store's rows: its identity, geometry and dtype."""
+def _fingerprint(store: ActivationStore, stream: bool = False) -> str:
+    """A short digest of what makes a store's rows: its identity, geometry and dtype. `stream`:
+    without the window count, which `finalize` lowers when the dataset ran out (the identity,
+    which holds max_tokens and the dataset, decides it), so a state taken while the harvest ran
+    resumes on the finished store."""
     attrs = {key: store.attrs.get(key) for key in ("identity", "geometry", "store_dtype", "d")}
+    if stream:
+        attrs["geometry"] = {k: v for k, v in dict(attrs["geometry"] or {}).items() if k != "n_windows"}
     return hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -339,7 +596,11 @@ class _Loader:
             last = self.reader.epochs
             for epoch in itertools.count(self.epoch) if last is None else range(self.epoch, last):
                 first = self.rows if epoch == self.epoch else 0
-                for batches in self._epoch_batches(self.reader.plan(epoch), first):
+                if self.reader.cfg.stream and epoch == 0:
+                    epoch_batches = self._stream_batches(first)
+                else:
+                    epoch_batches = self._epoch_batches(self.reader._plan(epoch, self.stop), first)
+                for batches in epoch_batches:
                     self._put(batches)
             self._put(_END)
         except _Stopped:
@@ -374,10 +635,61 @@ class _Loader:
                 carry.append((np.take(self.buffer, picked, axis=0), rows[offset:offset + take]))
                 offset, position = offset + take, position + take
                 if sum(len(r) for _, r in carry) == size:
-                    batches.append(_batch(carry, plan, position))
+                    after = (plan.epoch + 1, 0) if position == plan.usable else (plan.epoch, position)
+                    batches.append(_batch(carry, after))
                     carry = []
             yield batches
             block += 1
+
+    def _stream_batches(self, first: int) -> Iterator[list[_Batch]]:
+        """Epoch 0 of a streaming reader from stream row `first`: each block read once its shards
+        are done; a batch handed on once every rank is known to hold at least its rows. The same
+        cut as `_epoch_batches` of the finished store's `plan(0)`, whatever the timing."""
+        reader, size = self.reader, self.batch_size
+        carry: list[tuple[np.ndarray, np.ndarray]] = []
+        carried, block, start = 0, 0, 0  # rows in carry; the block, and its first stream row
+        while (chunks := self._stream_block(block)) is not None:
+            end = start + int(reader.kept.per_chunk[chunks].sum())
+            bound, final = reader._stream_bound()
+            if final and start >= bound:
+                return
+            if end <= first:  # wholly before the resume point: counted, never read
+                block, start = block + 1, end
+                continue
+            sources, rows = self._load_block(0, block, chunks)
+            position = max(first, start)
+            batches: list[_Batch] = []
+            while position < end:
+                take = min(size - carried, end - position)
+                if carried + take == size and position + take > bound:
+                    if batches:  # hand on what is ready before waiting for other ranks' shards
+                        yield batches
+                        batches = []
+                    if not reader._await_rows(position + take, self.stop):
+                        return  # the epoch ends before this batch
+                    bound, final = reader._stream_bound()
+                piece = slice(position - start, position - start + take)
+                carry.append((np.take(self.buffer, sources[piece], axis=0), rows[piece]))
+                position, carried = position + take, carried + take
+                if carried == size:
+                    bound, final = reader._stream_bound()
+                    batches.append(_batch(carry, (1, 0) if final and position == bound else (0, position)))
+                    carry, carried = [], 0
+            yield batches
+            block, start = block + 1, end
+
+    def _stream_block(self, index: int) -> np.ndarray | None:
+        """The chunks of this rank's epoch-0 block `index` once all its shards are done (None: it
+        has no such block); follows the store's geometry if `finalize` trims it meanwhile."""
+        while True:
+            blocks = self.reader._stream_blocks()
+            if index >= len(blocks):
+                return None
+            chunks = blocks[index]
+            shards = np.unique(chunks // self.reader.store.geometry.chunks_per_shard).tolist()
+            self.reader._await(shards, self.stop)
+            if self.reader._stream_blocks() is blocks:
+                return chunks
 
     def _load_block(self, epoch: int, index: int, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decode a block into the buffer; its kept rows, shuffled, as (buffer positions, global rows)."""
@@ -411,14 +723,13 @@ class _Loader:
             self.reader.array.get_basic_selection(slice(start, stop), out=into)
 
 
-def _batch(pieces: list[tuple[np.ndarray, np.ndarray]], plan: EpochPlan, end: int) -> _Batch:
+def _batch(pieces: list[tuple[np.ndarray, np.ndarray]], position: tuple[int, int]) -> _Batch:
     """A batch from its pieces (one, or two when it spans blocks), tagged with the next position."""
     if len(pieces) == 1:
         activations, rows = pieces[0]
     else:
         activations = np.concatenate([a for a, _ in pieces])
         rows = np.concatenate([r for _, r in pieces])
-    position = (plan.epoch + 1, 0) if end == plan.usable else (plan.epoch, end)
     return _Batch(activations, rows, position)
 
 

@@ -58,6 +58,11 @@ def batch_topk(pre: torch.Tensor, k: int) -> BatchSelection:
     return BatchSelection(indices[:, :most].contiguous(), keep)
 
 
+def smallest_selected(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Scalar: the smallest of `values` where `active` (inf where none is)."""
+    return torch.where(active, values, torch.inf).min()
+
+
 class BatchTopKSAE(TopKSAE):
     """k active latents per token on average over a batch; per-token threshold at inference."""
 
@@ -96,7 +101,12 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def update_threshold(self, values: torch.Tensor, active: torch.Tensor) -> None:
         """EMA of the smallest positive selected activation (no host sync)."""
-        smallest = torch.where(active, values, torch.inf).min().to(self.threshold.dtype)
+        self.update_threshold_to(smallest_selected(values, active))
+
+    @torch.no_grad()
+    def update_threshold_to(self, smallest: torch.Tensor) -> None:
+        """One EMA step towards `smallest` (a scalar; inf when nothing was active: no change)."""
+        smallest = smallest.to(self.threshold.dtype)
         updated = torch.where(self.threshold == 0, smallest, self.threshold.lerp(smallest, THRESHOLD_EMA))
         self.threshold.copy_(torch.where(smallest.isfinite(), updated, self.threshold))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -75,30 +76,38 @@ def _active() -> bool:
     return _launched_distributed() and torch.distributed.is_initialized()
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None) -> None:
     """Average every tensor over ranks in place, through ONE flattened buffer (no-op in one process).
 
     One collective per call however many tensors: the trainer passes every SAE's gradients plus the
-    step's small statistics, so a step costs one all-reduce.
+    step's small statistics, so a step costs one all-reduce. `group`: a process group of a
+    `LatentMesh` (default: every rank).
     """
-    if not _active() or not tensors:
+    if not _active() or not tensors or _group_size(group) == 1:
         return
     flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])  # [sum of numels]
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    flat /= torch.distributed.get_world_size()
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
+    flat /= _group_size(group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
-def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's `[rows, ...]` tensor (same shape on all ranks) in rank order."""
-    if not _active():
+def all_gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Concatenate every rank's `[rows, ...]` tensor (same shape on all ranks) in rank order
+    (over `group`'s ranks when given)."""
+    if not _active() or _group_size(group) == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, tensor.contiguous())
+    parts = [torch.empty_like(tensor) for _ in range(_group_size(group))]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)
+
+
+def _group_size(group: Any) -> int:
+    if not _active():
+        return 1
+    return int(torch.distributed.get_world_size(group))
 
 
 def all_gather_objects(obj: object) -> list[object]:
@@ -107,4 +116,98 @@ def all_gather_objects(obj: object) -> list[object]:
         return [obj]
     gathered: list[object] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+@dataclass(frozen=True)
+class LatentMesh:
+    """The 2-D process mesh of latent-sharded training: `replicas` (data parallel) x `shards`.
+
+    Rank r holds latent shard r % shards of replica r // shards: the shards of one replica are
+    adjacent ranks (on a GPU cluster, one node's fast interconnect), read the same batch and
+    exchange top-k candidates and partial reconstructions every step; the replicas read different
+    batches and average the gradients of the shard they hold, as data parallelism does.
+    """
+
+    shards: int
+    """Processes that split one SAE's latents (the latent group's size)."""
+    shard: int
+    """Which slice of the latents this rank holds."""
+    replicas: int
+    """Data-parallel groups (world size / shards)."""
+    replica: int
+    """Which batch partition this rank reads."""
+    latent_group: Any = None
+    """The process group of this rank's replica (None in one process)."""
+    data_group: Any = None
+    """The process group of the ranks holding this rank's shard (None in one process)."""
+
+    def gather_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[shards, *tensor.shape]: every shard's tensor of this replica, in shard order."""
+        if self.shards == 1:
+            return tensor.unsqueeze(0)
+        parts = [torch.empty_like(tensor) for _ in range(self.shards)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=self.latent_group)
+        return torch.stack(parts)
+
+    def sum_over_shards_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over this replica's shards, in place."""
+        if self.shards > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM,
+                                         group=self.latent_group)
+        return tensor
+
+    def min_over_all_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Minimum over every rank of the mesh, in place."""
+        if _active():
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+        return tensor
+
+    def mean_over_replicas_(self, tensors: list[torch.Tensor]) -> None:
+        """Average over the ranks holding this shard (one flattened all-reduce)."""
+        if self.replicas > 1:
+            all_reduce_mean_(tensors, self.data_group)
+
+
+def latent_mesh(shards: int) -> LatentMesh:
+    """Build the mesh (collective: every rank calls it, creating every group in the same order)."""
+    world = torch.distributed.get_world_size() if _active() else 1
+    rank = torch.distributed.get_rank() if _active() else 0
+    if shards < 1 or world % shards:
+        raise ValueError(f"train.latent_shards={shards} does not divide the {world} processes; "
+                         "launch a multiple of it")
+    replicas = world // shards
+    latent_group = data_group = None
+    if world > 1:
+        for replica in range(replicas):
+            group = torch.distributed.new_group([replica * shards + s for s in range(shards)])
+            if replica == rank // shards:
+                latent_group = group
+        for shard in range(shards):
+            group = torch.distributed.new_group([r * shards + shard for r in range(replicas)])
+            if shard == rank % shards:
+                data_group = group
+    return LatentMesh(shards, rank % shards, replicas, rank // shards, latent_group, data_group)
+
+
+def gather_rows(tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
+    """Every rank's `[rows, ...]` tensor (same shape on all ranks) concatenated in rank order on
+    rank `dst`, None on the others (the tensor itself in one process). A collective: every rank
+    calls it, in the same order, whether or not it is `dst`."""
+    if not _active():
+        return tensor
+    mine = tensor.contiguous()
+    parts = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())] \
+        if torch.distributed.get_rank() == dst else None
+    torch.distributed.gather(mine, parts, dst=dst)
+    return torch.cat(parts) if parts is not None else None
+
+
+def gather_objects(obj: object, dst: int = 0) -> list[object] | None:
+    """Every rank's picklable object in rank order on rank `dst`, None elsewhere (collective)."""
+    if not _active():
+        return [obj]
+    gathered: list[object] | None = [None] * torch.distributed.get_world_size() \
+        if torch.distributed.get_rank() == dst else None
+    torch.distributed.gather_object(obj, gathered, dst=dst)
     return gathered

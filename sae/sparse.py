@@ -61,8 +61,9 @@ class _BDecThroughEncoder(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, values: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor,
-                indices: torch.Tensor) -> torch.Tensor:
+                indices: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(W_enc, indices)
+        ctx.scale = scale
         return values.view_as(values)
 
     @staticmethod
@@ -70,13 +71,17 @@ class _BDecThroughEncoder(torch.autograd.Function):
         W_enc, indices = ctx.saved_tensors
         per_latent = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device)
         per_latent.index_add_(0, indices.reshape(-1), grad_values.reshape(-1).to(W_enc.dtype))
-        return grad_values, -(W_enc.detach() @ per_latent), None, None
+        return grad_values, -ctx.scale * (W_enc.detach() @ per_latent), None, None, None
 
 
 def encoder_b_dec_grad(values: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor,
-                       indices: torch.Tensor) -> torch.Tensor:
-    """Route the encoder-side gradient of b_dec (input centring) through the selected values."""
-    return _BDecThroughEncoder.apply(values, b_dec, W_enc, indices)
+                       indices: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Route the encoder-side gradient of b_dec (input centring) through the selected values.
+
+    `scale` multiplies that gradient: a latent shard passes its number of shards, so that the
+    mean of b_dec's gradient over the shards holds the decoder part once and every shard's
+    encoder part in full (sae/sharded.py)."""
+    return _BDecThroughEncoder.apply(values, b_dec, W_enc, indices, scale)
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

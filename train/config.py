@@ -19,6 +19,15 @@ class TrainConfig:
     """The SAEs to train side by side on the same batches, e.g. a sweep over k or width."""
     hook: str | None = None
     """Hook point to train on; default: the store's first hook (or harvest.hooks[0] for source=model)."""
+    hooks: list[str] | None = None
+    """Several hook points trained at once: every SAE of `saes` is trained on each, all fed by one
+    store read (or one model forward) per batch; saved as `<run_dir>/saes/<hook>--<name>`. Set
+    either this or `hook`, not both."""
+    distribute_hooks: bool = False
+    """With several processes: each trains only the SAEs of its hooks (hook i on rank i mod W, as
+    sparsify's `distribute_modules`); every rank still reads its share of the rows of every hook,
+    and a hook's global batch is gathered onto its owner, so each SAE sees exactly the batches one
+    process would. Saves memory and compute per rank; needs no gradient all-reduce."""
     store: str | None = None
     """Activation store URL; default: the run's store (`harvest.store` or `<run_dir>/activations.zarr`)."""
     source: Literal["store", "model"] = "store"
@@ -29,7 +38,13 @@ class TrainConfig:
     total_tokens: int = 1_000_000
     """Training tokens (rows) over all processes; steps = total_tokens // batch_size."""
     batch_size: int = 4096
-    """Rows per optimiser step over all processes; each of W processes reads batch_size / W."""
+    """Rows per optimiser step over all processes; each of W processes reads batch_size / W
+    (with latent_shards = S: each of the W / S replicas reads batch_size * S / W)."""
+    latent_shards: int = 1
+    """Split every SAE's latents over this many processes (tensor parallelism, for dictionaries too
+    wide for one device): each holds d_sae / S latents and their Adam state, the top-k is found
+    across shards. The processes form a (W / S) x S mesh: data parallel over W / S replicas, each
+    sharded S ways. TopK and BatchTopK only; W must be a multiple of S."""
     lr: float | None = None
     """Peak Adam learning rate; None: 2e-4 / sqrt(d_sae / 2**14) per SAE (Gao et al. 2024, 2.4,
     as in EleutherAI's sparsify)."""
@@ -92,6 +107,7 @@ class TrainConfig:
         for name in ("total_tokens", "batch_size", "init_sample_rows", "dead_after_tokens",
                      "log_every_steps", "model_buffer_rows"):
             require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        require(self.latent_shards > 0, "latent_shards", f"must be positive, got {self.latent_shards}")
         require(self.total_tokens >= self.batch_size, "total_tokens",
                 f"{self.total_tokens} is less than one batch of batch_size={self.batch_size}")
         require(self.lr is None or self.lr > 0, "lr", f"must be positive or null, got {self.lr}")
@@ -112,6 +128,17 @@ class TrainConfig:
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                 "device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
         require(self.hook is None or bool(self.hook), "hook", "must name a hook point or be null")
+        if self.hooks is not None:
+            require(self.hook is None, "hooks", f"set either hook ({self.hook!r}) or hooks "
+                    f"({self.hooks}), not both; hooks=[{self.hook}] trains that one hook")
+            require(len(self.hooks) > 0, "hooks", "list at least one hook point, or leave it null "
+                    "(then `hook`, or the store's first hook, is trained)")
+            require(all(self.hooks), "hooks", f"{self.hooks} holds an empty name")
+            twice = sorted({h for h in self.hooks if self.hooks.count(h) > 1})
+            require(not twice, "hooks", f"{', '.join(twice)} listed more than once")
+        several = self.distribute_hooks or (self.hooks is not None and len(self.hooks) > 1)
+        require(self.latent_shards == 1 or not several, "latent_shards", "latent sharding trains "
+                "one hook at a time: drop hooks/distribute_hooks, or set latent_shards=1")
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,35 @@
 """Where training batches come from, and what is estimated once from the first of them.
 
 The trainer sees a `BatchSource`: an iterable of `ReaderBatch`es (this process's share of each
-step) that can report and restore its position. `ActivationReader` is one; `ModelSource`
-(train/model_source.py) runs the model on the fly; tests pass their own.
+step), or of `HooksBatch`es when several hooks are trained (`train.hooks`: the same rows of every
+hook, from one read), that can report and restore its position. `ActivationReader` and
+`MultiHookReader` are such sources; `ModelSource` (train/model_source.py) runs the model on the
+fly; tests pass their own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 
+from saeworks.activations.multi_reader import HooksBatch, MultiHookReader
 from saeworks.activations.reader import ActivationReader, ReaderBatch
 from saeworks.activations.store import ActivationStore, StoreError
 from saeworks.sae.distributed import RankInfo, all_gather_rows
 from saeworks.sae.geometric_median import geometric_median
-from saeworks.train.config import TrainJob
+from saeworks.train.config import TrainConfig, TrainJob
 from saeworks.train.errors import TrainingDivergedError
 
 
 class BatchSource(Protocol):
     """This process's batches, in order, with a position that a checkpoint saves and restores."""
 
-    def __iter__(self) -> Iterator[ReaderBatch]: ...
+    def __iter__(self) -> Iterator[ReaderBatch | HooksBatch]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -47,15 +50,50 @@ class SourceInfo:
     """SAELens `metadata` of the saved SAEs (model_name, hook_name, context_size, ...)."""
 
 
-def open_store(cfg: TrainJob) -> tuple[ActivationStore, SourceInfo]:
-    """Open `train.store` (default: the run's store), check it is complete and has the hook."""
+def requested_hooks(cfg: TrainConfig, default: str) -> list[str]:
+    """The hooks a run trains: `train.hooks`, else [`train.hook`], else [`default`]."""
+    return list(cfg.hooks) if cfg.hooks is not None else [cfg.hook or default]
+
+
+def batch_inputs(activations: torch.Tensor | Mapping[str, torch.Tensor], hooks: list[str]
+                 ) -> dict[str, torch.Tensor]:
+    """Per hook, this batch's `[rows, d]` activations: a `HooksBatch`'s, or the one tensor of a
+    single-hook `ReaderBatch` (which only a one-hook run accepts)."""
+    if isinstance(activations, torch.Tensor):
+        if len(hooks) != 1:
+            raise ValueError(f"the batch source gives one hook's activations; training "
+                             f"{len(hooks)} hooks ({', '.join(hooks)}) needs HooksBatches of each")
+        return {hooks[0]: activations}
+    missing = [hook for hook in hooks if hook not in activations]
+    if missing:
+        raise ValueError(f"the batch source gives no activations of {', '.join(missing)}; it "
+                         f"gives {', '.join(activations)}")
+    return {hook: activations[hook] for hook in hooks}
+
+
+def open_store(cfg: TrainJob) -> tuple[ActivationStore, list[SourceInfo]]:
+    """Open `train.store` (default: the run's store), check it is complete (or, with
+    `train.reader.stream`, at least created: the reader waits for its shards) and has the hooks."""
     url = cfg.train.store or cfg.store_url
     store = ActivationStore.open(url)
-    store.require_complete()
-    hook = cfg.train.hook or store.hooks[0]
-    if hook not in store.hooks:
-        raise StoreError(f"store {url!r} has no hook {hook!r} (train.hook); it holds "
-                         f"{', '.join(store.hooks)}")
+    if not cfg.train.reader.stream:
+        try:
+            store.require_complete()
+        except StoreError as err:
+            if store.complete:  # damaged, not unfinished
+                raise
+            raise StoreError(f"{err}; or, to train while the harvest writes it, set "
+                             "train.reader.stream=true") from None
+    hooks = requested_hooks(cfg.train, store.hooks[0])
+    field = "train.hooks" if cfg.train.hooks is not None else "train.hook"
+    for hook in hooks:
+        if hook not in store.hooks:
+            raise StoreError(f"store {url!r} has no hook {hook!r} ({field}); it holds "
+                             f"{', '.join(store.hooks)}")
+    return store, [_store_info(cfg, store, url, hook) for hook in hooks]
+
+
+def _store_info(cfg: TrainJob, store: ActivationStore, url: str, hook: str) -> SourceInfo:
     attrs, excluded = store.attrs, store.attrs.get("excluded", {})
     first = cfg.train.reader.exclude_first_positions
     first = int(excluded.get("first_positions", 0)) if first is None else first
@@ -68,39 +106,50 @@ def open_store(cfg: TrainJob) -> tuple[ActivationStore, SourceInfo]:
         "seqpos_slice": [first, None],
     }
     identity = {key: attrs.get(key) for key in ("identity", "geometry", "store_dtype", "d")}
+    if cfg.train.reader.stream:  # without n_windows, which finalize may lower (activations/reader.py)
+        identity["geometry"] = {k: v for k, v in store.attrs["geometry"].items() if k != "n_windows"}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     info = SourceInfo(hook, store.d(hook), f"hook {hook} of store {url!r}",
                       {"store": digest[:16], "hook": hook}, metadata)
-    return store, info
+    return info
 
 
-def store_reader(store: ActivationStore, info: SourceInfo, cfg: TrainJob, local_batch: int,
+def store_reader(store: ActivationStore, infos: list[SourceInfo], cfg: TrainJob, local_batch: int,
                  rank: RankInfo) -> ActivationReader:
-    """This rank's partition of the store, in batches of `local_batch` rows."""
+    """This rank's partition of the store, in batches of `local_batch` rows (of every hook of
+    `infos` at once when there are several)."""
     reader_cfg = replace(cfg.train.reader, batch_size=local_batch)
     try:
-        return ActivationReader(store, info.hook, reader_cfg, rank.rank, rank.world_size)
+        if len(infos) > 1:
+            return MultiHookReader(store, [info.hook for info in infos], reader_cfg, rank.rank,
+                                   rank.world_size)
+        return ActivationReader(store, infos[0].hook, reader_cfg, rank.rank, rank.world_size)
     except ValueError as err:  # too few rows for the batch size and world size
         raise StoreError(str(err)) from err
 
 
-def initial_sample(source: BatchSource, n_batches: int, device: torch.device) -> torch.Tensor:
-    """[n_batches * batch_size, d_in] float32: the first global batches, gathered in rank order
-    so every rank holds the same rows; the source is rewound to where it was."""
+def initial_sample(source: BatchSource, n_batches: int, device: torch.device, hooks: list[str],
+                   group: Any = None) -> dict[str, torch.Tensor]:
+    """Per hook, [n_batches * batch_size, d_in] float32: the first global batches, gathered in rank
+    order so every rank holds the same rows; the source is rewound to where it was. `group`: the
+    ranks that read different rows (latent sharding: one rank of each replica)."""
     state = source.state_dict()
     batches = iter(source)
     try:
-        local = torch.cat([next(batches).activations.to(device).float() for _ in range(n_batches)])
+        parts = [batch_inputs(next(batches).activations, hooks) for _ in range(n_batches)]
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
     source.load_state_dict(state)
-    sample = all_gather_rows(local)
-    if not torch.isfinite(sample).all():
-        raise TrainingDivergedError(f"the first {len(sample)} training rows hold NaN/Inf "
-                                    "activations; the data is corrupt")
-    return sample
+    samples = {}
+    for hook in hooks:  # every rank gathers every hook, in the same order
+        sample = all_gather_rows(torch.cat([part[hook].to(device).float() for part in parts]), group)
+        if not torch.isfinite(sample).all():
+            raise TrainingDivergedError(f"the first {len(sample)} training rows of {hook} hold "
+                                        "NaN/Inf activations; the data is corrupt")
+        samples[hook] = sample
+    return samples
 
 
 def input_scale(sample: torch.Tensor) -> float:

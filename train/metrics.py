@@ -54,7 +54,7 @@ class MetricsLog:
             f"{r['sae']}: loss {r['loss']:.4g} L0 {r['l0']:.1f} FVU {r['fvu']:.3f}" for r in rows))
         if self.wandb is not None:
             self.wandb.log({f"{r['sae']}/{key}": value for r in rows for key, value in r.items()
-                            if key not in ("sae", "step", "tokens")}
+                            if key not in ("sae", "hook", "step", "tokens")}
                            | {"tokens": tokens, "tokens_per_s": rate}, step=step)
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 
 The same code as the harvester makes the rows: `iter_windows` packs the configured text into the
 same deterministic window stream, `capture_activations` runs the model just far enough to read the
-hook. Windows are grouped into blocks of `model_buffer_rows` rows (the bounded shuffle buffer);
+hooks (every hook of `train.hooks` from one forward pass; several hooks give `HooksBatch`es of the
+same rows). Windows are grouped into blocks of `model_buffer_rows` rows (the bounded shuffle buffer);
 block b belongs to rank b mod world size, as harvest shards do. A block's kept rows (excluded
 positions and special tokens dropped) are shuffled by a permutation seeded by (reader seed,
 epoch, rank, block), and batches are cut from the concatenation of the rank's shuffled blocks. The
@@ -30,48 +31,55 @@ from saeworks.activations.model import (
     resolve_source,
     with_resolved_dtype,
 )
+from saeworks.activations.multi_reader import HooksBatch
 from saeworks.activations.reader import ReaderBatch
 from saeworks.activations.text import DataError, excluded_token_ids, iter_windows
 from saeworks.sae.distributed import RankInfo
 from saeworks.train.config import TrainJob
-from saeworks.train.data import SourceInfo
+from saeworks.train.data import SourceInfo, requested_hooks
 
 
 class LoadedModel(NamedTuple):
     model: Any
     tokenizer: Any
-    hook: HookPoint
+    hooks: list[HookPoint]
 
 
-def open_model(cfg: TrainJob, rank: RankInfo) -> tuple[LoadedModel, SourceInfo]:
-    """Load the model on this rank's device and bind the hook (HookError lists the valid names)."""
+def open_model(cfg: TrainJob, rank: RankInfo) -> tuple[LoadedModel, list[SourceInfo]]:
+    """Load the model on this rank's device and bind the hooks (HookError lists the valid names)."""
     model_cfg = with_resolved_dtype(cfg.model, rank)  # the dtype loaded is the one recorded
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, rank.device)
-    hook = resolve_hook(model, cfg.train.hook or cfg.harvest.hooks[0])
+    hooks = [resolve_hook(model, name) for name in requested_hooks(cfg.train, cfg.harvest.hooks[0])]
     check_context_size(model, cfg.data.context_size)
     data, reader = cfg.data, cfg.train.reader
     first = data.exclude_first_positions if reader.exclude_first_positions is None else \
         reader.exclude_first_positions
     special = excluded_token_ids(tokenizer, data) if reader.exclude_special_tokens else []
     source = resolve_source(model_cfg)
-    identity = {"model": {**source.identity, "dtype": model_cfg.dtype}, "hook": hook.name,
+    return LoadedModel(model, tokenizer, hooks), [
+        _info(cfg, hook, source.identity, model_cfg.dtype, first, special) for hook in hooks]
+
+
+def _info(cfg: TrainJob, hook: HookPoint, source: dict[str, Any], dtype: str, first: int,
+          special: list[int]) -> SourceInfo:
+    data = cfg.data
+    identity = {"model": {**source, "dtype": dtype}, "hook": hook.name,
                 "dataset": {"path": data.path, "name": data.name, "split": data.split,
                             "text_field": data.text_field, "shuffle_seed": data.shuffle_seed,
                             "shuffle_buffer": data.shuffle_buffer, "prepend_bos": data.prepend_bos,
                              "holdout_fraction": data.holdout_fraction},
                 "context_size": data.context_size, "excluded": [first, special]}
-    metadata = {"model_name": source.identity["name"], "hook_name": hook.name,
+    metadata = {"model_name": source["name"], "hook_name": hook.name,
                 "context_size": data.context_size, "prepend_bos": data.prepend_bos,
                 "dataset_path": data.path, "exclude_special_tokens": special or False,
                 "seqpos_slice": [first, None]}
-    info = SourceInfo(hook.name, hook.d, f"hook {hook.name} of model {cfg.model.name!r}", identity,
+    return SourceInfo(hook.name, hook.d, f"hook {hook.name} of model {cfg.model.name!r}", identity,
                       metadata)
-    return LoadedModel(model, tokenizer, hook), info
 
 
 class ModelSource:
-    """This rank's shuffled rows of the model's activations at one hook (see the module docstring)."""
+    """This rank's shuffled rows of the model's activations at its hooks (see the module docstring)."""
 
     def __init__(self, loaded: LoadedModel, info: SourceInfo, cfg: TrainJob, batch_size: int,
                  rank: RankInfo) -> None:
@@ -94,22 +102,23 @@ class ModelSource:
             raise ValueError(f"model source state was saved with other {', '.join(wrong)}")
         self.position = (int(state["epoch"]), int(state["block"]), int(state["offset"]))
 
-    def __iter__(self) -> Iterator[ReaderBatch]:
+    def __iter__(self) -> Iterator[ReaderBatch | HooksBatch]:
         epoch, block, offset = self.position
-        carry: list[tuple[torch.Tensor, torch.Tensor]] = []  # a batch begun in an earlier block
+        carry: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []  # a batch begun in an earlier block
         while True:
             blocks = 0
             for index, activations, rows in self._blocks(epoch, block):
                 blocks += 1
                 while offset < len(rows):
                     take = min(self.batch_size - sum(len(r) for _, r in carry), len(rows) - offset)
-                    carry.append((activations[offset:offset + take], rows[offset:offset + take]))
+                    carry.append(({h: a[offset:offset + take] for h, a in activations.items()},
+                                  rows[offset:offset + take]))
                     offset += take
                     if sum(len(r) for _, r in carry) == self.batch_size:
                         done = offset == len(rows)
                         self.position = (epoch, index + self.rank.world_size, 0) if done else \
                             (epoch, index, offset)
-                        yield ReaderBatch(torch.cat([a for a, _ in carry]), torch.cat([r for _, r in carry]))
+                        yield self._batch(carry)
                         carry = []
                 offset = 0
             if blocks == 0 and block == self.rank.rank:
@@ -118,9 +127,17 @@ class ModelSource:
                                 f"{self.windows_per_block} windows; lower train.model_buffer_rows")
             epoch, block = epoch + 1, self.rank.rank
 
-    def _blocks(self, epoch: int, first: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(block index, [kept rows, d] shuffled activations, [kept rows] row ids) of this rank's
-        blocks from block `first` on."""
+    def _batch(self, carry: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> ReaderBatch | HooksBatch:
+        """A batch from its pieces: a `ReaderBatch` of the one hook, or a `HooksBatch` of several."""
+        rows = torch.cat([r for _, r in carry])
+        activations = {hook.name: torch.cat([a[hook.name] for a, _ in carry]) for hook in self.loaded.hooks}
+        if len(activations) == 1:
+            return ReaderBatch(next(iter(activations.values())), rows)
+        return HooksBatch(activations, rows)
+
+    def _blocks(self, epoch: int, first: int) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
+        """(block index, per hook [kept rows, d] shuffled activations, [kept rows] row ids) of this
+        rank's blocks from block `first` on."""
         windows = iter_windows(self.loaded.tokenizer, self.cfg.data, sys.maxsize)
         index = 0
         while block := list(islice(windows, self.windows_per_block)):
@@ -128,16 +145,21 @@ class ModelSource:
                 yield index, *self._block_rows(epoch, index, np.stack(block))
             index += 1
 
-    def _block_rows(self, epoch: int, index: int, token_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        model, hook, device = self.loaded.model, self.loaded.hook, self.rank.device
-        parts, step = [], self.cfg.harvest.batch_size  # windows per forward pass, as the harvester
+    def _block_rows(self, epoch: int, index: int, token_ids: np.ndarray
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        model, hooks, device = self.loaded.model, self.loaded.hooks, self.rank.device
+        names = [hook.name for hook in hooks]
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        step = self.cfg.harvest.batch_size  # windows per forward pass, as the harvester
         for start in range(0, len(token_ids), step):
             ids = torch.from_numpy(token_ids[start:start + step]).to(device, torch.long)
-            parts.append(capture_activations(model, ids, [hook.name])[hook.name].reshape(-1, hook.d))
-        activations = torch.cat(parts)  # [windows * context, d]
+            captured = capture_activations(model, ids, names)  # one forward for every hook
+            for hook in hooks:
+                parts[hook.name].append(captured[hook.name].reshape(-1, hook.d))
         keep = (np.arange(token_ids.size) % self.context >= self.first_positions) & \
             ~np.isin(token_ids.reshape(-1), np.asarray(self.special, dtype=np.int64))
         kept = np.flatnonzero(keep)
         kept = kept[np.random.default_rng([self.seed, epoch, self.rank.rank, index]).permutation(len(kept))]
         rows = torch.from_numpy(kept + index * self.windows_per_block * self.context)
-        return activations[torch.from_numpy(kept).to(device)], rows
+        picked = torch.from_numpy(kept).to(device)
+        return {name: torch.cat(parts[name])[picked] for name in names}, rows  # [kept, d] per hook

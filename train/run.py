@@ -30,11 +30,20 @@ import numpy as np
 import torch
 
 from saeworks.sae.atomic import clean_directory
-from saeworks.sae.distributed import RankInfo, all_gather_objects, barrier, rank_info
+from saeworks.sae.distributed import (
+    LatentMesh,
+    RankInfo,
+    all_gather_objects,
+    barrier,
+    gather_objects,
+    latent_mesh,
+    rank_info,
+)
 from saeworks.sae.io import save_sae
 from saeworks.sae.locks import exclusive_writer
 from saeworks.sae.precision import AutocastName, autocast_dtype
 from saeworks.sae.registry import create_sae
+from saeworks.sae.sharded import assemble, shard_of
 from saeworks.sae.version import package_version
 from saeworks.train.checkpoint import (
     Checkpoint,
@@ -45,6 +54,7 @@ from saeworks.train.checkpoint import (
     restore_rng,
     rng_state,
     write_checkpoint,
+    write_sharded_checkpoint,
 )
 from saeworks.train.config import TrainJob
 from saeworks.train.data import (
@@ -58,7 +68,7 @@ from saeworks.train.data import (
 )
 from saeworks.train.errors import CheckpointError
 from saeworks.train.metrics import MetricsLog
-from saeworks.train.plan import TrainPlan, make_plan
+from saeworks.train.plan import TrainPlan, make_hooks_plan
 from saeworks.train.trainer import StopFlag, Trainer
 
 log = logging.getLogger(__name__)
@@ -77,7 +87,7 @@ class SAEResult(NamedTuple):
 
 
 class TrainResult(NamedTuple):
-    """What a call to `train` did (the same on every rank)."""
+    """What a call to `train` did (the same on every rank, but `rank` and `held`)."""
 
     saes: list[SAEResult]
     steps: int
@@ -88,6 +98,8 @@ class TrainResult(NamedTuple):
     """The last checkpoint written."""
     rank: int
     world_size: int
+    held: tuple[str, ...] = ()
+    """The SAEs this rank trained: all of them, except under train.distribute_hooks (its hooks')."""
 
 
 def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
@@ -111,17 +123,22 @@ def _clean_leftovers(cfg: TrainJob) -> None:
 
 def _train(cfg: TrainJob, source: BatchSource | None, rank: RankInfo) -> TrainResult:
     cfg = _with_resolved_autocast(cfg, rank)
-    data, info = _open_data(cfg, rank)
-    plan = make_plan(cfg.train, info.d_in, info.name, rank.world_size)
-    resume_from = _resume_point(cfg, plan, info)
+    data, info = _open_data(cfg, rank)  # one SourceInfo per hook
+    plan = make_hooks_plan(cfg.train, info, rank.world_size)
+    held = plan.for_rank(rank.rank)  # what this rank trains (all of it unless distribute_hooks)
+    mesh = latent_mesh(plan.latent_shards) if plan.latent_shards > 1 else None
+    resume_from = _resume_point(cfg, plan, info, mesh)
     if source is None:
-        source = _make_source(cfg, data, info, plan, rank)
+        source = _make_source(cfg, data, info, plan, _data_rank(rank, mesh))
     _seed_everything(cfg.train.seed)
-    saes = [create_sae(sae_cfg).to(rank.device) for sae_cfg in plan.saes]
+    if mesh is None:
+        saes = _create_saes(held, cfg.train.seed, rank.device)
+    else:  # every rank draws the whole SAE in host memory (one process's init), keeps its slice
+        saes = [shard_of(create_sae(sae_cfg), mesh).to(rank.device) for sae_cfg in plan.saes]
     if resume_from is None:
-        trainer = _fresh_trainer(cfg, plan, saes, source, rank)
+        trainer = _fresh_trainer(cfg, held, saes, source, rank, mesh)
     else:
-        trainer = _resumed_trainer(cfg, plan, saes, source, rank, resume_from)
+        trainer = _resumed_trainer(cfg, held, saes, source, rank, resume_from, mesh)
     metrics = MetricsLog(cfg, cfg.layout, plan.stop_step * plan.batch_size, trainer.tokens, rank.is_main)
     checkpoints: list[Path] = [resume_from.path] if resume_from else []
 
@@ -137,7 +154,7 @@ def _train(cfg: TrainJob, source: BatchSource | None, rank: RankInfo) -> TrainRe
     finished = trainer.step >= plan.total_steps
     results = _save_saes(cfg, plan, info, trainer, rank, finished)
     return TrainResult(results, trainer.step, trainer.tokens, finished, checkpoints[-1], rank.rank,
-                       rank.world_size)
+                       rank.world_size, tuple(held.names))
 
 
 def _with_resolved_autocast(cfg: TrainJob, rank: RankInfo) -> TrainJob:
@@ -150,7 +167,7 @@ def _with_resolved_autocast(cfg: TrainJob, rank: RankInfo) -> TrainJob:
     return replace(cfg, train=replace(cfg.train, autocast=resolved))
 
 
-def _open_data(cfg: TrainJob, rank: RankInfo) -> tuple[Any, SourceInfo]:
+def _open_data(cfg: TrainJob, rank: RankInfo) -> tuple[Any, list[SourceInfo]]:
     if cfg.train.source == "model":
         from saeworks.train.model_source import open_model
 
@@ -158,13 +175,18 @@ def _open_data(cfg: TrainJob, rank: RankInfo) -> tuple[Any, SourceInfo]:
     return open_store(cfg)
 
 
-def _make_source(cfg: TrainJob, data: Any, info: SourceInfo, plan: TrainPlan, rank: RankInfo
+def _make_source(cfg: TrainJob, data: Any, info: list[SourceInfo], plan: TrainPlan, rank: RankInfo
                  ) -> BatchSource:
     if cfg.train.source == "model":
         from saeworks.train.model_source import ModelSource
 
-        return ModelSource(data, info, cfg, plan.local_batch, rank)
+        return ModelSource(data, info[0], cfg, plan.local_batch, rank)
     return store_reader(data, info, cfg, plan.local_batch, rank)
+
+
+def _data_rank(rank: RankInfo, mesh: LatentMesh | None) -> RankInfo:
+    """The partition this rank reads: its replica's (the shards of a replica read the same rows)."""
+    return rank if mesh is None else replace(rank, rank=mesh.replica, world_size=mesh.replicas)
 
 
 def _seed_everything(seed: int) -> None:
@@ -173,7 +195,20 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _resume_point(cfg: TrainJob, plan: TrainPlan, info: SourceInfo) -> Checkpoint | None:
+def _create_saes(plan: TrainPlan, seed: int, device: torch.device) -> list[Any]:
+    """The SAEs of `plan`, hook by hook, each hook's drawn from `seed` afresh: an SAE starts from
+    the weights a run over its hook alone would draw, whichever rank holds it."""
+    saes = []
+    for hook in plan.hooks:
+        if hook in plan.sae_hooks:
+            torch.manual_seed(seed)
+            saes += [create_sae(sae_cfg).to(device)
+                     for sae_cfg, sae_hook in zip(plan.saes, plan.sae_hooks, strict=True) if sae_hook == hook]
+    return saes
+
+
+def _resume_point(cfg: TrainJob, plan: TrainPlan, info: list[SourceInfo],
+                  mesh: LatentMesh | None) -> Checkpoint | None:
     """The checkpoint to continue from, or None; refuses one from another config."""
     root = cfg.layout.checkpoints
     found = latest_checkpoint(root)
@@ -184,29 +219,35 @@ def _resume_point(cfg: TrainJob, plan: TrainPlan, info: SourceInfo) -> Checkpoin
     if not cfg.train.resume:
         raise CheckpointError(f"{found} exists: set train.resume=true to continue that run, or use "
                               "another run_dir (or delete the checkpoints) to start over")
-    loaded = read_checkpoint(found)
+    loaded = read_checkpoint(found, 0 if mesh is None else mesh.shard)
     check_fingerprint(found, loaded.state["fingerprint"], fingerprint(cfg.train, plan, info))
     return loaded
 
 
 def _fresh_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: BatchSource,
-                   rank: RankInfo) -> Trainer:
+                   rank: RankInfo, mesh: LatentMesh | None) -> Trainer:
     """Input scale and b_dec from the first global batches (the same rows on every rank)."""
     needs_sample = cfg.train.normalize_inputs or cfg.train.b_dec_init != "zeros"
-    sample = initial_sample(source, plan.sample_batches, rank.device) if needs_sample else None
-    scale = input_scale(sample) if sample is not None and cfg.train.normalize_inputs else 1.0
-    if sample is not None and cfg.train.b_dec_init != "zeros":
-        b_dec = initial_b_dec(sample * scale, cfg.train.b_dec_init)
-        with torch.no_grad():
-            for sae in saes:
-                sae.b_dec.copy_(b_dec)
-    return Trainer(saes, plan, cfg.train, scale, rank.device)
+    group = None if mesh is None else mesh.data_group  # one copy of each replica's rows
+    samples = initial_sample(source, plan.sample_batches, rank.device, plan.hooks, group) \
+        if needs_sample else None  # per hook, every hook on every rank
+    scales = {hook: input_scale(samples[hook]) if samples is not None and cfg.train.normalize_inputs
+              else 1.0 for hook in plan.hooks}
+    if samples is not None and cfg.train.b_dec_init != "zeros":
+        for hook in dict.fromkeys(plan.sae_hooks):  # the hooks of the SAEs this rank holds
+            b_dec = initial_b_dec(samples[hook] * scales[hook], cfg.train.b_dec_init)
+            with torch.no_grad():
+                for sae, sae_hook in zip(saes, plan.sae_hooks, strict=True):
+                    if sae_hook == hook:
+                        sae.b_dec.copy_(b_dec)
+    return Trainer(saes, plan, cfg.train, scales, rank.device, mesh)
 
 
 def _resumed_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: BatchSource,
-                     rank: RankInfo, checkpoint: Checkpoint) -> Trainer:
+                     rank: RankInfo, checkpoint: Checkpoint, mesh: LatentMesh | None) -> Trainer:
     state = checkpoint.state
-    trainer = Trainer(saes, plan, cfg.train, float(state["input_scale"]), rank.device)
+    scales = state.get("input_scales") or float(state["input_scale"])  # per hook; older: one
+    trainer = Trainer(saes, plan, cfg.train, scales, rank.device, mesh)
     trainer.load_state_tensors(checkpoint.tensors, int(state["step"]))
     mine = state["ranks"][rank.rank]
     source.load_state_dict(mine["source"])
@@ -215,35 +256,58 @@ def _resumed_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: Ba
     return trainer
 
 
-def _write_checkpoint(cfg: TrainJob, plan: TrainPlan, info: SourceInfo, trainer: Trainer,
+def _write_checkpoint(cfg: TrainJob, plan: TrainPlan, info: list[SourceInfo], trainer: Trainer,
                       source: BatchSource, rank: RankInfo) -> Path:
     """Gather every rank's source position and RNG state; rank 0 writes; all wait for it."""
     trainer.check_weights()
     ranks = all_gather_objects({"source": source.state_dict(), "rng": rng_state(rank.device)})
     root = cfg.layout.checkpoints
     path = root / f"tokens-{trainer.tokens:012d}"
+    if trainer.mesh is not None:
+        return write_sharded_checkpoint(root, trainer.tokens, trainer.state_tensors(),
+                                        _checkpoint_state(cfg, plan, info, trainer, ranks)
+                                        if rank.is_main else None, trainer.mesh)
+    gathered = None
+    if plan.hook_owners is not None:  # distribute_hooks: rank 0 writes every rank's SAEs
+        parts = cast("list[dict[str, torch.Tensor]] | None", gather_objects(trainer.state_tensors()))
+        gathered = {key: value for part in parts or [] for key, value in part.items()}
     if rank.is_main:
-        state = {"step": trainer.step, "tokens": trainer.tokens, "input_scale": trainer.input_scale,
-                 "fingerprint": fingerprint(cfg.train, plan, info), "ranks": ranks,
-                 "saeworks_version": package_version()}
-        path = write_checkpoint(root, trainer.tokens, trainer.state_tensors(), state)
+        state = _checkpoint_state(cfg, plan, info, trainer, ranks)
+        tensors = trainer.state_tensors() if gathered is None else gathered
+        path = write_checkpoint(root, trainer.tokens, tensors, state)
     barrier()
     return path
 
 
-def _save_saes(cfg: TrainJob, plan: TrainPlan, info: SourceInfo, trainer: Trainer, rank: RankInfo,
+def _checkpoint_state(cfg: TrainJob, plan: TrainPlan, info: list[SourceInfo], trainer: Trainer,
+                      ranks: list[object]) -> dict[str, Any]:
+    return {"step": trainer.step, "tokens": trainer.tokens, "input_scale": trainer.input_scale,
+            "input_scales": trainer.input_scales,
+            "fingerprint": fingerprint(cfg.train, plan, info), "ranks": ranks,
+            "saeworks_version": package_version()}
+
+
+def _save_saes(cfg: TrainJob, plan: TrainPlan, info: list[SourceInfo], trainer: Trainer, rank: RankInfo,
                finished: bool) -> list[SAEResult]:
-    """Rank 0 saves each SAE (input scale folded in) with SAELens metadata, once training is done."""
+    """Rank 0 saves each SAE (its hook's input scale folded in) with SAELens metadata, once training
+    is done; under distribute_hooks each rank saves the SAEs it holds."""
     results = []
-    for i, (name, sae) in enumerate(zip(plan.names, trainer.saes, strict=True)):
+    held = dict(zip(trainer.plan.sae_ids, trainer.saes, strict=True))
+    metadata = {source.hook: source.metadata for source in info}
+    for i, name in enumerate(plan.names):
+        hook, sae = plan.sae_hooks[i], held.get(i)
+        saver = rank.is_main if plan.hook_owners is None else plan.owner(hook) == rank.rank
         last = trainer.last_metrics[i] if trainer.last_metrics else {}
         path = cfg.layout.sae(name) if finished else None
-        if path is not None and rank.is_main:
+        if path is not None and trainer.mesh is not None and sae is not None:  # collective: shards
+            sae = assemble(sae, create_sae(plan.saes[i]).to(sae.W_dec.device), trainer.mesh)
+        if path is not None and saver and sae is not None:
+            scale = trainer.input_scales[hook]
             training = {"tokens": trainer.tokens, "steps": trainer.step, "batch_size": plan.batch_size,
-                        "lr": plan.lrs[i], "world_size": plan.world_size, "input_scale": trainer.input_scale,
+                        "lr": plan.lrs[i], "world_size": plan.world_size, "input_scale": scale,
                         "autocast": trainer.autocast_name,  # `auto` as resolved on this machine
                         "final_metrics": last, "saeworks_version": package_version()}
-            save_sae(sae, path, trainer.input_scale, {**info.metadata, "saeworks_training": training})
+            save_sae(sae, path, scale, {**metadata[hook], "saeworks_training": training})
         results.append(SAEResult(name, path, float(last.get("fvu", float("nan"))),
                                  float(last.get("l0", float("nan")))))
     barrier()

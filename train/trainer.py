@@ -6,13 +6,20 @@ and the SIGTERM flag; loss check; decoder-gradient projection, clipping, Adam, d
 normalisation; dead-latent counters. Every rank applies the same averaged gradients to the same
 weights, so the SAEs stay identical on all ranks with no broadcast.
 
+Several hooks (train.hooks): the batch holds every hook's rows and SAE i reads its hook's,
+x[plan.sae_hooks[i]]. With distribute_hooks each rank holds only the SAEs of its hooks: each hook's
+global batch is gathered onto its owner (every rank takes part in every hook's gather, in hook
+order, owner or not), so a held SAE's gradients and statistics are already complete there; the
+per-step all-reduce then carries only the stop flag and a divergence count, and logging and
+checkpoints gather the held SAEs' rows and tensors (every rank, at the same steps).
+
 Collaborators are passed in: the batch source, the metrics log, the checkpoint writer and the stop
 flag (train/run.py builds them), so this file is only the recipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +27,19 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from saeworks.activations.multi_reader import HooksBatch
 from saeworks.activations.reader import ReaderBatch
 from saeworks.sae.base import SparseAutoencoder, TrainContext
-from saeworks.sae.distributed import all_reduce_mean_
+from saeworks.sae.distributed import LatentMesh, all_gather_objects, all_reduce_mean_, gather_rows
 from saeworks.sae.precision import autocast_dtype
+from saeworks.sae.sharded import (
+    SHARDED_KEYS,
+    clip_sharded_grad_norm_,
+    sharded_encode,
+    sharded_training_forward,
+)
 from saeworks.train.config import TrainConfig
-from saeworks.train.data import BatchSource
+from saeworks.train.data import BatchSource, batch_inputs
 from saeworks.train.dead import DeadLatents
 from saeworks.train.errors import TrainingDivergedError, TrainingInterrupted
 from saeworks.train.plan import TrainPlan
@@ -67,15 +81,27 @@ class Trainer:
     """The SAEs, their Adam state and dead counters, and the step that changes them."""
 
     def __init__(self, saes: list[SparseAutoencoder], plan: TrainPlan, cfg: TrainConfig,
-                 input_scale: float, device: torch.device) -> None:
-        self.saes, self.plan, self.input_scale, self.device = saes, plan, input_scale, device
+                 input_scale: float | Mapping[str, float], device: torch.device,
+                 mesh: LatentMesh | None = None) -> None:
+        self.saes, self.plan, self.device = saes, plan, device
+        self.input_scales = {hook: float(input_scale if isinstance(input_scale, int | float)
+                                         else input_scale[hook]) for hook in plan.hooks}
+        """Per hook, the constant its rows are multiplied by (train.normalize_inputs)."""
+        self.input_scale = self.input_scales[plan.hooks[0]]
+        """The first hook's (the only one in a one-hook run)."""
+        self.mesh = mesh
+        """Latent sharding: `saes` are this rank's shards (sae/sharded.py); None: whole SAEs."""
         self.grad_clip_norm, self.dense_fraction = cfg.grad_clip_norm, cfg.dense_fraction
         # `auto` resolved for this device (train.run resolves it once for all ranks before this).
         self.autocast_name = autocast_dtype(cfg.autocast, device)
         self.autocast = torch.bfloat16 if self.autocast_name == "bfloat16" else None
-        self.optimizer = torch.optim.Adam(
-            [{"params": list(sae.parameters()), "lr": lr} for sae, lr in zip(saes, plan.lrs, strict=True)],
-            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        groups = [{"params": list(sae.parameters()), "lr": lr}
+                  for sae, lr in zip(saes, plan.lrs, strict=True)]
+        self.optimizer = torch.optim.Adam(  # a rank that holds no SAE (distribute_hooks) keeps an empty one
+            groups or [{"params": []}], betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        self.adam_ids = _global_param_indices(plan, saes)
+        self.diverged_elsewhere = False
+        """distribute_hooks: an SAE held by another rank had a non-finite loss this step."""
         self.dead = DeadLatents([sae.d_sae for sae in saes], plan.dead_after_tokens, device)
         self.coefficients = [sparsity_coefficient(cfg) for cfg in plan.saes]
         self.step = 0
@@ -90,7 +116,7 @@ class Trainer:
         batches = iter(source)
         try:
             while self.step < self.plan.stop_step:
-                x = self.prepare(_next(batches))  # [local_batch, d_in] float32, scaled
+                x = self.prepare(_next(batches))  # per hook: [rows, d_in] float32, scaled
                 stats = self.forward_backward(x)
                 stopping = self.reduce(stats, stop.requested)
                 self.check_losses(stats)
@@ -114,41 +140,87 @@ class Trainer:
             if close is not None:
                 close()
 
-    def prepare(self, activations: torch.Tensor) -> torch.Tensor:
-        if activations.shape[0] != self.plan.local_batch:
-            raise ValueError(f"batch source gave {activations.shape[0]} rows, the plan reads "
-                             f"{self.plan.local_batch} per process")
-        return activations.to(self.device, non_blocking=True).float() * self.input_scale
+    def prepare(self, activations: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per hook this rank trains, the step's [rows, d_in] float32 inputs, scaled. Under
+        distribute_hooks a collective: each hook's rows gathered onto its owner, in hook order."""
+        inputs = {}
+        for hook, x in batch_inputs(activations, self.plan.hooks).items():
+            if x.shape[0] != self.plan.local_batch:
+                raise ValueError(f"batch source gave {x.shape[0]} rows, the plan reads "
+                                 f"{self.plan.local_batch} per process")
+            owner, x = self.plan.owner(hook), x.to(self.device, non_blocking=True)
+            gathered = x if owner is None else gather_rows(x, owner)  # [batch_size, d] on the owner
+            if gathered is not None:
+                inputs[hook] = gathered.float() * self.input_scales[hook]
+        return inputs
 
-    def forward_backward(self, x: torch.Tensor) -> StepStats:
-        """Forward and backward of every SAE on x; gradients accumulate into zeroed .grad."""
+    def forward_backward(self, inputs: dict[str, torch.Tensor]) -> StepStats:
+        """Forward and backward of every SAE on its hook's x; gradients accumulate into zeroed .grad."""
         factor = self.plan.schedule.sparsity_factor(self.step)
         scalars, fired = [], []
-        for sae, coefficient, dead in zip(self.saes, self.coefficients, self.dead.masks(), strict=True):
+        for sae, coefficient, dead, hook in zip(self.saes, self.coefficients, self.dead.masks(),
+                                                self.plan.sae_hooks, strict=True):
+            x = inputs[hook]
             with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():
-                out = sae.training_forward(x, TrainContext(coefficient * factor, dead))
+                context = TrainContext(coefficient * factor, dead)
+                out = (sae.training_forward(x, context) if self.mesh is None
+                       else sharded_training_forward(sae, x, context, self.mesh))
             out.loss.backward()
             scalars.append(torch.stack([v.detach().float() for v in (out.loss, out.mse, out.aux, out.l0)]))
             fired.append(out.fired.float())
-        return StepStats(torch.stack(scalars), fired)
+        empty = torch.zeros(0, len(SCALARS), device=self.device)  # a rank holding no SAE
+        return StepStats(torch.stack(scalars) if scalars else empty, fired)
 
     def reduce(self, stats: StepStats, stop_requested: bool) -> bool:
         """Average gradients, statistics and the stop flag over ranks in one all-reduce."""
         flag = torch.tensor([float(stop_requested)], device=self.device)
-        grads = [p.grad for sae in self.saes for p in sae.parameters() if p.grad is not None]
-        all_reduce_mean_([*grads, stats.scalars, *stats.fired, flag])
+        if self.plan.hook_owners is not None:
+            # distribute_hooks: each held SAE saw its hook's whole global batch here, so its
+            # gradients and statistics are complete; every rank still joins this one all-reduce of
+            # the stop flag and of the count of SAEs whose loss is not finite.
+            flags = torch.stack([flag[0], (~torch.isfinite(stats.scalars[:, 0])).sum().float()])
+            all_reduce_mean_([flags])
+            self.diverged_elsewhere = bool(flags[1].item() > 0)
+            return bool(flags[0].item() > 0)
+        if self.mesh is None:
+            grads = [p.grad for sae in self.saes for p in sae.parameters() if p.grad is not None]
+            all_reduce_mean_([*grads, stats.scalars, *stats.fired, flag])
+            return bool(flag.item() > 0)
+        # Latent shards: a shard's gradients and fired flags average over the replicas holding that
+        # shard; the replicated b_dec (sae/sharded.py), the losses and the flag over every rank.
+        sharded = [p.grad for sae in self.saes for key, p in sae.named_parameters()
+                   if key in SHARDED_KEYS and p.grad is not None]
+        self.mesh.mean_over_replicas_([*sharded, *stats.fired])
+        replicated = [p.grad for sae in self.saes for key, p in sae.named_parameters()
+                      if key not in SHARDED_KEYS and p.grad is not None]
+        all_reduce_mean_([*replicated, stats.scalars, flag])
         return bool(flag.item() > 0)
 
     def check_losses(self, stats: StepStats) -> None:
         for name, (loss, *_) in zip(self.plan.names, stats.scalars.tolist(), strict=True):
             if not torch.isfinite(torch.tensor(loss)):
                 raise self.diverged(name, f"the loss is {loss}")
+        if self.diverged_elsewhere:
+            raise self.diverged("held by another rank", "its loss is not finite (that rank names it)")
 
     def check_weights(self) -> None:
-        for name, sae in zip(self.plan.names, self.saes, strict=True):
-            bad = [key for key, p in sae.state_dict().items() if not torch.isfinite(p).all()]
-            if bad:
-                raise self.diverged(name, f"{', '.join(bad)} hold NaN/Inf")
+        bad = [[key for key, p in sae.state_dict().items() if not torch.isfinite(p).all()]
+               for sae in self.saes]
+        if self.mesh is not None:  # shards differ: every rank must learn that one of them broke
+            flags = torch.tensor([float(bool(keys)) for keys in bad], device=self.device)
+            all_reduce_mean_([flags])
+            bad = [keys or (["another shard's weights"] if flag > 0 else [])
+                   for keys, flag in zip(bad, flags.tolist(), strict=True)]
+        if self.plan.hook_owners is not None:  # distribute_hooks: every rank learns of any bad SAE
+            found = [(name, keys) for name, keys in zip(self.plan.names, bad, strict=True) if keys]
+            found = [item for part in all_gather_objects(found) for item in part]  # type: ignore[attr-defined]
+            bad = [keys for _, keys in found]
+            names = [name for name, _ in found]
+        else:
+            names = self.plan.names
+        for name, keys in zip(names, bad, strict=True):
+            if keys:
+                raise self.diverged(name, f"{', '.join(keys)} hold NaN/Inf")
 
     def diverged(self, name: str, what: str) -> TrainingDivergedError:
         return TrainingDivergedError(
@@ -156,10 +228,14 @@ class Trainer:
             "no SAE was saved. Lower train.lr, set train.grad_clip_norm, or check the activations")
 
     def optimizer_step(self) -> None:
+        if not self.saes:  # distribute_hooks: this rank holds no SAE
+            return
         factor = self.plan.schedule.lr_factor(self.step)
         for sae, group, lr in zip(self.saes, self.optimizer.param_groups, self.plan.lrs, strict=True):
             sae.project_decoder_grad()
-            if self.grad_clip_norm is not None:
+            if self.grad_clip_norm is not None and self.mesh is not None:
+                clip_sharded_grad_norm_(sae, self.grad_clip_norm, self.mesh)
+            elif self.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
             group["lr"] = lr * factor
         self.optimizer.step()
@@ -167,48 +243,95 @@ class Trainer:
         for sae in self.saes:
             sae.normalize_decoder()
 
+    def metrics(self, inputs: dict[str, torch.Tensor], stats: StepStats) -> list[dict[str, Any]]:
+        """One row per SAE for the metrics log (mse and loss in the scaled units training sees).
+        Under distribute_hooks a collective: every rank gets every rank's rows, in SAE order."""
+        if self.plan.hook_owners is None:
+            return self._metrics(inputs, stats)
+        mine = list(zip(self.plan.sae_ids, self._metrics(inputs, stats) if self.saes else [], strict=True))
+        gathered = [item for part in all_gather_objects(mine) for item in part]  # type: ignore[attr-defined]
+        return [row for _, row in sorted(gathered, key=lambda item: item[0])]
+
     @torch.no_grad()
-    def metrics(self, x: torch.Tensor, stats: StepStats) -> list[dict[str, Any]]:
-        """One row per SAE for the metrics log (mse and loss in the scaled units training sees)."""
-        moments = torch.cat([x.double().sum(0), x.double().pow(2).sum().view(1)])  # [d_in + 1]
-        counts = [(sae.encode(x) > 0).sum(0).double() for sae in self.saes]  # per SAE [d_sae]
-        all_reduce_mean_([moments, *counts])
-        n, world = self.plan.batch_size, self.plan.world_size
-        mean = moments[:-1] * world / n
-        variance = float(moments[-1] * world / n - mean.pow(2).sum())  # mean ||x - mean(x)||^2
+    def _metrics(self, inputs: dict[str, torch.Tensor], stats: StepStats) -> list[dict[str, Any]]:
+        """This rank's rows (each hook's variance for the FVU of its SAEs)."""
+        moments = {hook: torch.cat([x.double().sum(0), x.double().pow(2).sum().view(1)])  # [d_in + 1]
+                   for hook, x in inputs.items()}
+        n, replicas = self.plan.batch_size, self.plan.replicas
+        if self.plan.hook_owners is not None:  # whole global batches, on this rank alone
+            replicas = 1
+            counts = [(sae.encode(inputs[hook]) > 0).sum(0).double()
+                      for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
+        elif self.mesh is None:
+            counts = [(sae.encode(inputs[hook]) > 0).sum(0).double()  # per SAE [d_sae]
+                      for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
+            all_reduce_mean_([*moments.values(), *counts])
+        else:  # the shards of a replica read the same x: the mean over all ranks is over replicas
+            counts = [(sharded_encode(sae, inputs[hook], self.mesh) > 0).sum(0).double()
+                      for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
+            all_reduce_mean_([*moments.values()])
+            self.mesh.mean_over_replicas_(counts)  # per SAE [d_sae / shards]
+        variances = {}
+        for hook, moment in moments.items():
+            mean = moment[:-1] * replicas / n
+            variances[hook] = float(moment[-1] * replicas / n - mean.pow(2).sum())  # mean ||x - mean(x)||^2
+        dense_counts = torch.stack([(c * replicas / n > self.dense_fraction).sum() for c in counts])
+        per_sae = torch.stack([dense_counts, torch.tensor(self.dead.counts())]).double()  # [2, n_saes]
+        if self.mesh is not None:
+            self.mesh.sum_over_shards_(per_sae)  # each shard counted its own latents
         rows = []
-        for i, (name, dead) in enumerate(zip(self.plan.names, self.dead.counts(), strict=True)):
+        for i, name in enumerate(self.plan.names):
             values = dict(zip(SCALARS, stats.scalars[i].tolist(), strict=True))
-            dense = int((counts[i] * world / n > self.dense_fraction).sum())
-            rows.append({"sae": name, "step": self.step, "tokens": self.tokens, **values,
-                         "fvu": values["mse"] / max(variance, 1e-30), "dead": dead, "dense": dense,
+            dense, dead = int(per_sae[0, i]), int(per_sae[1, i])
+            hook = self.plan.sae_hooks[i]
+            rows.append({"sae": name, "hook": hook, "step": self.step, "tokens": self.tokens, **values,
+                         "fvu": values["mse"] / max(variances[hook], 1e-30), "dead": dead, "dense": dense,
                          "lr": self.optimizer.param_groups[i]["lr"]})
         return rows
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Weights, Adam moments and dead counters, under flat safetensors keys."""
-        tensors = {f"sae.{i}.{key}": value.detach().cpu()
+        ids = self.plan.sae_ids  # keys of the whole run, whichever rank holds the SAE
+        tensors = {f"sae.{ids[i]}.{key}": value.detach().cpu()
                    for i, sae in enumerate(self.saes) for key, value in sae.state_dict().items()}
         for index, state in self.optimizer.state_dict()["state"].items():
-            tensors.update({f"adam.{index}.{key}": torch.as_tensor(value).cpu()
+            tensors.update({f"adam.{self.adam_ids[index]}.{key}": torch.as_tensor(value).cpu()
                             for key, value in state.items()})
-        return {**tensors, **self.dead.state_tensors()}
+        dead = {f"dead.{ids[int(key.split('.')[1])]}": value
+                for key, value in self.dead.state_tensors().items()}
+        return {**tensors, **dead}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        ids = self.plan.sae_ids
         for i, sae in enumerate(self.saes):
-            sae.load_state_dict({key: tensors[f"sae.{i}.{key}"] for key in sae.state_dict()})
+            sae.load_state_dict({key: tensors[f"sae.{ids[i]}.{key}"] for key in sae.state_dict()})
         optimizer = self.optimizer.state_dict()
+        local = {global_index: index for index, global_index in enumerate(self.adam_ids)}
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("adam."):
                 _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
+                if int(index) in local:  # distribute_hooks: other ranks' SAEs are skipped
+                    state.setdefault(local[int(index)], {})[name] = value
         self.optimizer.load_state_dict({**optimizer, "state": state})
-        self.dead.load_state_tensors(tensors)
+        self.dead.load_state_tensors({f"dead.{i}": tensors[f"dead.{sae_id}"] for i, sae_id in enumerate(ids)})
         self.step = step
 
 
-def _next(batches: Iterator[ReaderBatch]) -> torch.Tensor:
+def _global_param_indices(plan: TrainPlan, saes: list[SparseAutoencoder]) -> list[int]:
+    """Per parameter of `saes`, its index in the optimizer of one process holding every SAE of the
+    run, so checkpoint keys do not depend on which rank holds what. SAE j is sweep entry
+    j % sweep_size on its hook, and a sweep entry has the same parameters on every hook."""
+    per_entry = {sae_id % plan.sweep_size: len(list(sae.parameters()))
+                 for sae_id, sae in zip(plan.sae_ids, saes, strict=True)}
+    indices: list[int] = []
+    for sae_id in plan.sae_ids:  # a rank holds whole hooks, so it knows every sweep entry's count
+        start = sum(per_entry[j % plan.sweep_size] for j in range(sae_id))
+        indices.extend(range(start, start + per_entry[sae_id % plan.sweep_size]))
+    return indices
+
+
+def _next(batches: Iterator[ReaderBatch | HooksBatch]) -> torch.Tensor | dict[str, torch.Tensor]:
     try:
         return next(batches).activations
     except StopIteration:
