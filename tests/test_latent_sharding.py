@@ -5,8 +5,8 @@ Identities checked, with real gloo processes started by torchrun:
   encodings equal the slices of one process's full SAE, for TopK and BatchTopK (float32, 1e-5);
 - training: 2 processes, latents split 2 ways and both reading the same batches, give the weights
   of one process training the whole SAEs on those batches (TopK and BatchTopK, AuxK active);
-- a run stopped half-way (sharded checkpoint, one file per shard) and resumed in new processes
-  ends with those same weights;
+- a run killed (SIGKILL) mid-step after sharded checkpoints (one file per shard) and resumed in
+  new processes ends with those same weights;
 - 4 processes as a 2 x 2 mesh (data x latent) give the weights of one process reading both
   replicas' batches side by side (TopK: it selects per row, so splitting the batch changes
   nothing; AuxK off, as in data-parallel training's own test).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ from tests.train_helpers import (
 )
 
 STEPS, BATCH = 24, 256
+CHECKPOINT_STEPS, KILL_AT = 4, 14
+"""The killed run checkpoints at steps 4, 8 and 12 and dies reading the batch of step 14."""
 SAES = "[{k: 4, d_sae: 256}, {architecture: batchtopk, k: 4, d_sae: 256}]"
 NAMES = ("topk-k4-256", "batchtopk-k4-256")
 RECIPE = {"train.saes": SAES, "train.total_tokens": STEPS * BATCH, "train.init_sample_rows": BATCH,
@@ -125,20 +128,23 @@ def check_one_step(out: Path) -> None:
 
 
 def train_worker(out: Path, store: Path, phase: str) -> None:
-    """Train latent-sharded; `full` runs to the end, `stop` stops half-way, `resume` finishes it."""
+    """Train latent-sharded: `full` runs to the end; `kill` checkpoints every CHECKPOINT_STEPS and
+    rank 0 is killed (SIGKILL) while reading batch KILL_AT; `resume` finishes what `kill` left."""
     from saeworks.api import train_saes
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     replicas = world // 2
-    source = Recording(reader(store, rank // 2, replicas))  # the shards of a replica read alike
+    kill = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if phase == "kill" and rank == 0 else None
+    # the shards of a replica read alike
+    source = Recording(reader(store, rank // 2, replicas), after=KILL_AT, action=kill)
     extra: dict[str, object] = {"train.latent_shards": 2}
-    if phase == "stop":
-        extra["train.stop_after_tokens"] = STEPS // 2 * BATCH
+    if phase != "full":
+        extra["train.checkpoint_every_tokens"] = CHECKPOINT_STEPS * BATCH
     if phase == "resume":
         extra["train.resume"] = "true"
     result = train_saes(config(out, store, **RECIPE, **extra), source=source)
+    assert phase != "kill", "rank 0 should have been killed"
     assert (result.world_size, result.rank) == (world, rank)
-    assert result.finished == (phase != "stop")
     np.save(out / f"rows-{phase}-rank{rank}.npy", torch.stack(source.rows).numpy())
 
 
@@ -146,12 +152,15 @@ def train_worker(out: Path, store: Path, phase: str) -> None:
 # The tests
 
 
-def _torchrun(*args: str, processes: int = 2) -> None:
+def _torchrun(*args: str, processes: int = 2, killed: bool = False) -> None:
     launcher = [*TORCHRUN[:-1], str(processes)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, __file__, *args], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if killed:
+        assert result.returncode != 0 and "Signal 9 (SIGKILL)" in result.stderr, result.stderr[-4000:]
+    else:
+        assert result.returncode == 0, result.stderr[-4000:]
 
 
 def _one_process(run_dir: Path, store: Path, sources: list[ActivationReader], **extra: object) -> None:
@@ -174,10 +183,17 @@ def _assert_same_saes(got_dir: Path, want_dir: Path, names: tuple[str, ...] = NA
 def test_two_latent_shards_equal_one_process_and_resume_exactly(tmp_path: Path) -> None:
     store = tmp_path / "store.zarr"
     make_store(store)
-    sharded, stopped = tmp_path / "sharded", tmp_path / "stopped"
-    _torchrun("step", str(tmp_path))
-    _torchrun("train", str(sharded), str(store), "full", str(stopped))
-    _torchrun("train", str(stopped), str(store), "resume")
+    sharded, killed = tmp_path / "sharded", tmp_path / "killed"
+    _torchrun("train", str(sharded), str(store), "full", "--step", str(tmp_path))
+    _torchrun("train", str(killed), str(store), "kill", killed=True)
+    # the kill left the checkpoint of step 12 complete, one file per shard, and nothing newer
+    checkpoints = sorted((killed / "checkpoints").glob("tokens-*"))
+    assert [c.name for c in checkpoints] == [f"tokens-{12 * BATCH:012d}"]
+    files = sorted(p.name for p in checkpoints[0].iterdir())
+    assert files == ["state-shard-000-of-002.safetensors", "state-shard-001-of-002.safetensors",
+                     "state.json"]
+    assert not (killed / "saes").exists() or not any((killed / "saes").iterdir())
+    _torchrun("train", str(killed), str(store), "resume")
     one = tmp_path / "one"
     _one_process(one, store, [reader(store)])
 
@@ -198,15 +214,10 @@ def test_two_latent_shards_equal_one_process_and_resume_exactly(tmp_path: Path) 
     assert any(row["aux"] > 0 for row in metrics)  # AuxK ran across the shards
     assert max(row["dead"] for row in metrics) > 0
 
-    # the stopped run left a sharded checkpoint; resumed in new processes it ends the same
-    checkpoints = sorted((stopped / "checkpoints").glob("tokens-*"))
-    assert [c.name for c in checkpoints] == [f"tokens-{STEPS * BATCH:012d}"]
-    files = sorted(p.name for p in checkpoints[0].iterdir())
-    assert files == ["state-shard-000-of-002.safetensors", "state-shard-001-of-002.safetensors",
-                     "state.json"]
-    _assert_same_saes(stopped, one)
-    resumed = np.load(stopped / "rows-resume-rank0.npy")
-    np.testing.assert_array_equal(resumed, rows[0][STEPS // 2:])  # it went on where it stopped
+    # killed and resumed in new processes, it ends with the same SAEs, having gone on from step 12
+    _assert_same_saes(killed, one)
+    resumed = np.load(killed / "rows-resume-rank0.npy")
+    np.testing.assert_array_equal(resumed, rows[0][12:])
 
 
 @pytest.mark.slow
@@ -249,13 +260,9 @@ def test_latent_shards_refuse_what_cannot_be_split(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    mode, target = sys.argv[1], Path(sys.argv[2])
-    if mode == "step":
-        check_one_step(target)
-    else:
-        store, phase = Path(sys.argv[3]), sys.argv[4]
-        if "--data-parallel" in sys.argv:
-            RECIPE.update(data_parallel_recipe(sys.argv[sys.argv.index("--data-parallel") + 1]))
-        train_worker(target, store, phase)
-        if len(sys.argv) > 5 and not sys.argv[5].startswith("--"):
-            train_worker(Path(sys.argv[5]), store, "stop")  # the run to stop half-way
+    target, store, phase = Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    if "--step" in sys.argv:
+        check_one_step(Path(sys.argv[sys.argv.index("--step") + 1]))
+    if "--data-parallel" in sys.argv:
+        RECIPE.update(data_parallel_recipe(sys.argv[sys.argv.index("--data-parallel") + 1]))
+    train_worker(target, store, phase)
