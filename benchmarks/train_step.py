@@ -3,11 +3,13 @@
     python benchmarks/train_step.py --store runs/demo/activations.zarr
     python benchmarks/train_step.py --store runs/demo/activations.zarr --autocast bfloat16
 
-One step = read a batch (reader thread), scale it, forward, backward, decoder-gradient projection,
-Adam, decoder normalisation: what the trainer does per step, without its logging. The limit is
-one bare matmul of the encoder's shape [batch, d_in] @ [d_in, d_sae] in the same dtype, measured
-in the same run; a TopK step can approach it because its backward and decode are sparse (k of
-d_sae latents), a ReLU step cannot (its backward is dense: about 3 such matmuls).
+One step = what `train.trainer.Trainer` does per step, run by the Trainer itself without its
+logging and checkpoints: read a batch (reader thread), scale it, forward, backward, the reduction,
+loss check, decoder-gradient projection, gradient clipping, Adam, decoder normalisation, dead-latent
+counters. The limit is one bare matmul of the encoder's shape [batch, d_in] @ [d_in, d_sae] in the
+same dtype into a kept output (sae/limits.py), measured in the same run; a TopK step can approach
+it because its backward and decode are sparse (k of d_sae latents), a ReLU step cannot (its
+backward is dense: about 3 such matmuls). `--profile` prints where the TopK step's time goes.
 """
 
 from __future__ import annotations
@@ -22,33 +24,42 @@ import torch
 from saeworks.activations.config import ReaderConfig
 from saeworks.activations.reader import ActivationReader
 from saeworks.activations.store import ActivationStore
-from saeworks.sae.base import TrainContext
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.limits import matmul_seconds
 from saeworks.sae.registry import ARCHITECTURES, create_sae
-from saeworks.train.schedule import sparsity_coefficient
+from saeworks.train.config import TrainConfig
+from saeworks.train.plan import make_plan
+from saeworks.train.trainer import Trainer
 
 
 def step_seconds(cfg: SAEConfig, reader: ActivationReader, scale: float, steps: int,
-                 autocast: torch.dtype | None) -> float:
-    """Median time of a full training step of one SAE (after 2 warm-up steps)."""
+                 autocast: str, profile: bool = False) -> float:
+    """Median time of a full training step of one SAE by the real `Trainer` (after 2 warm-up
+    steps): read, scale, forward, backward, the (one-process) reduction, loss check, decoder-
+    gradient projection, clipping, Adam, decoder normalisation, dead-latent counters."""
     torch.manual_seed(0)
-    sae = create_sae(cfg)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 * (2**14 / sae.d_sae) ** 0.5)
-    context = TrainContext(sparsity_coefficient(cfg), None)
+    batch = reader.cfg.batch_size
+    train_cfg = TrainConfig(saes=[cfg], batch_size=batch, total_tokens=batch * (steps + 2),
+                            autocast=autocast)  # type: ignore[arg-type]
+    plan = make_plan(train_cfg, int(cfg.d_in or 0), "the benchmark store", 1)
+    trainer = Trainer([create_sae(cfg)], plan, train_cfg, scale, torch.device("cpu"))
     batches, times = iter(reader), []
-    for step in range(steps + 2):
-        start = time.perf_counter()
-        x = next(batches).activations.float() * scale
-        with torch.autocast("cpu", dtype=autocast) if autocast else nullcontext():
-            out = sae.training_forward(x, context)
-        out.loss.backward()
-        sae.project_decoder_grad()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
+    profiler = torch.profiler.profile() if profile else nullcontext()
+    with profiler:
+        for step in range(steps + 2):
+            start = time.perf_counter()
+            inputs = trainer.prepare(next(batches).activations)
+            stats = trainer.forward_backward(inputs)
+            trainer.reduce(stats, False)
+            trainer.check_losses(stats)
+            trainer.optimizer_step()
+            trainer.dead.update(stats.fired, batch)
+            trainer.step += 1
+            if step >= 2:
+                times.append(time.perf_counter() - start)
+    if profile:
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)  # type: ignore[union-attr]
+        print(table)
     return statistics.median(times)
 
 
@@ -61,23 +72,26 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--autocast", choices=["none", "bfloat16"], default="none")
+    parser.add_argument("--architectures", default="topk,relu")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of the TopK steps")
     args = parser.parse_args()
     store = ActivationStore.open(args.store)
     hook = args.hook or store.hooks[0]
     reader = ActivationReader(store, hook, ReaderConfig(batch_size=args.batch_size))
     sample = next(iter(reader)).activations.float()
     scale = float((store.d(hook) / sample.pow(2).sum(dim=1).mean()) ** 0.5)  # mean ||x||^2 = d_in
-    autocast = torch.bfloat16 if args.autocast == "bfloat16" else None
-    limit = matmul_seconds(args.batch_size, store.d(hook), args.d_sae, autocast or torch.float32)
-    for architecture in ("topk", "relu"):
+    dtype = torch.bfloat16 if args.autocast == "bfloat16" else torch.float32
+    limit = matmul_seconds(args.batch_size, store.d(hook), args.d_sae, dtype)
+    for architecture in args.architectures.split(","):
         if architecture not in ARCHITECTURES:
             continue
         cfg = SAEConfig(architecture=architecture, k=args.k, d_sae=args.d_sae).resolved(store.d(hook))
-        seconds = step_seconds(cfg, reader, scale, args.steps, autocast)
+        seconds = step_seconds(cfg, reader, scale, args.steps, args.autocast,
+                               args.profile and architecture == "topk")
         print(f"train step {architecture}: {args.batch_size / seconds:,.0f} tok/s (d_in {cfg.d_in}, "
               f"d_sae {cfg.d_sae}, k {cfg.k}, batch {args.batch_size}, {args.autocast}) | encoder "
-              f"matmul limit {args.batch_size / limit:,.0f} tok/s | step time / limit "
-              f"{seconds / limit:.2f}", flush=True)
+              f"matmul limit {args.batch_size / limit:,.0f} tok/s | {limit / seconds:.2f} of the limit",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from saeworks.sae.auxk import auxk_loss
 from saeworks.sae.base import TrainContext, TrainOutput, mse_per_row
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.jumprelu import jumprelu
-from saeworks.sae.sparse import sparse_decode
+from saeworks.sae.sparse import dense_pre_activations, sparse_decode
 from saeworks.sae.topk import TopKSAE
 
 THRESHOLD_EMA = 0.01
@@ -79,7 +79,7 @@ class BatchTopKSAE(TopKSAE):
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_centred, self.W_enc)  # [batch, d_sae], no graph
+            pre = dense_pre_activations(self, x_centred)  # [batch, d_sae], no graph
             indices, keep = batch_topk(pre, self.cfg.k)
         values = self.active_values(pre, x_centred, indices) * keep  # [batch, width]
         x_hat, mse, reconstruction = self.reconstruction(x, indices, values)

@@ -34,7 +34,12 @@ import torch
 from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
 from saeworks.sae.batchtopk import BatchTopKSAE, batch_topk, smallest_selected
 from saeworks.sae.distributed import LatentMesh
-from saeworks.sae.sparse import encoder_b_dec_grad, selected_pre_activations, sparse_decode
+from saeworks.sae.sparse import (
+    dense_pre_activations,
+    encoder_b_dec_grad,
+    selected_pre_activations,
+    sparse_decode,
+)
 from saeworks.sae.topk import TopKSAE
 
 SHARDABLE: tuple[type[SparseAutoencoder], ...] = (TopKSAE, BatchTopKSAE)
@@ -149,7 +154,7 @@ def sharded_training_forward(sae: SparseAutoencoder, x: torch.Tensor, ctx: Train
     x_centred = sae.centred(x)
     batchwise = isinstance(sae, BatchTopKSAE)
     with torch.no_grad():
-        pre = torch.addmm(sae.b_enc, x_centred, sae.W_enc)  # [batch, d_sae / shards], no graph
+        pre = dense_pre_activations(sae, x_centred)  # [batch, d_sae / shards], no graph
         select = batch_topk_selection if batchwise else topk_selection
         indices, keep = select(pre, int(sae.cfg.k or 0), mesh)
     values = shard_values(sae, pre, x_centred, indices, mesh) * keep

@@ -8,6 +8,8 @@ selected entries a gradient that flows to W_enc, b_enc (and b_dec) through spars
 
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Any
 
 import torch
@@ -27,14 +29,11 @@ class _SelectedPreActivations(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_values: torch.Tensor) -> tuple[Any, ...]:
         x, indices = ctx.saved_tensors  # x [batch, d_in], indices [batch, k]
-        batch, k = indices.shape
-        rows = torch.arange(batch, device=x.device).repeat_interleave(k)
         flat = indices.reshape(-1)
         grad = grad_values.reshape(-1).to(x.dtype)
-        # Gradient of W_enc^T [d_sae, d_in] = G^T @ x with G the sparse [batch, d_sae] gradient.
-        g_t = torch.sparse_coo_tensor(torch.stack([flat, rows]), grad, (ctx.d_sae, batch),
-                                      check_invariants=False)
-        grad_W_enc = torch.sparse.mm(g_t, x).T.contiguous() if ctx.needs_input_grad[2] else None
+        grad_W_enc = None
+        if ctx.needs_input_grad[2]:  # W_enc^T [d_sae, d_in] = G^T @ x, G the sparse [batch, d_sae] gradient
+            grad_W_enc = sparse_transpose_matmul(indices, grad, x, ctx.d_sae).T  # a view: no copy
         grad_b_enc = None
         if ctx.needs_input_grad[3]:
             grad_b_enc = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=x.device).index_add_(0, flat, grad)
@@ -42,6 +41,52 @@ class _SelectedPreActivations(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             raise RuntimeError("the selected pre-activations do not propagate gradients to x")
         return None, grad_x, grad_W_enc, grad_b_enc, None
+
+
+def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,
+                            d_sae: int) -> torch.Tensor:
+    """[d_sae, d] = M^T @ dense, M the sparse [batch, d_sae] matrix with `values` (flat, row-major)
+    at columns `indices` [batch, k] of each row: a CSR product (entries sorted by latent), 3x
+    faster on a CPU than the COO product it replaced (measured 16 ms against 49 ms with its
+    transpose, batch 4096, k 32, d_sae 9216, d 576, 2 threads)."""
+    batch, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    rows = torch.div(order, k, rounding_mode="floor")  # each sorted entry's batch row
+    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
+    if dense.device.type == "cpu":
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state", each process
+            warnings.simplefilter("ignore", UserWarning)
+            m_t = torch.sparse_csr_tensor(crow, rows, values[order], (d_sae, batch),
+                                          check_invariants=False)
+        return m_t @ dense
+    m_t_coo = torch.sparse_coo_tensor(torch.stack([flat[order], rows]), values[order], (d_sae, batch),
+                                      check_invariants=False, is_coalesced=False)
+    return torch.sparse.mm(m_t_coo, dense)
+
+
+def dense_pre_activations(sae: Any, x_centred: torch.Tensor) -> torch.Tensor:
+    """[batch, d_sae] x_centred @ W_enc + b_enc without autograd, written into a buffer reused from
+    one call to the next (in this thread): valid until the next call, which is all a training
+    forward needs (its backward never reads it). A fresh 151 MB output every step costs page faults
+    on a CPU (measured: addmm 339 ms, mm into a kept buffer + bias 325 ms, a fresh mm 391 ms;
+    [4096 x 576] @ [576 x 9216], 2 threads). One buffer, not one per SAE: a sweep of SAEs of one
+    width shares it. Under autocast, plain addmm."""
+    W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+    if torch.is_autocast_enabled(x_centred.device.type) or x_centred.dtype != W_enc.dtype:
+        return torch.addmm(b_enc, x_centred, W_enc)
+    shape = (x_centred.shape[0], W_enc.shape[1])
+    buffer: torch.Tensor | None = getattr(_workspace, "pre", None)
+    if buffer is None or buffer.shape != shape or buffer.device != W_enc.device \
+            or buffer.dtype != W_enc.dtype:
+        _workspace.pre = None  # free the old one before allocating
+        buffer = _workspace.pre = torch.empty(shape, dtype=W_enc.dtype, device=W_enc.device)
+    torch.mm(x_centred.detach(), W_enc, out=buffer)
+    return buffer.add_(b_enc)
+
+
+_workspace = threading.local()
 
 
 def selected_pre_activations(pre: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor,

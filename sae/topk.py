@@ -12,7 +12,13 @@ import torch
 
 from saeworks.sae.auxk import auxk_loss
 from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
-from saeworks.sae.sparse import dense_latents, encoder_b_dec_grad, selected_pre_activations, sparse_decode
+from saeworks.sae.sparse import (
+    dense_latents,
+    dense_pre_activations,
+    encoder_b_dec_grad,
+    selected_pre_activations,
+    sparse_decode,
+)
 
 
 class TopKSAE(SparseAutoencoder):
@@ -32,7 +38,7 @@ class TopKSAE(SparseAutoencoder):
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_centred, self.W_enc)  # [batch, d_sae], no graph
+            pre = dense_pre_activations(self, x_centred)  # [batch, d_sae], no graph
             _, indices = self.select(pre)
         values = self.active_values(pre, x_centred, indices)  # [batch, k]
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec

