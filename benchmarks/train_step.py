@@ -28,7 +28,8 @@ from saeworks.sae.config import SAEConfig
 from saeworks.sae.limits import matmul_seconds
 from saeworks.sae.registry import ARCHITECTURES, create_sae
 from saeworks.train.config import TrainConfig
-from saeworks.train.plan import make_plan
+from saeworks.train.data import SourceInfo
+from saeworks.train.plan import make_hooks_plan
 from saeworks.train.trainer import Trainer
 
 
@@ -41,7 +42,8 @@ def step_seconds(cfg: SAEConfig, reader: ActivationReader, scale: float, steps: 
     batch = reader.cfg.batch_size
     train_cfg = TrainConfig(saes=[cfg], batch_size=batch, total_tokens=batch * (steps + 2),
                             autocast=autocast)  # type: ignore[arg-type]
-    plan = make_plan(train_cfg, int(cfg.d_in or 0), "the benchmark store", 1)
+    info = SourceInfo(reader.hook, int(cfg.d_in or 0), "the benchmark store", {}, {})
+    plan = make_hooks_plan(train_cfg, [info], 1)
     trainer = Trainer([create_sae(cfg)], plan, train_cfg, scale, torch.device("cpu"))
     batches, times = iter(reader), []
     profiler = torch.profiler.profile() if profile else nullcontext()

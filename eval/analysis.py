@@ -50,6 +50,7 @@ from saeworks.eval.config import AnalyzeConfig
 from saeworks.eval.features import Contexts, FeatureAnalysis
 from saeworks.eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
 from saeworks.sae.base import SparseAutoencoder
+from saeworks.sae.sparse import top_k
 from saeworks.sae.topk import TopKSAE
 
 SUB_BINS = 8
@@ -170,7 +171,7 @@ def encode_batch(sae: SparseAutoencoder, batch: WindowBatch, context_size: int) 
     A TopK SAE (with its own `encode`) skips the dense [rows, d_sae] result: the entries come
     straight from the same top-k of the same pre-activations, so the values are identical."""
     if type(sae).encode is TopKSAE.encode:
-        values, indices = sae.pre_activations(batch.x).topk(sae.cfg.k, dim=-1, sorted=False)  # [B, k]
+        values, indices = top_k(sae.pre_activations(batch.x), sae.cfg.k)  # [B, k]
         indices, order = indices.sort(dim=1)
         values = values.gather(1, order).relu()
         local = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)

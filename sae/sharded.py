@@ -39,6 +39,7 @@ from saeworks.sae.sparse import (
     encoder_b_dec_grad,
     selected_pre_activations,
     sparse_decode,
+    top_k,
 )
 from saeworks.sae.topk import TopKSAE
 
@@ -123,7 +124,7 @@ def won_across_shards(candidates: torch.Tensor, keep: int, mesh: LatentMesh) -> 
 
 def topk_selection(pre: torch.Tensor, k: int, mesh: LatentMesh) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [batch, k] local latent ids, keep [batch, k] bool): each row's global top k."""
-    values, indices = pre.topk(k, dim=1, sorted=False)
+    values, indices = top_k(pre, k)
     return indices, won_across_shards(values, k, mesh)
 
 

@@ -43,6 +43,34 @@ class _SelectedPreActivations(torch.autograd.Function):
         return None, grad_x, grad_W_enc, grad_b_enc, None
 
 
+TOP_K_BLOCK = 16
+"""Columns per block in `top_k`'s first pass."""
+
+
+def top_k(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [..., k]: the k largest entries of each row of `pre` [..., width], in no
+    order; the same set torch.topk finds, about twice as fast on a CPU when k is small.
+
+    The row's columns form width/16 interleaved blocks (block j: columns j, j + width/16, ...; an
+    elementwise max over 16 contiguous slices finds every block's maximum). A block holding one of
+    the k largest entries has its maximum among them too, so at most k blocks hold them all, and
+    they are among the k blocks with the largest maxima: only those k x 16 candidates are ranked.
+    Elsewhere (GPUs, narrow rows, widths not a multiple of 16) torch.topk itself."""
+    width = pre.shape[-1]
+    if pre.device.type != "cpu" or width % TOP_K_BLOCK or 4 * k * TOP_K_BLOCK > width \
+            or not pre.is_contiguous():
+        return pre.topk(k, dim=-1, sorted=False)
+    rows = pre.reshape(-1, width)  # [rows, width]
+    n_blocks = width // TOP_K_BLOCK
+    maxima = rows.view(-1, TOP_K_BLOCK, n_blocks).amax(dim=1)  # [rows, n_blocks]
+    blocks = maxima.topk(k, dim=1, sorted=False).indices  # [rows, k]
+    offsets = torch.arange(TOP_K_BLOCK, device=pre.device) * n_blocks
+    columns = (blocks.unsqueeze(2) + offsets).reshape(len(rows), k * TOP_K_BLOCK)  # candidates
+    values, position = rows.gather(1, columns).topk(k, dim=1, sorted=False)
+    shape = (*pre.shape[:-1], k)
+    return values.view(shape), columns.gather(1, position).view(shape)
+
+
 def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,
                             d_sae: int) -> torch.Tensor:
     """[d_sae, d] = M^T @ dense, M the sparse [batch, d_sae] matrix with `values` (flat, row-major)

@@ -18,6 +18,7 @@ from saeworks.sae.sparse import (
     encoder_b_dec_grad,
     selected_pre_activations,
     sparse_decode,
+    top_k,
 )
 
 
@@ -28,11 +29,11 @@ class TopKSAE(SparseAutoencoder):
 
     def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) [batch, k] of the latents this architecture keeps."""
-        return pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return top_k(pre, self.cfg.k)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values, indices = top_k(pre, self.cfg.k)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
