@@ -340,7 +340,8 @@ class ActivationReader:
         """Start the loading thread, hand its batches on, stop it when the consumer stops."""
         if self.epochs is not None and self._epoch >= self.epochs:
             return
-        blocks: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
+        per_block = max(1, self.cfg.buffer_chunks * self.kept.chunk_rows // self.cfg.batch_size)
+        blocks: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch * per_block)  # of batches
         stop = threading.Event()
         loader = _Loader(self, self._epoch, self._rows, blocks, stop)
         thread = threading.Thread(target=loader.run, daemon=True,
@@ -620,7 +621,9 @@ class _Loader:
                 continue
 
     def _epoch_batches(self, plan: EpochPlan, first: int) -> Iterator[list[_Batch]]:
-        """Per block from the one holding stream row `first`: the batches that end in it."""
+        """From the block holding stream row `first` on, each batch as soon as it is gathered (a
+        one-batch list): the queue then holds batches, not whole blocks, so at most the decode
+        buffer, `prefetch` blocks' worth of queued batches and the consumer's batch are held."""
         size = self.batch_size
         block = int(np.searchsorted(plan.starts, first, side="right")) - 1
         carry: list[tuple[np.ndarray, np.ndarray]] = []  # pieces of a batch begun in earlier blocks
@@ -628,7 +631,6 @@ class _Loader:
         while position < plan.usable:
             sources, rows = self._load_block(plan.epoch, block, plan.blocks[block])
             offset, end = position - int(plan.starts[block]), min(int(plan.starts[block + 1]), plan.usable)
-            batches: list[_Batch] = []
             while position < end:
                 take = min(size - sum(len(r) for _, r in carry), end - position)
                 picked = sources[offset:offset + take]
@@ -636,9 +638,8 @@ class _Loader:
                 offset, position = offset + take, position + take
                 if sum(len(r) for _, r in carry) == size:
                     after = (plan.epoch + 1, 0) if position == plan.usable else (plan.epoch, position)
-                    batches.append(_batch(carry, after))
+                    yield [_batch(carry, after)]
                     carry = []
-            yield batches
             block += 1
 
     def _stream_batches(self, first: int) -> Iterator[list[_Batch]]:
@@ -658,13 +659,9 @@ class _Loader:
                 continue
             sources, rows = self._load_block(0, block, chunks)
             position = max(first, start)
-            batches: list[_Batch] = []
             while position < end:
                 take = min(size - carried, end - position)
                 if carried + take == size and position + take > bound:
-                    if batches:  # hand on what is ready before waiting for other ranks' shards
-                        yield batches
-                        batches = []
                     if not reader._await_rows(position + take, self.stop):
                         return  # the epoch ends before this batch
                     bound, final = reader._stream_bound()
@@ -673,9 +670,8 @@ class _Loader:
                 position, carried = position + take, carried + take
                 if carried == size:
                     bound, final = reader._stream_bound()
-                    batches.append(_batch(carry, (1, 0) if final and position == bound else (0, position)))
+                    yield [_batch(carry, (1, 0) if final and position == bound else (0, position))]
                     carry, carried = [], 0
-            yield batches
             block, start = block + 1, end
 
     def _stream_block(self, index: int) -> np.ndarray | None:

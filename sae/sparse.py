@@ -117,6 +117,11 @@ def dense_pre_activations(sae: Any, x_centred: torch.Tensor) -> torch.Tensor:
 _workspace = threading.local()
 
 
+def release_workspace() -> None:
+    """Free this thread's pre-activation buffer (training calls it when it ends)."""
+    _workspace.pre = None
+
+
 def selected_pre_activations(pre: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor,
                              b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Gather `pre` [batch, d_sae] at `indices` [batch, k], differentiable in W_enc and b_enc.

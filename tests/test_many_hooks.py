@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +170,13 @@ def test_two_hooks_in_one_process_equal_each_hook_alone_from_one_read(tmp_path: 
             metadata = json.loads((tmp_path / "both" / "saes" / f"{hook}--{sae}" / "cfg.json").read_text())
             assert metadata["metadata"]["hook_name"] == hook
 
-    # One read per block run for both hooks: the same runs, in the same order, as ONE single-hook
-    # reader (the prefetching thread may run a block further in one than in the other).
-    multi_reads = reader.array.reads  # type: ignore[attr-defined]
-    common = min(len(multi_reads), len(single_reads[0]))
-    assert common > 0 and multi_reads[:common] == single_reads[0][:common]
-    slack = 4 * (reader.cfg.prefetch + 1)  # runs (of up to 4 chunks) of the blocks read ahead
-    assert abs(len(multi_reads) - len(single_reads[0])) <= slack < len(single_reads[0])
+    # One read per block run for both hooks: the same runs as ONE single-hook reader, up to the
+    # blocks the prefetching thread read ahead before each iteration stopped (the initial sample's
+    # and training's: how far it got depends on timing).
+    multi_reads, alone_reads = Counter(reader.array.reads), Counter(single_reads[0])  # type: ignore[attr-defined]
+    slack = 2 * 4 * (reader.cfg.prefetch + 1)  # runs (of up to 4 chunks) of the blocks read ahead
+    assert (multi_reads - alone_reads).total() <= slack < alone_reads.total()
+    assert (alone_reads - multi_reads).total() <= slack
 
     last = [row for row in metric_rows(tmp_path / "both") if row["step"] == STEPS]
     assert [row["sae"] for row in last] == names

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -38,6 +39,7 @@ from saeworks.sae.sharded import (
     sharded_encode,
     sharded_training_forward,
 )
+from saeworks.sae.sparse import release_workspace
 from saeworks.train.config import TrainConfig
 from saeworks.train.data import BatchSource, batch_inputs
 from saeworks.train.dead import DeadLatents
@@ -139,6 +141,7 @@ class Trainer:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+            release_workspace()  # the pre-activation buffer of the training forwards
 
     def prepare(self, activations: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per hook this rank trains, the step's [rows, d_in] float32 inputs, scaled. Under
@@ -260,14 +263,14 @@ class Trainer:
         n, replicas = self.plan.batch_size, self.plan.replicas
         if self.plan.hook_owners is not None:  # whole global batches, on this rank alone
             replicas = 1
-            counts = [(sae.encode(inputs[hook]) > 0).sum(0).double()
+            counts = [firing_counts(sae.encode, inputs[hook])
                       for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
         elif self.mesh is None:
-            counts = [(sae.encode(inputs[hook]) > 0).sum(0).double()  # per SAE [d_sae]
+            counts = [firing_counts(sae.encode, inputs[hook])  # per SAE [d_sae]
                       for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
             all_reduce_mean_([*moments.values(), *counts])
         else:  # the shards of a replica read the same x: the mean over all ranks is over replicas
-            counts = [(sharded_encode(sae, inputs[hook], self.mesh) > 0).sum(0).double()
+            counts = [firing_counts(partial(sharded_encode, sae, mesh=self.mesh), inputs[hook])
                       for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
             all_reduce_mean_([*moments.values()])
             self.mesh.mean_over_replicas_(counts)  # per SAE [d_sae / shards]
@@ -329,6 +332,14 @@ def _global_param_indices(plan: TrainPlan, saes: list[SparseAutoencoder]) -> lis
         start = sum(per_entry[j % plan.sweep_size] for j in range(sae_id))
         indices.extend(range(start, start + per_entry[sae_id % plan.sweep_size]))
     return indices
+
+
+def firing_counts(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  rows: int = 1024) -> torch.Tensor:
+    """[d_sae] float64: on how many rows of x [batch, d_in] each latent is active, `rows` rows at a
+    time: a whole batch's dense latents would be batch x d_sae floats (151 MB at 4096 x 9216)."""
+    parts = [(encode(part) > 0).sum(0, dtype=torch.float64) for part in x.split(rows)]
+    return torch.stack(parts).sum(0)
 
 
 def adam(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Adam:
