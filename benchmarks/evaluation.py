@@ -2,22 +2,26 @@
 
     python benchmarks/evaluation.py --sae runs/demo/saes/topk-k32-9216
     python benchmarks/evaluation.py --sae runs/demo/saes/topk-k32-9216 evaluate.held_out_tokens=2048
+    python benchmarks/evaluation.py --sae ... --full-forwards   # the old path: 4 full forwards per batch
 
 Runs the real `saeworks.eval.evaluate.evaluate(sae_dir, ...)` (config plus key=value overrides) end to end:
-loading the SAE, the tokenizer and the held-out windows, the model; pass 1, a forward cut short at
-the SAE's hook scoring the SAE on the captured rows; pass 2, four full forwards per batch (clean,
-SAE spliced, zero-ablated, mean-ablated) for CE and KL. Its loaders and forwards are wrapped with
-timers (the module's own names, restored afterwards), so its time splits into setup (SAE, tokenizer
-and windows, model), pass 1 (forwards; SAE and metrics) and pass 2 (forwards; CE/KL scoring).
+loading the SAE, the tokenizer and the held-out windows, the model; pass 1, the prefix forward cut
+short at the SAE's hook, scoring the SAE on the captured rows and keeping the suffix's input;
+pass 2, four suffix forwards per batch (the blocks after the hook, final norm, head: clean, SAE
+spliced, zero-ablated, mean-ablated) for CE and KL. Its loaders and forwards are wrapped with
+timers (the module's own names, restored afterwards), so its time splits into setup (SAE,
+tokenizer and windows, model), pass 1 (forwards; SAE and metrics) and pass 2 (forwards; CE/KL
+scoring). With --full-forwards the suffix path is refused, so evaluate runs its fallback (four
+full forwards per batch, as before the shared prefix) in the same process, for a before/after.
 
 The limit, measured in the same run on the same held-out windows (tokenised here, checked equal to
-evaluate's), batch size, dtype and device, on one model loaded once (loading not timed): t_trunc,
-one pass of `activations.hooks.capture_activations` at the SAE's hook (the real forward abandoned
-once the hook fires: later blocks, final norm and LM head never run), and t_full, one bare
-`model(input_ids).logits` pass with no hooks; each the median of 2 passes over all the windows
-before evaluate and 2 after it (alternated). Limit time = t_trunc + 4 t_full, the least time one
-capture pass plus four scored forwards can take; tokens/s on both sides count windows x context.
-Prints one line.
+evaluate's), batch size, dtype and device, on one model loaded once (loading not timed), with bare
+HF forwards only: t_trunc, one pass of `activations.hooks.capture_activations` at the SAE's hook
+(the real forward abandoned once the hook fires), and t_full, one bare `model(input_ids).logits`
+pass with no hooks; each the median of 2 passes over all the windows before evaluate and 2 after
+it (alternated). The work evaluation cannot avoid is one prefix and four suffixes per window, so
+limit time = t_trunc + 4 (t_full - t_trunc); the old limit (t_trunc + 4 t_full, one capture and four
+full forwards) is printed beside it. Tokens/s on both sides count windows x context. Prints one line.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +40,7 @@ import torch
 import saeworks.eval.evaluate as evaluate_module
 from saeworks.activations.hooks import capture_activations
 from saeworks.activations.model import load_model, load_tokenizer
+from saeworks.activations.suffix import SuffixError
 from saeworks.activations.text import iter_windows
 from saeworks.eval.evaluate import EvalReport, SAEMetadata, evaluate, evaluation_device
 from saeworks.run_config import RunConfig
@@ -44,7 +49,7 @@ from saeworks.sae.configio import load_config
 PASSES = 2
 """Passes of each bare forward over all the windows before evaluate, and again after it."""
 TIMED = ("load_sae", "load_tokenizer", "iter_windows", "load_model", "capture_activations",
-         "_downstream", "_logits")
+         "_downstream", "_suffix_logits", "_logits")
 """eval.evaluate's names wrapped with timers: setup, pass 1's forwards, pass 2 and its forwards."""
 
 
@@ -84,11 +89,27 @@ def held_out_windows(sae_dir: str, cfg: RunConfig) -> torch.Tensor:
     return torch.from_numpy(np.stack(list(windows))).long()
 
 
-def run_evaluate(sae_dir: str, cfg: RunConfig, windows: torch.Tensor) -> tuple[EvalReport, dict[str, float]]:
+@contextmanager
+def full_forwards() -> Iterator[None]:
+    """evaluate refused the suffix path: it falls back to four full forwards per batch."""
+    original = evaluate_module.suffix_logits
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise SuffixError("--full-forwards")
+
+    evaluate_module.suffix_logits = refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        evaluate_module.suffix_logits = original
+
+
+def run_evaluate(sae_dir: str, cfg: RunConfig, windows: torch.Tensor,
+                 full: bool = False) -> tuple[EvalReport, dict[str, float]]:
     """evaluate's report and its time split (seconds)."""
     seconds = dict.fromkeys(TIMED, 0.0)
     captured: dict[str, Any] = {}
-    with timed_evaluate(seconds, captured):
+    with timed_evaluate(seconds, captured), full_forwards() if full else nullcontext():
         report = evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data)
     if not torch.equal(torch.from_numpy(np.stack(captured["windows"])).long(), windows):
         raise SystemExit("evaluate cut other held-out windows than this benchmark: update "
@@ -99,7 +120,7 @@ def run_evaluate(sae_dir: str, cfg: RunConfig, windows: torch.Tensor) -> tuple[E
     return report, {"total": total, "setup": setup, "sae": seconds["load_sae"], "windows": windows_s,
                     "model": seconds["load_model"], "pass1": total - setup - pass2,
                     "pass1_forwards": seconds["capture_activations"], "pass2": pass2,
-                    "pass2_forwards": seconds["_logits"]}
+                    "pass2_forwards": seconds["_suffix_logits"] + seconds["_logits"]}
 
 
 @torch.no_grad()
@@ -124,6 +145,8 @@ def main() -> None:
     parser.add_argument("--sae", required=True, help="SAE directory")
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--repeats", type=int, default=1, help="evaluate runs, each between limit passes")
+    parser.add_argument("--full-forwards", action="store_true",
+                        help="evaluate with four full forwards per batch (the path before the shared prefix)")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides, e.g. evaluate.held_out_tokens=2048")
     args = parser.parse_args()
@@ -136,7 +159,7 @@ def main() -> None:
     splits, trunc, full, report = [], [], [], None
     for _ in range(args.repeats):  # the limit before and after each evaluate: the machine is noisy
         before = bare_forwards(model, batches, hook)
-        report, split = run_evaluate(args.sae, cfg, windows)
+        report, split = run_evaluate(args.sae, cfg, windows, args.full_forwards)
         splits.append(split)
         for passes in (before, bare_forwards(model, batches, hook)):
             trunc += passes[0]
@@ -144,12 +167,14 @@ def main() -> None:
     assert report is not None
     split = {key: statistics.median(s[key] for s in splits) for key in splits[0]}
     t_trunc, t_full = statistics.median(trunc), statistics.median(full)
-    limit_time = t_trunc + 4 * t_full
+    t_suffix = t_full - t_trunc
+    limit_time, old_limit_time = t_trunc + 4 * t_suffix, t_trunc + 4 * t_full
     n_windows, context = windows.shape
     tokens = n_windows * context
     rate, limit = tokens / split["total"], tokens / limit_time
     info, metrics = report.info, report.metrics
-    print(f"evaluation: {rate:,.0f} tok/s ({info['sae_name']} at {hook}, {cfg.model.dtype}, "
+    print(f"evaluation{' (--full-forwards)' if args.full_forwards else ''}: {rate:,.0f} tok/s "
+          f"({info['sae_name']} at {hook}, {cfg.model.dtype}, "
           f"{info['device']}, {n_windows} windows x {context} = {tokens:,} tokens, batch "
           f"{cfg.evaluate.batch_size}; {info['n_tokens']:,} scored rows, {info['n_predictions']:,} "
           f"predictions) in {split['total']:.1f} s = setup {split['setup']:.1f} s (SAE {split['sae']:.1f}, "
@@ -157,10 +182,11 @@ def main() -> None:
           f"{split['pass1']:.1f} s (forwards {split['pass1_forwards']:.1f}, SAE+metrics "
           f"{split['pass1'] - split['pass1_forwards']:.1f}) + pass 2 {split['pass2']:.1f} s (forwards "
           f"{split['pass2_forwards']:.1f}, CE/KL scoring {split['pass2'] - split['pass2_forwards']:.1f}) | "
-          f"limit {limit:,.0f} tok/s (t_trunc {t_trunc:.2f} s + 4 x t_full {t_full:.2f} s = "
-          f"{limit_time:.1f} s) | ratio {rate / limit:.3f} end to end, "
-          f"{limit_time / (split['pass1'] + split['pass2']):.3f} of the two passes; forwards alone: pass 1 "
-          f"{t_trunc / split['pass1_forwards']:.2f}, pass 2 {4 * t_full / split['pass2_forwards']:.2f} | fvu "
+          f"limit {limit:,.0f} tok/s (t_trunc {t_trunc:.2f} s + 4 x t_suffix {t_suffix:.2f} s = "
+          f"{limit_time:.1f} s; t_full {t_full:.2f} s) | ratio {rate / limit:.3f} end to end, "
+          f"{limit_time / (split['pass1'] + split['pass2']):.3f} of the two passes; forwards alone: "
+          f"{limit_time / (split['pass1_forwards'] + split['pass2_forwards']):.2f} | old limit (capture + "
+          f"4 full) {tokens / old_limit_time:,.0f} tok/s, ratio {old_limit_time / split['total']:.3f} | fvu "
           f"{metrics['fvu']:.4f}, ce_recovered {metrics['ce_recovered']:.4f}, kl {metrics['kl']:.4f} "
           f"(repeats {args.repeats}, limit passes {len(full)})", flush=True)
 

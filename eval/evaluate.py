@@ -4,12 +4,21 @@ Three targets:
 - texts given by the caller (`texts=`): packed into windows as the harvester packs documents;
   a tail shorter than a window is scored as a shorter window of its own. Measured as below.
 - held-out documents of the config's dataset (no store): windows of documents that harvest and
-  training never see (`data.holdout_fraction`), cut at the SAE's context size. Pass 1 captures
-  the hook (a forward cut short after it) and scores the SAE on the rows it was trained on
-  (positions from its seqpos_slice start, special tokens skipped); pass 2 runs the whole model
-  four times per batch (clean, SAE spliced in, zero- and mean-ablated) for the downstream figures.
+  training never see (`data.holdout_fraction`), cut at the SAE's context size. Pass 1 runs the
+  prefix of the model once per batch (a forward cut short at the hook), scores the SAE on the rows
+  it was trained on (positions from its seqpos_slice start, special tokens skipped) and keeps the
+  suffix's input; pass 2 runs only the rest of the model (the blocks after the hook, the final
+  norm and the head: activations/suffix.py) four times per batch, clean, SAE spliced in, zero-
+  and mean-ablated, for the downstream figures. The mean ablation needs the mean over every row,
+  so pass 2 follows pass 1; the kept suffix inputs are bounded (PREFIX_CACHE_BYTES), and batches
+  past the bound run their prefix again in pass 2.
 - a store: reconstruction and sparsity on its kept rows (the model is not needed), downstream on
-  its first windows with the model and dtype the store was harvested with.
+  its first windows with the model and dtype the store was harvested with: one prefix forward and
+  four suffix forwards per batch.
+
+The suffix forwards give the logits of full forwards with the same edit, bit for bit
+(tests/test_eval_prefix.py). A model whose forward cannot skip its first blocks that way is run
+with four full forwards per batch instead, which a log line says.
 
 Positions before the seqpos_slice start are never rewritten nor scored (eval/metrics.py); every
 position from it on is rewritten in the downstream forwards, special tokens included, while the
@@ -22,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +51,7 @@ from saeworks.activations.model import (
 )
 from saeworks.activations.rows import RowSelection, iter_kept_rows
 from saeworks.activations.store import TOKEN_IDS, ActivationStore
+from saeworks.activations.suffix import SuffixError, SuffixPlan, plan_suffix, suffix_logits
 from saeworks.activations.text import iter_windows, pack_windows, separator_ids
 from saeworks.eval.config import EvaluateConfig
 from saeworks.eval.metrics import (
@@ -59,6 +69,9 @@ from saeworks.sae.version import package_version
 
 log = logging.getLogger(__name__)
 
+PREFIX_CACHE_BYTES = 2 << 30
+"""Most bytes of suffix inputs pass 1 keeps for pass 2 (16k tokens of a 4096-wide float32 model
+take 256 MiB); batches past it run their prefix forward again."""
 METRICS_FILE = "metrics.json"
 DESCRIPTIONS = {
     "mse": "squared error per token, summed over dimensions",
@@ -341,11 +354,22 @@ def _on_windows(sae: SparseAutoencoder, meta: SAEMetadata, settings: EvaluateCon
     rec = ReconstructionAccumulator(sae.d_in, sae.d_sae, settings.dense_threshold)
     special_ids = torch.tensor(special, dtype=torch.long)
     batches = _same_length_batches(window_list, settings.batch_size)
+    plan = plan_suffix(model, meta.hook) if settings.downstream else None
+    entries: list[torch.Tensor | None] = []  # per batch: the suffix's input [B, T, d], if kept
+    kept_bytes = 0
     for batch in tqdm(batches, desc="evaluate: reconstruction", unit="batch", leave=False):
-        activations = capture_activations(model, batch.to(device), [meta.hook])[meta.hook]  # [B, T, d]
+        captured = capture_activations(model, batch.to(device), plan.capture_names if plan else [meta.hook])
+        activations = captured[meta.hook]  # [B, T, d]
         keep = ~torch.isin(batch[:, meta.first_kept:], special_ids)  # [B, T - first_kept]
         _add_rows(sae, activations[:, meta.first_kept:][keep.to(device)].float(), rec)
-    down = _downstream(model, sae, meta, batches, rec.mean(), device) if settings.downstream else None
+        entry = captured[plan.entry_hook] if plan else None
+        if entry is not None and kept_bytes + entry.nbytes <= PREFIX_CACHE_BYTES:
+            kept_bytes += entry.nbytes
+            entries.append(entry)
+        else:
+            entries.append(None)
+    down = _downstream(model, sae, meta, batches, rec.mean(), device, plan, entries) \
+        if settings.downstream else None
     return _Run(rec, down, name, target, list(special))
 
 
@@ -397,7 +421,8 @@ def _on_store(sae_dir: str | Path, sae: SparseAutoencoder, meta: SAEMetadata, se
         model_cfg = model_config_of_store(store.attrs.get("identity", {}), settings.device)
         model = load_model(model_cfg, device)
         check_width(sae, meta, resolve_hook(model, meta.hook).d, f"model {name!r}")
-        down = _downstream(model, sae, meta, list(windows.split(settings.batch_size)), rec.mean(), device)
+        down = _downstream(model, sae, meta, list(windows.split(settings.batch_size)), rec.mean(), device,
+                           plan_suffix(model, meta.hook))
         target.update(n_windows=n_windows, model_dtype=model_cfg.dtype)
     return _Run(rec, down, str(name), target, special)
 
@@ -409,20 +434,40 @@ def _add_rows(sae: SparseAutoencoder, x: torch.Tensor, rec: ReconstructionAccumu
 
 
 def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: list[torch.Tensor],
-                mean: torch.Tensor, device: torch.device) -> DownstreamAccumulator:
-    """Next-token CE of the clean, spliced, zero- and mean-ablated forwards over the window batches."""
+                mean: torch.Tensor, device: torch.device, plan: SuffixPlan | None,
+                entries: Sequence[torch.Tensor | None] = ()) -> DownstreamAccumulator:
+    """Next-token CE of the clean, spliced, zero- and mean-ablated forwards over the window batches:
+    per batch one prefix forward (none where `entries` holds the batch's suffix input) and four
+    suffix forwards; four full forwards where `plan` is None or the model cannot skip its prefix."""
     down = DownstreamAccumulator(meta.first_kept)
     rewrites = {"spliced": splice_sae(sae, meta.first_kept), "zero": ablate_zero(meta.first_kept),
                 "mean": ablate_mean(mean, meta.first_kept)}
-    for batch in tqdm(batches, desc="evaluate: downstream", unit="batch", leave=False):
+    for index, batch in enumerate(tqdm(batches, desc="evaluate: downstream", unit="batch", leave=False)):
         ids = batch.to(device)
+        if plan is not None:
+            try:
+                entry = entries[index] if index < len(entries) else None
+                down.update(ids, *_suffix_forwards(model, ids, plan, entry, rewrites))
+                continue
+            except SuffixError as err:  # raised by the first suffix forward, before any figure is added
+                log.warning("evaluate: %s; running four full forwards per batch instead", err)
+                plan = None
         variants = ((variant, _logits(model, ids, {meta.hook: fn})) for variant, fn in rewrites.items())
         down.update(ids, _logits(model, ids, {}), variants)
     return down
 
 
+def _suffix_forwards(model: Any, ids: torch.Tensor, plan: SuffixPlan, entry: torch.Tensor | None,
+                     rewrites: dict[str, HookFn]) -> tuple[torch.Tensor, Iterator[tuple[str, torch.Tensor]]]:
+    """The clean logits and, lazily, each rewrite's: the prefix once (unless `entry` [B, T, d] is
+    its kept output), then one suffix forward each."""
+    if entry is None:
+        entry = capture_activations(model, ids, [plan.entry_hook])[plan.entry_hook]
+    clean = suffix_logits(model, ids, plan, entry, None)
+    return clean, ((variant, suffix_logits(model, ids, plan, entry, fn)) for variant, fn in rewrites.items())
+
+
 def _logits(model: Any, input_ids: torch.Tensor, fns: dict[str, HookFn]) -> torch.Tensor:
-    """[windows, context, vocab] logits of one forward with `fns` attached."""
+    """[windows, context, vocab] logits of one full forward with `fns` attached."""
     with hooks_attached(model, fns):
         return model(input_ids=input_ids, use_cache=False).logits
-
