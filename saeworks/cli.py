@@ -26,7 +26,6 @@ with one line saying what was wrong and how to fix it, and a non-zero exit statu
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import shutil
@@ -411,33 +410,11 @@ def _user_errors(stage: str, command: Callable[[], int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; the exit status (0, 2 for a user error, 143 after SIGTERM)."""
-    return_freed_memory()
     try:
         return _run_command(argv)
     except BrokenPipeError:  # `saeworks config | head`: the reader stopped reading, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-
-
-def return_freed_memory() -> None:
-    """Make glibc hand blocks of 1 MB and more back to the system when they are freed.
-
-    glibc serves a freed large block's successors from its heaps once the block was freed (its mmap
-    threshold grows with each large free, up to 32 MB), and keeps what they free: a training run's
-    RSS then holds the reader's freed batches (4.7 MB each), ~160 MB in the demo (peak 1,206 MB ->
-    1,046 MB with a fixed threshold). Only in the CLI process, only on glibc, and never over a
-    MALLOC_MMAP_THRESHOLD_ the user set; the Python API leaves the allocator alone."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-
-
-_M_MMAP_THRESHOLD = -3
-"""glibc's mallopt parameter number (malloc.h)."""
 
 
 def _run_command(argv: Sequence[str] | None) -> int:

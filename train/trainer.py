@@ -32,6 +32,7 @@ from saeworks.activations.multi_reader import HooksBatch
 from saeworks.activations.reader import ReaderBatch
 from saeworks.sae.base import SparseAutoencoder, TrainContext
 from saeworks.sae.distributed import LatentMesh, all_gather_objects, all_reduce_mean_, gather_rows
+from saeworks.sae.heap import return_free_heap
 from saeworks.sae.precision import autocast_dtype
 from saeworks.sae.sharded import (
     SHARDED_KEYS,
@@ -128,6 +129,7 @@ class Trainer:
                 log.advance(self.plan.batch_size)
                 last = self.step == self.plan.stop_step or stopping
                 if self.step % log.every == 0 or last:
+                    return_free_heap()  # what the reader's consumed batches left (sae/heap.py)
                     self.check_weights()
                     self.last_metrics = self.metrics(x, stats)
                     log.write(self.step, self.tokens, self.last_metrics)
