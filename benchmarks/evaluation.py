@@ -49,7 +49,7 @@ from saeworks.sae.configio import load_config
 PASSES = 2
 """Passes of each bare forward over all the windows before evaluate, and again after it."""
 TIMED = ("load_sae", "load_tokenizer", "iter_windows", "load_model", "capture_activations",
-         "_downstream", "_suffix_logits", "_logits")
+         "_downstream", "suffix_logits", "_logits")
 """eval.evaluate's names wrapped with timers: setup, pass 1's forwards, pass 2 and its forwards."""
 
 
@@ -120,7 +120,7 @@ def run_evaluate(sae_dir: str, cfg: RunConfig, windows: torch.Tensor,
     return report, {"total": total, "setup": setup, "sae": seconds["load_sae"], "windows": windows_s,
                     "model": seconds["load_model"], "pass1": total - setup - pass2,
                     "pass1_forwards": seconds["capture_activations"], "pass2": pass2,
-                    "pass2_forwards": seconds["_suffix_logits"] + seconds["_logits"]}
+                    "pass2_forwards": seconds["suffix_logits"] + seconds["_logits"]}
 
 
 @torch.no_grad()
