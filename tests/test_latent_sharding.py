@@ -238,12 +238,13 @@ def test_four_processes_as_two_replicas_of_two_shards_equal_one_process(tmp_path
 
 
 def test_latent_shards_refuse_what_cannot_be_split(tmp_path: Path) -> None:
-    from saeworks.train.plan import make_plan
+    from saeworks.train.data import SourceInfo
+    from saeworks.train.plan import make_hooks_plan
 
     def plan(saes: str, shards: int, world: int = 2):  # type: ignore[no-untyped-def]
         cfg = config(tmp_path, tmp_path / "store", **{"train.saes": saes,
                                                       "train.latent_shards": shards}).train
-        return make_plan(cfg, 32, "the store", world)
+        return make_hooks_plan(cfg, [SourceInfo(HOOK, 32, "the store", {}, {})], world)
 
     assert plan("[{k: 8, d_sae: 64}]", 2).local_batch == 256  # both shards read the whole batch
     assert plan("[{k: 8, d_sae: 64}]", 2, world=4).local_batch == 128

@@ -79,8 +79,9 @@ class TrainPlan:
         return self.world_size // self.latent_shards
 
 
-def make_plan(cfg: TrainConfig, d_in: int, source_name: str, world_size: int) -> TrainPlan:
-    """Resolve and check the SAEs against the data width `d_in` of `source_name`; derive the rest."""
+def _make_plan(cfg: TrainConfig, d_in: int, source_name: str, world_size: int) -> TrainPlan:
+    """Resolve and check the SAEs against the data width `d_in` of `source_name`; derive the rest
+    (one hook's plan: `make_hooks_plan` fills in the hooks, and is what callers use)."""
     shards = cfg.latent_shards
     require(world_size % shards == 0, "train.latent_shards",
             f"{shards} does not divide the {world_size} processes; launch a multiple of it")
@@ -136,7 +137,7 @@ HOOK_SEPARATOR = "--"
 def make_hooks_plan(cfg: TrainConfig, infos: Sequence[SourceInfo], world_size: int) -> TrainPlan:
     """The plan of a run over the hooks of `infos`: every SAE of `train.saes` on each hook, hook by
     hook. With one hook the SAEs keep their names; with several, `<hook>--<name>`."""
-    plans = [make_plan(cfg, info.d_in, info.name, world_size) for info in infos]
+    plans = [_make_plan(cfg, info.d_in, info.name, world_size) for info in infos]
     several = len(infos) > 1
     hooks = [info.hook for info in infos]
     return replace(
