@@ -50,7 +50,7 @@ from saeworks.eval.config import AnalyzeConfig
 from saeworks.eval.features import Contexts, FeatureAnalysis
 from saeworks.eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
 from saeworks.sae.base import SparseAutoencoder
-from saeworks.sae.sparse import top_k
+from saeworks.sae.sparse import dense_pre_activations, release_workspace, top_k
 from saeworks.sae.topk import TopKSAE
 
 SUB_BINS = 8
@@ -169,9 +169,14 @@ def encode_batch(sae: SparseAutoencoder, batch: WindowBatch, context_size: int) 
     """Encode every row of the batch and keep the non-zero entries.
 
     A TopK SAE (with its own `encode`) skips the dense [rows, d_sae] result: the entries come
-    straight from the same top-k of the same pre-activations, so the values are identical."""
+    straight from the same top-k of the same pre-activations, so the values are identical. Its
+    pre-activations go into the buffer training reuses (sae/sparse.py): a fresh [rows, d_sae]
+    output each batch cost page faults (pre-activations 533 ms against a 340 ms bare matmul per
+    4,096 rows, 2 threads)."""
     if type(sae).encode is TopKSAE.encode:
-        values, indices = top_k(sae.pre_activations(batch.x), sae.cfg.k)  # [B, k]
+        pre = dense_pre_activations(sae, sae.centred(batch.x))  # [B, d_sae], valid until the next batch
+        values, indices = top_k(pre, sae.cfg.k)  # [B, k]
+        del pre
         indices, order = indices.sort(dim=1)
         values = values.gather(1, order).relu()
         local = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
@@ -482,6 +487,7 @@ def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, 
                                           progress)
     second = DistributionPass(first, cfg, device)
     seconds2, rows2, _ = _run_pass("analysis pass 2/2", second.add, second_pass(), device, total, progress)
+    release_workspace()  # the pre-activation buffer of the encodes
     quantiles = histogram_quantiles(second.fine, first.max, list(cfg.quantiles))
     start = time.perf_counter()
     W_dec = sae.W_dec.detach()
