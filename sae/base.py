@@ -103,8 +103,9 @@ class SparseAutoencoder(nn.Module, ABC):
     def project_decoder_grad(self) -> None:
         """Remove the gradient component that would change decoder-row norms (before the step)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
+            W_dec, grad = self.W_dec.detach(), self.W_dec.grad  # [d_sae, d_in]
+            parallel = torch.linalg.vecdot(grad, W_dec).unsqueeze(1)  # [d_sae, 1], no product temporary
+            grad.addcmul_(parallel, W_dec, value=-1)
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors saved for inference (SAELens names); architectures add e.g. `threshold`."""

@@ -8,17 +8,26 @@ import time
 import torch
 
 
-def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Median time of one bare [batch, d_in] @ [d_in, d_sae] matmul (the encoder's forward), into
-    an output allocated once: the machine's limit for that product. (A fresh output per call adds
-    the page faults of a new [batch, d_sae] allocation: measured 391 ms against 317 ms for
-    [4096 x 576] @ [576 x 9216] float32 on 2 cores. Code that allocates afresh each step pays that
-    on top of the limit.)"""
-    x, w = torch.randn(batch, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
-    out = torch.mm(x, w)
-    times = []
-    for _ in range(repeats):
+class MatmulProbe:
+    """One bare [batch, d_in] @ [d_in, d_sae] matmul (the encoder's forward) into an output
+    allocated once: the machine's limit for that product. Call it to time one product. (A fresh
+    output per call adds the page faults of a new [batch, d_sae] allocation: measured 391 ms against
+    317 ms for [4096 x 576] @ [576 x 9216] float32 on 2 cores. Code that allocates afresh each step
+    pays that on top of the limit.) A benchmark can call it between the steps it times, so that the
+    limit is measured under the same conditions as the work (a shared VM's speed drifts by 30%
+    within minutes)."""
+
+    def __init__(self, batch: int, d_in: int, d_sae: int, dtype: torch.dtype) -> None:
+        self.x, self.w = torch.randn(batch, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
+        self.out = torch.mm(self.x, self.w)
+
+    def __call__(self) -> float:
         start = time.perf_counter()
-        torch.mm(x, w, out=out)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        torch.mm(self.x, self.w, out=self.out)
+        return time.perf_counter() - start
+
+
+def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Median time of `MatmulProbe`'s product over `repeats` calls."""
+    probe = MatmulProbe(batch, d_in, d_sae, dtype)
+    return statistics.median(probe() for _ in range(repeats))

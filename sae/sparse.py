@@ -100,18 +100,30 @@ def dense_pre_activations(sae: Any, x_centred: torch.Tensor) -> torch.Tensor:
     forward needs (its backward never reads it). A fresh 151 MB output every step costs page faults
     on a CPU (measured: addmm 339 ms, mm into a kept buffer + bias 325 ms, a fresh mm 391 ms;
     [4096 x 576] @ [576 x 9216], 2 threads). One buffer, not one per SAE: a sweep of SAEs of one
-    width shares it. Under autocast, plain addmm."""
+    width shares it.
+
+    Under autocast the buffer holds the autocast dtype: the product runs in it and the bias is added
+    in it (what autocast's addmm does, except that the bias is added after the product is rounded;
+    bfloat16, same shapes: fresh addmm 153 ms, mm into a kept buffer + bias 130 ms, bare mm 118)."""
     W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
-    if torch.is_autocast_enabled(x_centred.device.type) or x_centred.dtype != W_enc.dtype:
+    device = x_centred.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else W_enc.dtype
+    if not autocast and x_centred.dtype != W_enc.dtype:
         return torch.addmm(b_enc, x_centred, W_enc)
-    shape = (x_centred.shape[0], W_enc.shape[1])
+    buffer = _workspace_buffer((x_centred.shape[0], W_enc.shape[1]), dtype, W_enc.device)
+    with torch.autocast(device, enabled=False):
+        torch.mm(x_centred.detach().to(dtype), W_enc.to(dtype), out=buffer)
+        return buffer.add_(b_enc.to(dtype))
+
+
+def _workspace_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's pre-activation buffer, reallocated only when the shape, dtype or device changes."""
     buffer: torch.Tensor | None = getattr(_workspace, "pre", None)
-    if buffer is None or buffer.shape != shape or buffer.device != W_enc.device \
-            or buffer.dtype != W_enc.dtype:
+    if buffer is None or buffer.shape != shape or buffer.device != device or buffer.dtype != dtype:
         _workspace.pre = None  # free the old one before allocating
-        buffer = _workspace.pre = torch.empty(shape, dtype=W_enc.dtype, device=W_enc.device)
-    torch.mm(x_centred.detach(), W_enc, out=buffer)
-    return buffer.add_(b_enc)
+        buffer = _workspace.pre = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
 
 
 _workspace = threading.local()

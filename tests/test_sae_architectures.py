@@ -18,6 +18,7 @@ from saeworks.sae.geometric_median import geometric_median
 from saeworks.sae.jumprelu import JumpReLUSAE
 from saeworks.sae.matryoshka import MatryoshkaBatchTopKSAE
 from saeworks.sae.registry import ARCHITECTURES, create_sae
+from saeworks.sae.sparse import dense_pre_activations, release_workspace
 from saeworks.sae.topk import TopKSAE
 
 D_IN, D_SAE, K = 16, 64, 4
@@ -334,3 +335,46 @@ def test_geometric_median() -> None:
     assert torch.equal(geometric_median(points, max_iter=0), points.double().mean(0).float())
     with pytest.raises(ValueError, match="non-empty"):
         geometric_median(torch.zeros(0, D_IN))
+
+
+def test_pre_activations_under_autocast_are_computed_in_the_autocast_dtype() -> None:
+    """Under bfloat16 autocast the reused buffer holds bfloat16: the product of the rounded operands
+    plus the rounded bias, exactly; the float32 buffer is handed back when autocast ends."""
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    x_centred = sae.centred(sparse_data(32))
+    with torch.autocast("cpu", torch.bfloat16):
+        pre = dense_pre_activations(sae, x_centred)
+        again = dense_pre_activations(sae, x_centred)
+    expected = (x_centred.bfloat16() @ sae.W_enc.detach().bfloat16()) + sae.b_enc.detach().bfloat16()
+    assert pre.dtype == torch.bfloat16 and torch.equal(pre, expected)
+    assert again.data_ptr() == pre.data_ptr()  # one buffer, reused
+    full = dense_pre_activations(sae, x_centred)
+    assert full.dtype == torch.float32
+    assert torch.allclose(full, x_centred @ sae.W_enc.detach() + sae.b_enc.detach(), atol=1e-6)
+    release_workspace()
+
+
+@pytest.mark.parametrize("architecture", SPARSE_KERNELS)
+def test_sparse_step_under_bfloat16_autocast_follows_the_float32_step(architecture: str) -> None:
+    """A bfloat16-autocast step (the pre-activations in bfloat16, the sparse backward in float32)
+    gives the float32 step's loss and gradients to bfloat16 precision, every gradient present."""
+    x = sparse_data(256)
+    dead = torch.arange(D_SAE) % 4 == 1
+
+    def step(autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        sae = make_sae(architecture)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = sae.training_forward(x, TrainContext(0.0, dead))
+        out.loss.backward()
+        return float(out.loss.detach()), {name: p.grad for name, p in sae.named_parameters()
+                                          if p.grad is not None}
+
+    loss, grads = step(False)
+    loss_bf16, grads_bf16 = step(True)
+    assert set(grads_bf16) == set(grads) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert loss_bf16 == pytest.approx(loss, rel=3e-2)
+    for name, grad in grads.items():
+        assert grads_bf16[name].dtype == torch.float32
+        assert float((grads_bf16[name] - grad).norm() / grad.norm()) < 5e-2, name

@@ -160,7 +160,7 @@ class Trainer:
         return inputs
 
     def forward_backward(self, inputs: dict[str, torch.Tensor]) -> StepStats:
-        """Forward and backward of every SAE on its hook's x; gradients accumulate into zeroed .grad."""
+        """Forward and backward of every SAE on its hook's x; each step's gradients are new .grad tensors."""
         factor = self.plan.schedule.sparsity_factor(self.step)
         scalars, fired = [], []
         for sae, coefficient, dead, hook in zip(self.saes, self.coefficients, self.dead.masks(),
@@ -244,7 +244,9 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
             group["lr"] = lr * factor
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)  # same grad tensors every step: one buffer layout
+        # None, not zeros: backward then hands each gradient over instead of adding it into zeroed
+        # tensors (a fill and an add of every [d_sae, d_in] gradient per step)
+        self.optimizer.zero_grad(set_to_none=True)
         for sae in self.saes:
             sae.normalize_decoder()
 
