@@ -133,9 +133,10 @@ class ReaderConfig:
     seed: int = 0
     """Seed of the chunk order and of the row shuffles; same seed, same batches."""
     prefetch: int = 1
-    """Blocks' worth of batches read and shuffled ahead in a background thread, so training never
-    waits on disk (one block is 32 batches of 4096 rows with the defaults: far more lookahead than a
-    read needs; 2 held 150 MB more for nothing measurable)."""
+    """At most this many blocks' worth of batches read and shuffled ahead in a background thread,
+    so training never waits on disk. Within that bound the queue holds just enough batches to cover
+    decoding the next block twice over at the measured step time: 4 on a CPU (a step outlasts a
+    decode), the whole block's 32 for a fast GPU step; 2 held 150 MB more for nothing measurable."""
     exclude_first_positions: int | None = None
     """Leading window positions to skip; None takes the value the store was harvested with
     (`data.exclude_first_positions`, saved in its `excluded` attributes)."""

@@ -55,6 +55,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import queue
 import threading
 import time
@@ -247,6 +248,8 @@ class ActivationReader:
         self.first_positions, self._special = _exclusions(store, cfg)
         self._fingerprint = _fingerprint(store, cfg.stream)
         self._epoch, self._rows, self._generation = 0, 0, 0
+        self.pace: _Pace | None = None
+        """The latest iteration's read-ahead: its queue depth follows decode and step times."""
         self.kept: KeptRows | ShardKept
         if cfg.stream:
             self._lock = threading.RLock()  # the loader thread and the consumer both count shards
@@ -341,9 +344,11 @@ class ActivationReader:
         if self.epochs is not None and self._epoch >= self.epochs:
             return
         per_block = max(1, self.cfg.buffer_chunks * self.kept.chunk_rows // self.cfg.batch_size)
-        blocks: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch * per_block)  # of batches
+        pace = _Pace(self.cfg.prefetch * per_block)
+        self.pace = pace
+        blocks: queue.Queue = queue.Queue(maxsize=pace.depth())  # of batches; the loader resizes it
         stop = threading.Event()
-        loader = _Loader(self, self._epoch, self._rows, blocks, stop)
+        loader = _Loader(self, self._epoch, self._rows, blocks, stop, pace)
         thread = threading.Thread(target=loader.run, daemon=True,
                                   name=f"ActivationReader[{self.hook}, rank {self.rank}]")
         thread.start()
@@ -358,8 +363,10 @@ class ActivationReader:
                         raise RuntimeError("this iterator is stale: the reader was iterated "
                                            "again or its state reloaded; call iter() again")
                     self._epoch, self._rows = batch.position
+                    handed = time.perf_counter()
                     yield ReaderBatch(to_tensor(batch.activations, self.store.store_dtype),
                                       torch.from_numpy(batch.rows))
+                    pace.consumed(time.perf_counter() - handed)
         finally:
             stop.set()
             _drain(blocks)
@@ -571,12 +578,45 @@ def _drain(blocks: queue.Queue) -> None:
             return
 
 
+class _Pace:
+    """How many batches the loader may hold queued: enough to cover decoding the next block twice
+    over at the consumer's pace, at least 2, at most `most` (`prefetch` blocks' worth).
+
+    The queue exists to hide the decode of the next block: while the loader decodes it, the
+    consumer eats queued batches. A CPU step (~0.5 s) outlasts a block's decode (~0.3-0.6 s), so 4
+    batches do (19 MB at d=576); a GPU step of 10 ms needs the whole block's worth (151 MB). Until
+    both times are measured (the first block and the first consumed batch), 2."""
+
+    def __init__(self, most: int) -> None:
+        self.most = max(1, most)
+        self.decode_s: float | None = None
+        self.step_s: float | None = None
+        self.peak = 0
+        """Most batches queued at once so far."""
+
+    def decoded(self, seconds: float) -> None:
+        """A block took `seconds` to decode (the slowest recent one counts: disks stall)."""
+        self.decode_s = seconds if self.decode_s is None else max(seconds, 0.5 * self.decode_s)
+
+    def consumed(self, seconds: float) -> None:
+        """The consumer spent `seconds` on a batch before asking for the next (its own work, not
+        waiting for the loader); a moving average, the fastest recent steps weighing most."""
+        self.step_s = seconds if self.step_s is None else min(seconds, 0.8 * self.step_s + 0.2 * seconds)
+
+    def depth(self) -> int:
+        if self.decode_s is None or self.step_s is None:
+            return min(2, self.most)
+        wanted = 2 * self.decode_s / max(self.step_s, 1e-6) + 1
+        return int(min(self.most, max(2, math.ceil(wanted))))
+
+
 class _Loader:
     """The background thread's work: read blocks in schedule order and cut them into batches."""
 
     def __init__(self, reader: ActivationReader, epoch: int, rows: int, out: queue.Queue,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, pace: _Pace) -> None:
         self.reader, self.epoch, self.rows, self.out, self.stop = reader, epoch, rows, out, stop
+        self.pace = pace
         self.batch_size = reader.cfg.batch_size
         n_rows = min(reader.cfg.buffer_chunks * reader.kept.chunk_rows, reader.kept.n_tokens)
         self.buffer = np.empty((0, reader.d), dtype=reader.array.dtype)  # [n_rows, d], on first use
@@ -614,8 +654,11 @@ class _Loader:
         while True:
             if self.stop.is_set():
                 raise _Stopped
+            with self.out.mutex:  # Queue.put compares against maxsize under this lock
+                self.out.maxsize = self.pace.depth()
             try:
                 self.out.put(item, timeout=_POLL_S)
+                self.pace.peak = max(self.pace.peak, self.out.qsize())
                 return
             except queue.Full:
                 continue
@@ -689,6 +732,13 @@ class _Loader:
 
     def _load_block(self, epoch: int, index: int, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decode a block into the buffer; its kept rows, shuffled, as (buffer positions, global rows)."""
+        started = time.perf_counter()
+        try:
+            return self._decode_block(epoch, index, chunks)
+        finally:
+            self.pace.decoded(time.perf_counter() - started)
+
+    def _decode_block(self, epoch: int, index: int, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(self.buffer) == 0:
             self.buffer = np.empty((self.buffer_rows, self.reader.d), dtype=self.buffer.dtype)
         kept, chunk_rows = self.reader.kept, self.reader.kept.chunk_rows

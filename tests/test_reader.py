@@ -299,3 +299,21 @@ def test_a_stale_iterator_is_refused(store: ActivationStore) -> None:
     take(iter(r), 1)
     with pytest.raises(RuntimeError, match="stale"):
         take(old, 100)
+
+
+def test_read_ahead_follows_the_consumers_pace(store: ActivationStore) -> None:
+    """A consumer slower than a block's decode keeps only a few batches queued, not the block's
+    worth `prefetch` allows (memory: 151 MB at the defaults); the batches are the same as a fast
+    consumer's."""
+    settings = {"epochs": 1, "batch_size": 4, "buffer_chunks": 8, "prefetch": 1}
+    fast = reader(store, **settings)  # type: ignore[arg-type]
+    quick = list(iter(fast))
+    slow_reader = reader(store, **settings)  # type: ignore[arg-type]
+    slow = []
+    for batch in slow_reader:
+        slow.append(batch)
+        time.sleep(0.03)  # a training step that outlasts decoding a block
+    assert_same_batches(slow, quick)
+    assert slow_reader.pace is not None and slow_reader.pace.most == 8 * 64 // 4
+    assert 1 <= slow_reader.pace.peak <= 8, slow_reader.pace.peak
+    assert slow_reader.pace.depth() <= 8

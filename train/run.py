@@ -39,6 +39,7 @@ from saeworks.sae.distributed import (
     latent_mesh,
     rank_info,
 )
+from saeworks.sae.heap import return_free_heap
 from saeworks.sae.io import save_sae
 from saeworks.sae.locks import exclusive_writer
 from saeworks.sae.precision import AutocastName, autocast_dtype
@@ -240,6 +241,8 @@ def _fresh_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: Batc
                 for sae, sae_hook in zip(saes, plan.sae_hooks, strict=True):
                     if sae_hook == hook:
                         sae.b_dec.copy_(b_dec)
+    del samples
+    return_free_heap()  # the sample and the reader's first batches: ~180 MB glibc would keep
     return Trainer(saes, plan, cfg.train, scales, rank.device, mesh)
 
 
