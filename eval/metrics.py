@@ -73,23 +73,44 @@ class ReconstructionAccumulator:
                              f"latents {tuple(latents.shape)}")
         if x.shape[0] == 0:
             return
+        active = latents > 0  # [rows, d_sae]
+        self._add(x, x_hat, active.sum(dim=1).double(), latents.abs().sum(dim=1, dtype=torch.float64),
+                  active.sum(dim=0).cpu())
+
+    @torch.no_grad()
+    def update_active(self, x: torch.Tensor, x_hat: torch.Tensor, indices: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """`update` for an SAE that keeps a few latents per row: values [rows, k] (>= 0; zeros are
+        inactive) at latents indices [rows, k], never a dense [rows, d_sae] tensor."""
+        if x.shape != x_hat.shape or x.shape[0] != values.shape[0] or values.shape != indices.shape:
+            raise ValueError(f"shapes disagree: x {tuple(x.shape)}, x_hat {tuple(x_hat.shape)}, "
+                             f"indices {tuple(indices.shape)}, values {tuple(values.shape)}")
+        if x.shape[0] == 0:
+            return
+        active = values > 0  # [rows, k]
+        counts = torch.bincount(indices[active], minlength=self.active_count.shape[0])
+        self._add(x, x_hat, active.sum(dim=1).double(), values.abs().sum(dim=1, dtype=torch.float64),
+                  counts.cpu())
+
+    def _add(self, x: torch.Tensor, x_hat: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor,
+             counts: torch.Tensor) -> None:
+        """Add rows given their per-row L0 and L1 [rows] and per-latent active counts [d_sae]."""
         x64, x_hat64 = x.double(), x_hat.double()  # [rows, d_in]
         if self.shift is None:
             self.shift = x64.mean(dim=0).cpu()
         shifted = x64 - self.shift.to(x64.device)
         x_norm, x_hat_norm = x64.norm(dim=1), x_hat64.norm(dim=1)  # [rows]
-        active = latents > 0  # [rows, d_sae]
         per_token = torch.stack([
             (x64 - x_hat64).pow(2).sum(dim=1),
             (x64 * x_hat64).sum(dim=1) / (x_norm * x_hat_norm).clamp_min(_TINY),
             x_hat_norm / x_norm.clamp_min(_TINY),
-            active.sum(dim=1).double(),
-            latents.abs().sum(dim=1).double(),
+            l0,
+            l1,
         ])  # [5, rows]
         self.sums += per_token.sum(dim=1).cpu()
         self.sum_shifted += shifted.sum(dim=0).cpu()
         self.sum_sq_shifted += shifted.pow(2).sum(dim=0).cpu()
-        self.active_count += active.sum(dim=0).cpu()
+        self.active_count += counts
         self.n_tokens += int(x.shape[0])
 
     def mean(self) -> torch.Tensor:

@@ -98,6 +98,27 @@ def test_reconstruction_is_batch_size_invariant() -> None:
         torch.testing.assert_close(other_mean, mean, rtol=1e-12, atol=1e-12)
 
 
+def test_active_latents_give_the_dense_figures() -> None:
+    """`update_active` (k latents per row, as a TopK SAE keeps them) adds exactly what `update` adds
+    for the same latents written densely: L0, L1, density and dead counts included."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=generator) * 3 + 5
+    x_hat = x + 0.5 * torch.randn(300, 16, generator=generator)
+    indices = torch.rand(300, 48, generator=generator).argsort(dim=1)[:, :5]  # distinct; 48-63 dead
+    values = torch.relu(torch.randn(300, 5, generator=generator))  # some zeros: inactive
+    dense = torch.zeros(300, 64).scatter_(1, indices, values)
+    by_dense, by_active = ReconstructionAccumulator(16, 64), ReconstructionAccumulator(16, 64)
+    for start in range(0, 300, 128):
+        rows = slice(start, start + 128)
+        by_dense.update(x[rows], x_hat[rows], dense[rows])
+        by_active.update_active(x[rows], x_hat[rows], indices[rows], values[rows])
+    assert by_active.result() == by_dense.result()
+    assert torch.equal(by_active.active_count, by_dense.active_count)
+    assert by_active.dead_count == by_dense.dead_count > 0
+    with pytest.raises(ValueError, match="shapes disagree"):
+        by_active.update_active(x[:3], x_hat[:3], indices[:3], values[:2])
+
+
 def golden_logits() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One window of 4 tokens, vocabulary 2, first_kept 1: predictions at t = 1, 2 of tokens 1, 0.
     Positions 0 and 3 hold wild logits that must not count."""
