@@ -256,8 +256,11 @@ ContextFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 class SlotTable:
     """Per group, the `slots` entries with the smallest keys seen so far, with their contexts.
 
-    Ties go to the entry offered first; entries are offered in store-row order, so to the earlier
-    row. Empty slots have key EMPTY_KEY, row -1, value 0 and zero context.
+    Ties go to the earlier row (entries are offered in store-row order: the one offered first).
+    Empty slots have key EMPTY_KEY, row -1, value 0 and zero context. A group's slots are kept
+    in no order: an entry that gets in takes the slot of one that drops out, so an offer writes only
+    the entries that get in (moving every affected group's [slots, context] rows instead cost most
+    of the per-batch bookkeeping on the demo SAE); `contexts` sorts them by (key, row).
     """
 
     def __init__(self, groups: int, slots: int, width: int, device: torch.device) -> None:
@@ -267,6 +270,8 @@ class SlotTable:
         self.rows = torch.full((groups, slots), -1, dtype=torch.int64, device=device)
         self.tokens = torch.zeros(groups, slots, width, dtype=torch.int32, device=device)
         self.context = torch.zeros(groups, slots, width, device=device)
+        self.worst_keys = torch.full((groups,), EMPTY_KEY, dtype=torch.int64, device=device)
+        """[groups] the largest key in each group's slots."""
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys, "values": self.values, "rows": self.rows, "tokens": self.tokens,
@@ -274,7 +279,7 @@ class SlotTable:
 
     def worst(self, groups: torch.Tensor) -> torch.Tensor:
         """[n] the key a candidate of each group must beat."""
-        return self.keys[groups, -1]
+        return self.worst_keys[groups]
 
     def offer(self, groups: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
               context_of: ContextFn) -> None:
@@ -287,37 +292,40 @@ class SlotTable:
         device = groups.device
         all_groups = torch.cat([torch.arange(n_affected, device=device).repeat_interleave(slots), group_of])
         all_keys = torch.cat([self.keys[affected].flatten(), keys])
-        order = torch.sort((all_groups << _KEY_BITS) | all_keys, stable=True).indices
+        # by (group, key, row): equal keys go to the earlier row, as when they were offered (the
+        # slots hold no order, so their position cannot say which came first)
+        by_row = torch.cat([self.rows[affected].flatten(), rows]).argsort(stable=True)
+        order = by_row[((all_groups << _KEY_BITS) | all_keys)[by_row].argsort(stable=True)]
         sizes = slots + torch.bincount(group_of, minlength=n_affected)  # [A] entries per group
         group_start = sizes.cumsum(0) - sizes
-        sorted_groups = all_groups[order]
-        rank = torch.arange(order.shape[0], device=device) - group_start[sorted_groups]
-        source = order[rank < slots]  # [A * slots]: group-major, best first
-        from_old = source < n_old
-        new = ~from_old
-
-        self.keys[affected] = all_keys[source].view(n_affected, slots)
-        self.values[affected] = torch.cat([self.values[affected].flatten(), values])[source].view(
-            n_affected, slots)
-        self.rows[affected] = torch.cat([self.rows[affected].flatten(), rows])[source].view(n_affected, slots)
-        width = self.tokens.shape[2]
-        old_tokens = self.tokens[affected].view(n_old, width)
-        old_context = self.context[affected].view(n_old, width)
-        tokens = torch.empty_like(old_tokens)
-        context = torch.empty_like(old_context)
-        tokens[from_old] = old_tokens[source[from_old]]
-        context[from_old] = old_context[source[from_old]]
-        tokens[new], context[new] = context_of(source[new] - n_old)
-        self.tokens[affected] = tokens.view(n_affected, slots, width)
-        self.context[affected] = context.view(n_affected, slots, width)
+        rank = torch.arange(order.shape[0], device=device) - group_start[all_groups[order]]
+        winners = order[rank < slots]  # [A * slots], group-major
+        entering = winners[winners >= n_old] - n_old  # candidates that get in, group-major
+        staying = torch.zeros(n_old, dtype=torch.bool, device=device)
+        staying[winners[winners < n_old]] = True
+        freed = torch.nonzero(~staying).squeeze(1)  # slots they take: as many per group, group-major
+        group, slot = affected[freed // slots], freed % slots
+        self.keys[group, slot] = keys[entering]
+        self.values[group, slot] = values[entering]
+        self.rows[group, slot] = rows[entering]
+        self.tokens[group, slot], self.context[group, slot] = context_of(entering)
+        self.worst_keys[affected] = self.keys[affected].amax(dim=1)
 
     def contexts(self, groups_per_row: int = 1) -> Contexts:
-        """The table as `Contexts` on the CPU, `groups_per_row` consecutive groups per output row."""
+        """The table as `Contexts` on the CPU, each group's entries by ascending key (ties: the
+        earlier row), `groups_per_row` consecutive groups per output row."""
+        by_row = self.rows.argsort(dim=1, stable=True)
+        order = by_row.gather(1, self.keys.gather(1, by_row).argsort(dim=1, stable=True))  # [groups, slots]
         rows = self.keys.shape[0] // groups_per_row
         width = self.tokens.shape[2]
-        return Contexts(self.values.reshape(rows, -1).cpu(), self.rows.reshape(rows, -1).cpu(),
-                        self.tokens.reshape(rows, -1, width).cpu(),
-                        self.context.reshape(rows, -1, width).cpu())
+        per_slot = order[:, :, None].expand(-1, -1, width)
+
+        def sorted_(table: torch.Tensor) -> torch.Tensor:
+            return table.gather(1, per_slot if table.dim() == 3 else order)
+
+        return Contexts(sorted_(self.values).reshape(rows, -1).cpu(), sorted_(self.rows).reshape(rows, -1).cpu(),
+                        sorted_(self.tokens).reshape(rows, -1, width).cpu(),
+                        sorted_(self.context).reshape(rows, -1, width).cpu())
 
 
 class TopPass:

@@ -18,6 +18,7 @@ from saeworks.eval.analysis import (
     SUB_BINS,
     DistributionPass,
     TopPass,
+    SlotTable,
     analyze_features,
     encode_batch,
     fine_bin,
@@ -257,7 +258,7 @@ def test_state_is_bounded_by_features_times_slots(tiny: Tiny) -> None:
     for name, tensor in {**first.state(), **second.state()}.items():
         assert tensor.numel() <= d_sae * slots, name
         assert tensor.shape[0] in (d_sae, d_sae * cfg.bands), name
-    assert torch.equal(first.top.rows, tiny.analysis.top.rows)
+    assert torch.equal(first.top.contexts().rows, tiny.analysis.top.rows)
 
 
 def test_generic_encode_path_on_a_synthetic_store(tmp_path: Path) -> None:
@@ -345,3 +346,29 @@ def test_gpu_gives_the_cpu_result(tiny: Tiny) -> None:
         torch.testing.assert_close(mine.values.sort(1).values, theirs.values.sort(1).values,
                                    rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(on_gpu.neighbour_cosines, a.neighbour_cosines, rtol=1e-4, atol=1e-5)
+
+
+def test_slot_table_ties_go_to_the_earlier_row() -> None:
+    """Equal keys keep the earlier row whatever slot each entry sits in; only entering entries
+    ask for their context; the output is sorted by key."""
+    table = SlotTable(groups=1, slots=2, width=1, device=torch.device("cpu"))
+    asked: list[list[int]] = []
+
+    def offer(rows: list[int], keys: list[int]) -> None:
+        row_t = torch.tensor(rows)
+
+        def context_of(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            asked.append(row_t[i].tolist())
+            return row_t[i, None].int(), row_t[i, None].float()
+
+        table.offer(torch.zeros(len(rows), dtype=torch.int64), torch.tensor(keys),
+                    torch.tensor(keys).float(), row_t, context_of)
+
+    offer([10], [5])
+    offer([11], [9])
+    offer([20], [5])  # row 11 leaves; row 20 may sit in a slot before row 10's
+    assert table.worst(torch.tensor([0])).tolist() == [5]
+    offer([30], [3])  # one of the two key-5 entries leaves: row 20, the later one
+    assert asked == [[10], [11], [20], [30]]
+    out = table.contexts()
+    assert out.rows.tolist() == [[30, 10]] and out.token_ids.tolist() == [[[30], [10]]]
