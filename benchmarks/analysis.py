@@ -10,7 +10,8 @@ to `--replay-bytes` (default 1 GiB) and encodes only the rest again, so the SAE 
 between once and twice: `encode passes` in the output. Then weight-only work: decoder neighbours,
 and logit effects when `--model` loads the store's model. Tokens/s counts the analysed (kept)
 rows over all of that. The limit is one bare [batch, d_in] @ [d_in, d_sae] float32 matmul per
-batch of rows, measured in the same run: the analysis cannot beat rows / matmul time / encode
+batch of rows, timed 5 times just before the analysis and 5 times just after it (the median: a
+shared VM's speed drifts within minutes): the analysis cannot beat rows / matmul time / encode
 passes. Prints one line.
 """
 
@@ -29,7 +30,7 @@ from saeworks.eval.analysis import REPLAY_BYTES, analyze_features
 from saeworks.eval.config import AnalyzeConfig
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.io import load_sae, read_cfg
-from saeworks.sae.limits import matmul_seconds
+from saeworks.sae.limits import MatmulProbe
 
 
 def encode_seconds(sae: SparseAutoencoder, store: ActivationStore, hook: str, rows: int) -> float:
@@ -66,11 +67,14 @@ def main() -> None:
         model_cfg = dataclasses.replace(model_config_of_store(store.attrs.get("identity", {})),
                                         device=args.device)
         model = load_model(model_cfg, args.device)
+    batch = max(1, cfg.batch_size // store.context_size) * store.context_size
+    probe = MatmulProbe(batch, sae.d_in, sae.d_sae, sae.W_enc.dtype)
+    probes = [probe() for _ in range(5)]
     analysis = analyze_features(sae, store, hook, cfg, model, args.device, progress=False,
                                 replay_bytes=args.replay_bytes)
+    probes += [probe() for _ in range(5)]
     info = analysis.info
-    batch = max(1, cfg.batch_size // store.context_size) * store.context_size
-    limit = batch / matmul_seconds(batch, sae.d_in, sae.d_sae, sae.W_enc.dtype)  # rows/s of one encode
+    limit = batch / statistics.median(probes)  # rows/s of one encode, before and after the analysis
     encode_rate = batch / encode_seconds(sae, store, hook, batch)
     passes = info["encode_passes"]
     tokens_per_s = info["tokens_per_s"]

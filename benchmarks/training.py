@@ -13,14 +13,16 @@ never holds; formulas in eval/metrics.py):
   zero-ablated at the same positions;
 - dead latents: silent for `train.dead_after_tokens` training tokens at the end (the trainer's
   counter), and never active on the held-out rows (a small sample: rare latents look dead there).
-The limit is the encoder matmul [batch, d_in] @ [d_in, d_sae] in float32 on this machine,
-measured in the same run. One line of figures at the end.
+The limit is the encoder matmul [batch, d_in] @ [d_in, d_sae] on this machine in the dtype the
+training multiplies in (bfloat16 where `train.autocast` resolves to it), timed 5 times just before
+and 5 times just after the training (the median). One line of figures at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -32,7 +34,8 @@ from saeworks.eval.evaluate import evaluate
 from saeworks.run_config import RunConfig
 from saeworks.sae.configio import load_config
 from saeworks.sae.io import load_sae
-from saeworks.sae.limits import matmul_seconds
+from saeworks.sae.limits import MatmulProbe
+from saeworks.sae.precision import autocast_dtype
 from saeworks.train.run import train
 
 
@@ -48,10 +51,16 @@ def main() -> None:
         cfg = load_config(RunConfig, args.config, [f"run_dir={run_dir}", f"train.store={args.store}",
                                                    f"train.total_tokens={store.n_tokens}",
                                                    "train.wandb=false", *args.overrides])
+        device = cfg.train.device if cfg.train.device != "auto" else "cpu"  # the probe runs on the CPU
+        autocast = autocast_dtype(cfg.train.autocast, device)
+        sae_cfg = cfg.train.saes[0].resolved(store.d(store.hooks[0]))
+        probe = MatmulProbe(cfg.train.batch_size, int(sae_cfg.d_in or 0), int(sae_cfg.d_sae or 0),
+                            torch.bfloat16 if autocast == "bfloat16" else torch.float32)
+        probes = [probe() for _ in range(5)]
         start = time.perf_counter()
         train(cfg.train_job())
         seconds = time.perf_counter() - start
-        sae_cfg = cfg.train.saes[0].resolved(store.d(store.hooks[0]))
+        probes += [probe() for _ in range(5)]
         sae_dir = cfg.layout.sae(sae_cfg.display_name)
         sae = load_sae(sae_dir)
         held_out = args.held_out_windows * store.context_size
@@ -59,11 +68,12 @@ def main() -> None:
         scores = evaluate(sae_dir, cfg.evaluate, model=cfg.model, data=cfg.data).metrics
         last = json.loads(cfg.layout.metrics.read_text().splitlines()[-1])
         trained_dead = last["dead"] / sae.d_sae  # silent for train.dead_after_tokens tokens
-    limit = cfg.train.batch_size / matmul_seconds(cfg.train.batch_size, sae.d_in, sae.d_sae, torch.float32)
+    limit = cfg.train.batch_size / statistics.median(probes)
     rate = store.n_tokens / seconds
     print(f"train: {rate:,.0f} tok/s end to end ({sae_cfg.display_name}, {store.n_tokens:,} tokens, one "
-          f"pass, {cfg.train.autocast}, {torch.get_num_threads()} threads) | encoder matmul limit "
-          f"{limit:,.0f} tok/s | ratio {rate / limit:.2f} | held-out FVU {scores['fvu']:.3f}, L0 "
+          f"pass, autocast {cfg.train.autocast} = {autocast}, {torch.get_num_threads()} threads) | "
+          f"encoder matmul limit {limit:,.0f} tok/s ({probe.x.dtype}) | ratio {rate / limit:.2f} | "
+          f"held-out FVU {scores['fvu']:.3f}, L0 "
           f"{scores['l0']:.1f}, dead {trained_dead:.2%} (training) {scores['dead_fraction']:.2%} "
           f"(held-out rows), CE recovered {scores['ce_recovered']:.3f} (clean {scores['ce_clean']:.3f}, "
           f"SAE {scores['ce_spliced']:.3f}, zero {scores['ce_zero']:.3f})")

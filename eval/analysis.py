@@ -323,7 +323,8 @@ class SlotTable:
         def sorted_(table: torch.Tensor) -> torch.Tensor:
             return table.gather(1, per_slot if table.dim() == 3 else order)
 
-        return Contexts(sorted_(self.values).reshape(rows, -1).cpu(), sorted_(self.rows).reshape(rows, -1).cpu(),
+        return Contexts(sorted_(self.values).reshape(rows, -1).cpu(),
+                        sorted_(self.rows).reshape(rows, -1).cpu(),
                         sorted_(self.tokens).reshape(rows, -1, width).cpu(),
                         sorted_(self.context).reshape(rows, -1, width).cpu())
 

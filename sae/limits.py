@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -26,8 +25,3 @@ class MatmulProbe:
         torch.mm(self.x, self.w, out=self.out)
         return time.perf_counter() - start
 
-
-def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Median time of `MatmulProbe`'s product over `repeats` calls."""
-    probe = MatmulProbe(batch, d_in, d_sae, dtype)
-    return statistics.median(probe() for _ in range(repeats))

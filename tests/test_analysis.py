@@ -17,8 +17,8 @@ from saeworks.activations.store import ActivationStore
 from saeworks.eval.analysis import (
     SUB_BINS,
     DistributionPass,
-    TopPass,
     SlotTable,
+    TopPass,
     analyze_features,
     encode_batch,
     fine_bin,
