@@ -160,7 +160,7 @@ class Trainer:
         return inputs
 
     def forward_backward(self, inputs: dict[str, torch.Tensor]) -> StepStats:
-        """Forward and backward of every SAE on its hook's x; each step's gradients are new .grad tensors."""
+        """Forward and backward of every SAE on its hook's x; gradients accumulate into zeroed .grad."""
         factor = self.plan.schedule.sparsity_factor(self.step)
         scalars, fired = [], []
         for sae, coefficient, dead, hook in zip(self.saes, self.coefficients, self.dead.masks(),
@@ -244,9 +244,10 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
             group["lr"] = lr * factor
         self.optimizer.step()
-        # None, not zeros: backward then hands each gradient over instead of adding it into zeroed
-        # tensors (a fill and an add of every [d_sae, d_in] gradient per step)
-        self.optimizer.zero_grad(set_to_none=True)
+        # zeros, not None: the same gradient tensors every step. With None, backward hands each
+        # gradient over (no fill, no add) but allocates them afresh and copies W_enc's transposed
+        # one into layout: measured no faster (0.63-0.67 against 0.67-0.69 of the limit)
+        self.optimizer.zero_grad(set_to_none=False)
         for sae in self.saes:
             sae.normalize_decoder()
 
