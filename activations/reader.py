@@ -604,6 +604,7 @@ class _Pace:
         self.step_s = seconds if self.step_s is None else min(seconds, 0.8 * self.step_s + 0.2 * seconds)
 
     def depth(self) -> int:
+        """Batches the queue may hold now."""
         if self.decode_s is None or self.step_s is None:
             return min(2, self.most)
         wanted = 2 * self.decode_s / max(self.step_s, 1e-6) + 1

@@ -24,4 +24,3 @@ class MatmulProbe:
         start = time.perf_counter()
         torch.mm(self.x, self.w, out=self.out)
         return time.perf_counter() - start
-

@@ -315,5 +315,5 @@ def test_read_ahead_follows_the_consumers_pace(store: ActivationStore) -> None:
         time.sleep(0.03)  # a training step that outlasts decoding a block
     assert_same_batches(slow, quick)
     assert slow_reader.pace is not None and slow_reader.pace.most == 8 * 64 // 4
-    assert 1 <= slow_reader.pace.peak <= 8, slow_reader.pace.peak
-    assert slow_reader.pace.depth() <= 8
+    assert 0 < slow_reader.pace.peak <= slow_reader.pace.most // 16, slow_reader.pace.peak  # 8 of 128
+    assert slow_reader.pace.depth() <= slow_reader.pace.most // 16

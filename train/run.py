@@ -242,7 +242,7 @@ def _fresh_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: Batc
                     if sae_hook == hook:
                         sae.b_dec.copy_(b_dec)
     del samples
-    return_free_heap()  # the sample and the reader's first batches: ~180 MB glibc would keep
+    return_free_heap()  # what glibc would keep of the sample and the first batches (41 MB, demo)
     return Trainer(saes, plan, cfg.train, scales, rank.device, mesh)
 
 
