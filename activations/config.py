@@ -129,7 +129,8 @@ class ReaderConfig:
     """Chunks whose rows are shuffled together (a block). Bounds memory: at most
     (prefetch + 1) blocks and two batches are held at once (the decode buffer, the queued batches,
     the consumer's): ~150 MB per block for d=576 float16 and 4096-row chunks, ~310 MB with the
-    defaults. More chunks, better mixing of rows from different documents."""
+    defaults at most, ~170 MB on a CPU (see prefetch). More chunks, better mixing of rows from
+    different documents."""
     seed: int = 0
     """Seed of the chunk order and of the row shuffles; same seed, same batches."""
     prefetch: int = 1
