@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: lint, type check, then every test (slow and distributed ones included).
-# Hardware: any CPU (2 cores suffice). Time: ~15 min on 2 cores (pytest ~14 min, 762 tests; mypy ~1 min); the
+# Hardware: any CPU (2 cores suffice). Time: ~12-15 min on 2 cores (pytest 11-14 min, 769 tests; mypy ~1 min); the
 #   first run also prepares the embedded model (~20 s) and corpus (~10 s) in the saeworks cache.
 # Run:  bash launch/test.sh            (extra arguments go to pytest, e.g. -m "not slow")
 set -euo pipefail
