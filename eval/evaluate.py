@@ -65,7 +65,7 @@ from saeworks.sae.errors import SaeworksError
 from saeworks.sae.interventions import ablate_mean, ablate_zero, splice_sae
 from saeworks.sae.io import load_sae, read_cfg
 from saeworks.sae.precision import resolve_dtype
-from saeworks.sae.sparse import dense_pre_activations, release_workspace, sparse_decode, top_k
+from saeworks.sae.sparse import release_workspace, sparse_decode
 from saeworks.sae.topk import TopKSAE
 from saeworks.sae.version import package_version
 
@@ -436,10 +436,8 @@ def _add_rows(sae: SparseAutoencoder, x: torch.Tensor, rec: ReconstructionAccumu
     A TopK SAE (its own `encode`) goes through its k active latents only: the pre-activations into
     the reused buffer, the same top-k, a sparse decode; no dense [rows, d_sae] latents and no dense
     decoder product (pass 1 of the demo evaluation: 1.9 s of SAE and figures for 8,063 rows)."""
-    if type(sae).encode is TopKSAE.encode:
-        pre = dense_pre_activations(sae, sae.centred(x))  # [rows, d_sae], valid until the next call
-        values, indices = top_k(pre, sae.cfg.k)  # [rows, k]
-        values = values.relu()
+    if isinstance(sae, TopKSAE) and type(sae).encode is TopKSAE.encode:
+        values, indices = sae.encode_active(x)  # [rows, k]
         x_hat = sparse_decode(indices, values, sae.W_dec.detach()) + sae.b_dec.detach()
         rec.update_active(x, x_hat, indices, values)
         return

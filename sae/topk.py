@@ -36,6 +36,14 @@ class TopKSAE(SparseAutoencoder):
         values, indices = top_k(pre, self.cfg.k)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
+    @torch.no_grad()
+    def encode_active(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` as its k entries per row: (values, indices) [rows, k], values ReLU'd (zeros are
+        inactive), never a dense [rows, d_sae] result; the pre-activations go into the buffer
+        `dense_pre_activations` reuses (valid until its next call). No autograd."""
+        values, indices = top_k(dense_pre_activations(self, self.centred(x)), self.cfg.k)
+        return values.relu(), indices
+
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
         with torch.no_grad():
