@@ -13,6 +13,7 @@ import torch
 from saeworks.sae.auxk import auxk_loss
 from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
 from saeworks.sae.sparse import (
+    bias_top_k_,
     dense_latents,
     dense_pre_activations,
     encoder_b_dec_grad,
@@ -31,6 +32,15 @@ class TopKSAE(SparseAutoencoder):
         """(values, indices) [batch, k] of the latents this architecture keeps."""
         return top_k(pre, self.cfg.k)
 
+    @torch.no_grad()
+    def selected_dense(self, x_centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pre [rows, d_sae], values [rows, k], indices [rows, k]): the pre-activations in the
+        reused buffer (`dense_pre_activations`) and their top k, b_enc added in the selection's pass
+        (`bias_top_k_`). `select` of the same pre-activations gives the same entries."""
+        pre = dense_pre_activations(self, x_centred, bias=False)  # [rows, d_sae], b_enc not yet in
+        values, indices = bias_top_k_(pre, self.b_enc, self.cfg.k)
+        return pre, values, indices
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
         values, indices = top_k(pre, self.cfg.k)
@@ -41,14 +51,12 @@ class TopKSAE(SparseAutoencoder):
         """`encode` as its k entries per row: (values, indices) [rows, k], values ReLU'd (zeros are
         inactive), never a dense [rows, d_sae] result; the pre-activations go into the buffer
         `dense_pre_activations` reuses (valid until its next call). No autograd."""
-        values, indices = top_k(dense_pre_activations(self, self.centred(x)), self.cfg.k)
+        _, values, indices = self.selected_dense(self.centred(x))
         return values.relu(), indices
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
-        with torch.no_grad():
-            pre = dense_pre_activations(self, x_centred)  # [batch, d_sae], no graph
-            _, indices = self.select(pre)
+        pre, _, indices = self.selected_dense(x_centred)  # [batch, d_sae], no graph
         values = self.active_values(pre, x_centred, indices)  # [batch, k]
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
         mse = mse_per_row(x, x_hat)

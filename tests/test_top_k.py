@@ -1,11 +1,14 @@
-"""`sae.sparse.top_k`, the blocked top-k of the TopK family, finds exactly torch.topk's entries."""
+"""`sae.sparse.top_k` and `bias_top_k_`, the top-k of the TopK family, find exactly torch.topk's entries."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from saeworks.sae.sparse import top_k
+from saeworks.sae import native, sparse
+from saeworks.sae.sparse import bias_top_k_, top_k
 
 
 @pytest.mark.parametrize(("shape", "k"), [((64, 4096), 32), ((3, 5, 2048), 8), ((7, 1024), 16),
@@ -29,3 +32,105 @@ def test_top_k_when_all_winners_share_one_block() -> None:
     pre[:, winners] = torch.arange(1.0, k + 1)
     _, indices = top_k(pre, k)
     assert torch.equal(indices.sort(-1).values[0], winners)
+
+
+# `sae.sparse.bias_top_k_`: bias add and selection in one pass (the native kernel where a C compiler
+# exists, torch ops where not); both must give what `pre.add_(bias)` then torch.topk give.
+
+def _reference(pre: torch.Tensor, bias: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    added = pre.clone().add_(bias.to(pre.dtype))
+    values, indices = added.topk(k, dim=-1)
+    return added, values, indices
+
+
+def _check(pre: torch.Tensor, bias: torch.Tensor, k: int) -> None:
+    added, want_values, want_indices = _reference(pre, bias, k)
+    values, indices = bias_top_k_(pre, bias, k)
+    assert torch.equal(pre, added)  # the bias is in, bit for bit as add_ puts it
+    assert values.dtype == pre.dtype and indices.shape == values.shape == (pre.shape[0], k)
+    assert torch.equal(values.sort(-1).values, want_values.sort(-1).values)
+    assert torch.equal(pre.gather(-1, indices), values)
+    if pre.dtype == torch.float32:  # bfloat16 rows tie often: the same values, maybe other columns
+        assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "width", "k"), [(257, 9216, 32), (7, 2048, 8), (1, 1024, 16),
+                                                  (5, 4096, 64), (3, 1000, 4), (4, 512, 16)])
+def test_bias_top_k_adds_the_bias_and_selects_as_torch(dtype: torch.dtype, rows: int, width: int,
+                                                       k: int) -> None:
+    torch.manual_seed(rows)
+    pre = (torch.randn(rows, width) * 2).to(dtype)
+    pre[:, :50] += 3  # winners crowded into few blocks
+    bias = torch.randn(width)
+    _check(pre, bias, k)
+
+
+def test_the_native_kernel_is_built_where_a_compiler_exists() -> None:
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine: bias_top_k_ uses torch ops (tested above)")
+    pre, bias = torch.randn(8, 2048), torch.randn(2048)
+    assert sparse._native_bias_top_k(pre, bias, 8) is not None
+    assert sparse._native_bias_top_k(pre.to(torch.bfloat16), bias, 8) is not None
+    assert sparse._native_bias_top_k(pre[:, :1000], bias[:1000], 8) is None  # not 16 blocks
+
+
+def test_bias_top_k_when_all_winners_share_one_block_and_ties() -> None:
+    width, k = 4096, 16
+    pre = torch.zeros(3, width)
+    winners = torch.arange(k) * (width // 16)  # 16 columns of interleaved block 0
+    pre[:2, winners] = torch.arange(1.0, k + 1)
+    _, indices = bias_top_k_(pre.clone(), torch.zeros(width), k)
+    assert torch.equal(indices.sort(-1).values[:2], winners.expand(2, k))
+    assert (indices[2] >= 0).all() and indices[2].unique().numel() == k  # all tied: k distinct columns
+
+
+def test_bias_top_k_with_nan_rows_answers_as_torch() -> None:
+    torch.manual_seed(0)
+    pre, bias = torch.randn(6, 2048), torch.randn(2048)
+    pre[3, 100] = float("nan")
+    added, _, want_indices = _reference(pre, bias, 8)
+    values, indices = bias_top_k_(pre, bias, 8)
+    assert torch.equal(pre.nan_to_num(), added.nan_to_num())
+    assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)  # NaN counts as largest
+    assert values[3].isnan().any()
+
+
+def test_without_native_kernels_the_torch_ops_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAEWORKS_NATIVE", "0")
+    pre, bias = torch.randn(16, 2048), torch.randn(2048)
+    assert sparse._native_bias_top_k(pre, bias, 8) is None
+    _check(pre, bias, 8)
+
+
+def test_a_failing_compiler_warns_once_and_leaves_no_library(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("SAEWORKS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exists, exits 1
+    monkeypatch.setattr(native, "_libraries", {})
+    with pytest.warns(RuntimeWarning, match="bias_top_k is not available.*false"):
+        assert native.library("bias_top_k") is None
+    assert native.library("bias_top_k") is None  # remembered: no second build, no second warning
+    assert not list((tmp_path / "kernels").iterdir())  # no partial library left behind
+    _check(torch.randn(4, 2048), torch.randn(2048), 8)
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_libraries", {})
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert native.library("bias_top_k") is None
+
+
+def test_a_damaged_cached_library_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cc = native.compiler()
+    if cc is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("SAEWORKS_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_libraries", {})
+    source = native.KERNELS_DIR / "bias_top_k.c"
+    cached = native._library_path(source, cc, native.BASE_FLAGS + native.NATIVE_FLAGS)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not a shared library")  # e.g. cut short by a full disk under another tool
+    assert native.library("bias_top_k") is not None
+    assert cached.read_bytes() != b"not a shared library"  # rebuilt in its place
+    _check(torch.randn(4, 2048), torch.randn(2048), 8)

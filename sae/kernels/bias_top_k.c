@@ -1,0 +1,164 @@
+/* Fused bias add and top-k selection over the rows of an SAE's pre-activations.
+ *
+ * pre[r, :] += bias, in place, then the k largest entries of the row (values and column indices,
+ * in no order). One pass over memory instead of torch's three (bias add, block maxima, gathers):
+ *
+ * Pass 1 (vectorised by the compiler, plain C): the row's width = 16 * nb columns form nb
+ *   interleaved blocks (block b: columns b, b + nb, ..., b + 15 nb); while the bias is added and
+ *   the result stored, an elementwise max over the 16 contiguous slices gives every block's maximum.
+ * Pass 2 (scalar, on the row while it is still in cache): T = the k-th largest block maximum. The
+ *   k blocks with the largest maxima hold k entries >= T, so the row's k-th largest entry is >= T:
+ *   every entry of the top k lies in a block whose maximum is >= T and is itself >= T. Those
+ *   candidates (about k of them) go through a k-entry min-heap.
+ *
+ * bfloat16 rows are widened to float, the bias added in float and the sum rounded to the nearest
+ * even bfloat16 (torch's own bfloat16 add); the bias arrives as float (the bfloat16 bias widened).
+ * A row holding NaN makes the call return nonzero, and the caller uses torch.topk for the batch.
+ * Built and loaded by sae/native.py; no OpenMP: the caller splits rows over threads. */
+
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t w;
+    memcpy(&w, &f, sizeof w);
+    uint16_t rounded = (uint16_t)((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0u : rounded;
+}
+
+/* The k-th largest of a[0..n) (1 <= k <= n, no NaN); reorders a. Hoare quickselect. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, target = k - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                float t = a[i]; a[i] = a[j]; a[j] = t;
+                i++; j--;
+            }
+        }
+        if (target <= j) hi = j;
+        else if (target >= i) lo = i;
+        else return a[target];
+    }
+    return a[lo];
+}
+
+/* A min-heap of the k largest offers so far: heap[0] is the smallest kept. */
+typedef struct { float *value; int64_t *index; int64_t size, k; } Heap;
+
+static void sift_down(Heap *h, int64_t pos) {
+    float v = h->value[pos];
+    int64_t id = h->index[pos];
+    for (;;) {
+        int64_t c = 2 * pos + 1;
+        if (c >= h->size) break;
+        if (c + 1 < h->size && h->value[c + 1] < h->value[c]) c++;
+        if (h->value[c] >= v) break;
+        h->value[pos] = h->value[c]; h->index[pos] = h->index[c];
+        pos = c;
+    }
+    h->value[pos] = v; h->index[pos] = id;
+}
+
+static void offer(Heap *h, float v, int64_t id) {
+    if (h->size < h->k) {  /* sift up */
+        int64_t pos = h->size++;
+        while (pos > 0) {
+            int64_t parent = (pos - 1) / 2;
+            if (h->value[parent] <= v) break;
+            h->value[pos] = h->value[parent]; h->index[pos] = h->index[parent];
+            pos = parent;
+        }
+        h->value[pos] = v; h->index[pos] = id;
+    } else if (v > h->value[0]) {
+        h->value[0] = v; h->index[0] = id;
+        sift_down(h, 0);
+    }
+}
+
+/* Pass 2 over a row whose block maxima are in `maxima` [nb] (scratch: `work` [nb]). */
+static void select_row(const float *row, const float *maxima, float *work, int64_t nb, int64_t k,
+                       float *values, int64_t *indices) {
+    memcpy(work, maxima, (size_t)nb * sizeof(float));
+    float threshold = kth_largest(work, nb, k);
+    Heap heap = {values, indices, 0, k};
+    for (int64_t b = 0; b < nb; b++) {
+        if (!(maxima[b] >= threshold)) continue;
+        for (int64_t s = 0; s < 16; s++) {
+            float v = row[s * nb + b];
+            if (v >= threshold) offer(&heap, v, s * nb + b);
+        }
+    }
+}
+
+/* float32 rows [rows, width] (width = 16 nb, k <= nb). Returns the number of rows holding NaN
+ * (their outputs are unspecified). */
+int64_t bias_top_k_f32(float *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
+                       float *values, int64_t *indices, float *scratch /* [2 nb] */) {
+    const int64_t nb = width / 16;
+    float *maxima = scratch, *work = scratch + nb;
+    int64_t nan_rows = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = pre + r * width;
+        int bad = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            float v = row[b] + bias[b];
+            row[b] = v;
+            maxima[b] = v;
+            bad |= v != v;
+        }
+        for (int64_t s = 1; s < 16; s++) {
+            float *slice = row + s * nb;
+            const float *bias_slice = bias + s * nb;
+            for (int64_t b = 0; b < nb; b++) {
+                float v = slice[b] + bias_slice[b];
+                slice[b] = v;
+                maxima[b] = maxima[b] > v ? maxima[b] : v;
+                bad |= v != v;
+            }
+        }
+        if (bad) { nan_rows++; continue; }
+        float *row_values = values + r * k;
+        select_row(row, maxima, work, nb, k, row_values, indices + r * k);
+    }
+    return nan_rows;
+}
+
+/* bfloat16 rows (as uint16) [rows, width]; values out as bfloat16; bias as float (see above).
+ * The row is widened into `scratch` so that pass 2 reads floats. */
+int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
+                        uint16_t *values, int64_t *indices, float *scratch /* [width + 2 nb + k] */) {
+    const int64_t nb = width / 16;
+    float *wide = scratch, *maxima = scratch + width, *work = maxima + nb, *kept = work + nb;
+    int64_t nan_rows = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *row = pre + r * width;
+        int bad = 0;
+        for (int64_t j = 0; j < width; j++) {
+            uint16_t h = float_to_bf16(bf16_to_float(row[j]) + bias[j]);
+            row[j] = h;
+            wide[j] = bf16_to_float(h);
+            bad |= wide[j] != wide[j];
+        }
+        if (bad) { nan_rows++; continue; }
+        memcpy(maxima, wide, (size_t)nb * sizeof(float));
+        for (int64_t s = 1; s < 16; s++) {
+            const float *slice = wide + s * nb;
+            for (int64_t b = 0; b < nb; b++) maxima[b] = maxima[b] > slice[b] ? maxima[b] : slice[b];
+        }
+        select_row(wide, maxima, work, nb, k, kept, indices + r * k);
+        for (int64_t j = 0; j < k; j++) values[r * k + j] = float_to_bf16(kept[j]);
+    }
+    return nan_rows;
+}

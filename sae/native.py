@@ -1,0 +1,147 @@
+"""Native CPU kernels: C sources in sae/kernels/, built on first use with the machine's C compiler
+and loaded with ctypes.
+
+Why C: torch has no fused "add a bias, then take each row's top k" on the CPU, and the three ops it
+takes instead (add, block maxima, gathers) read the 151 MB pre-activations of a training batch
+several times. Why built here rather than shipped: `-march=native` vectorises for the CPU at hand,
+and a plain C file without torch headers compiles in well under a second.
+
+The library goes under the cache ($SAEWORKS_CACHE/kernels), named by a hash of the source, the
+compiler, its flags and this CPU's model and flags (a cache shared by different machines never
+loads a library built for another CPU). Without a compiler, or when the build fails, a warning
+says so once and callers use torch ops (the same results, slower). SAEWORKS_NATIVE=0 turns the
+kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+from saeworks.sae.paths import cache_root
+
+KERNELS_DIR = Path(__file__).parent / "kernels"
+BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC")
+NATIVE_FLAGS = ("-march=native",)
+"""Tried first; a compiler that rejects it (some ARM toolchains) builds with BASE_FLAGS alone."""
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+SIGNATURES = {
+    "bias_top_k_f32": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
+}
+
+_lock = threading.Lock()
+_libraries: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    """False when SAEWORKS_NATIVE is 0/false/no/off."""
+    return os.environ.get("SAEWORKS_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The built library of sae/kernels/<name>.c (built at the first call in this process and
+    cached on disk), or None where native kernels are off or cannot be built here."""
+    if not enabled():
+        return None
+    with _lock:
+        if name not in _libraries:
+            _libraries[name] = _build_and_load(name)
+        return _libraries[name]
+
+
+def compiler() -> str | None:
+    """$CC, else the compiler Python was built with, else `cc`; None if none is on PATH."""
+    configured = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "").split(" ")[0] or "cc"
+    return shutil.which(configured) or (shutil.which("cc") if not os.environ.get("CC") else None)
+
+
+def _build_and_load(name: str) -> ctypes.CDLL | None:
+    source = KERNELS_DIR / f"{name}.c"
+    cc = compiler()
+    if cc is None:
+        _warn(name, f"no C compiler found (set CC, or install gcc/clang; looked for "
+                    f"{os.environ.get('CC') or 'the one Python was built with, then cc'})")
+        return None
+    errors = []
+    for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
+        path = _library_path(source, cc, flags)
+        if not path.exists():
+            error = _compile(cc, flags, source, path)
+            if error:
+                errors.append(error)
+                continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:  # a damaged cache entry: drop it and build once more
+            path.unlink(missing_ok=True)
+            error = _compile(cc, flags, source, path)
+            if error:
+                errors.append(error)
+                continue
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                errors.append(f"{path}: {exc}")
+                continue
+        for function, argtypes in SIGNATURES.items():
+            if hasattr(lib, function):
+                getattr(lib, function).argtypes = argtypes
+                getattr(lib, function).restype = _I64
+        return lib
+    _warn(name, "; ".join(errors))
+    return None
+
+
+def _library_path(source: Path, cc: str, flags: tuple[str, ...]) -> Path:
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), cc.encode(), " ".join(flags).encode(), _cpu_identity().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return cache_root() / "kernels" / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+
+
+def _cpu_identity() -> str:
+    """The CPU model and instruction-set flags (Linux), else what `platform` knows."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    keep = [line for line in text.splitlines()
+            if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _compile(cc: str, flags: tuple[str, ...], source: Path, path: Path) -> str | None:
+    """Build `source` into `path` (through a temporary file and a rename, so that a killed build
+    or two ranks building at once never leave a partial library); an error message, or None."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *flags, str(source), "-o", partial],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            return f"{cc} {' '.join(flags)} failed: {result.stderr.strip()[-500:]}"
+        os.replace(partial, path)
+        return None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{cc} {' '.join(flags)}: {exc}"
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def _warn(name: str, why: str) -> None:
+    warnings.warn(f"saeworks: the native kernel {name} is not available ({why}); using torch ops "
+                  "instead (same results, slower). SAEWORKS_NATIVE=0 silences this.",
+                  RuntimeWarning, stacklevel=3)
