@@ -30,7 +30,7 @@ from pathlib import Path
 from saeworks.sae.paths import cache_root
 
 KERNELS_DIR = Path(__file__).parent / "kernels"
-BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC")
+BASE_FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC")
 NATIVE_FLAGS = ("-march=native",)
 """Tried first; a compiler that rejects it (some ARM toolchains) builds with BASE_FLAGS alone."""
 
@@ -38,6 +38,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     "bias_top_k_f32": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
     "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "sort_by_latent": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int, _PTR],
 }
 
 _lock = threading.Lock()

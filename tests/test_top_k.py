@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeworks.sae import native, sparse
+from saeworks.sae import native, native_sparse
 from saeworks.sae.sparse import bias_top_k_, top_k
 
 
@@ -71,9 +71,9 @@ def test_the_native_kernel_is_built_where_a_compiler_exists() -> None:
     if native.compiler() is None:
         pytest.skip("no C compiler on this machine: bias_top_k_ uses torch ops (tested above)")
     pre, bias = torch.randn(8, 2048), torch.randn(2048)
-    assert sparse._native_bias_top_k(pre, bias, 8) is not None
-    assert sparse._native_bias_top_k(pre.to(torch.bfloat16), bias, 8) is not None
-    assert sparse._native_bias_top_k(pre[:, :1000], bias[:1000], 8) is None  # not 16 blocks
+    assert native_sparse.bias_top_k_(pre.clone(), bias, 8) is not None
+    assert native_sparse.bias_top_k_(pre.to(torch.bfloat16), bias, 8) is not None
+    assert native_sparse.bias_top_k_(pre[:, :1000].contiguous(), bias[:1000], 8) is None  # not 16 blocks
 
 
 def test_bias_top_k_when_all_winners_share_one_block_and_ties() -> None:
@@ -100,7 +100,7 @@ def test_bias_top_k_with_nan_rows_answers_as_torch() -> None:
 def test_without_native_kernels_the_torch_ops_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAEWORKS_NATIVE", "0")
     pre, bias = torch.randn(16, 2048), torch.randn(2048)
-    assert sparse._native_bias_top_k(pre, bias, 8) is None
+    assert native_sparse.bias_top_k_(pre.clone(), bias, 8) is None
     _check(pre, bias, 8)
 
 

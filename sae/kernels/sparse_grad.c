@@ -1,0 +1,76 @@
+/* The encoder's sparse gradient in a TopK SAE step: M^T @ dense, M the [batch, d_sae] matrix
+ * that holds `weights[b, j]` at column `indices[b, j]` (k entries per row, nothing else). W_enc's
+ * gradient [d_in, d_sae] is (M^T @ x)^T with M holding the selected values' gradients.
+ *
+ * torch does it with a CSR product and then a transposed copy into W_enc's layout (which costs as
+ * much as the product); here the entries are counting-sorted by latent once, and every latent's
+ * slice of M^T @ dense is summed in registers and written once, in the parameter's own layout.
+ * (W_dec's gradient has the same form, but torch's embedding-bag backward already writes it in
+ * layout; a fused native decoder backward measured slower than torch's, and was dropped.)
+ * Built and loaded by sae/native.py; the caller splits latents over threads. */
+
+#include <stdint.h>
+#include <string.h>
+
+#define CHUNK 32  /* columns of `dense` per pass: [batch, 32] floats stay in a core's L2 */
+#define LATENTS 16  /* latents summed before a store: a transposed store is one 64-byte line */
+
+/* Counting sort of the n = batch * k entries by latent: offsets [d_sae + 1]; for each sorted
+ * entry its batch row and its weight (rows, sorted_weights [n]); cursor [d_sae] scratch.
+ * Returns -1 if an index is outside [0, d_sae), else 0. */
+int64_t sort_by_latent(const int64_t *indices, const float *weights, int64_t n, int64_t k,
+                       int64_t d_sae, int64_t *offsets, int64_t *rows, float *sorted_weights,
+                       int64_t *cursor) {
+    memset(offsets, 0, (size_t)(d_sae + 1) * sizeof(int64_t));
+    for (int64_t e = 0; e < n; e++) {
+        int64_t s = indices[e];
+        if (s < 0 || s >= d_sae) return -1;
+        offsets[s + 1]++;
+    }
+    for (int64_t s = 0; s < d_sae; s++) offsets[s + 1] += offsets[s];
+    memcpy(cursor, offsets, (size_t)d_sae * sizeof(int64_t));
+    for (int64_t b = 0, e = 0; b < n / k; b++)
+        for (int64_t j = 0; j < k; j++, e++) {
+            int64_t slot = cursor[indices[e]]++;
+            rows[slot] = b;
+            sorted_weights[slot] = weights[e];
+        }
+    return 0;
+}
+
+/* Latents [s_begin, s_end) of M^T @ dense (dense [batch, d]): into out [d_sae, d] rows, or with
+ * transposed != 0 into out [d, d_sae] columns. The columns of dense go CHUNK at a time, so that the
+ * rows every latent gathers are read from cache, not memory (a latent's entries sit on random
+ * batch rows: whole rows at a time read the 9 MB of x 32 times over). */
+void sparse_outer(const int64_t *offsets, const int64_t *rows, const float *sorted_weights,
+                  const float *dense, int64_t d, int64_t d_sae, int64_t s_begin, int64_t s_end,
+                  int transposed, float *out) {
+    float acc[LATENTS][CHUNK];  /* LATENTS latents' sums over one chunk of columns */
+    for (int64_t c0 = 0; c0 < d; c0 += CHUNK) {
+        const int64_t width = d - c0 < CHUNK ? d - c0 : CHUNK;
+        for (int64_t s0 = s_begin; s0 < s_end; s0 += LATENTS) {
+            const int64_t count = s_end - s0 < LATENTS ? s_end - s0 : LATENTS;
+            for (int64_t t = 0; t < count; t++) {
+                float *restrict sum = acc[t];
+                memset(sum, 0, sizeof acc[t]);
+                for (int64_t i = offsets[s0 + t]; i < offsets[s0 + t + 1]; i++) {
+                    const float w = sorted_weights[i];
+                    const float *restrict row = dense + rows[i] * d + c0;
+                    if (width == CHUNK)
+                        for (int64_t c = 0; c < CHUNK; c++) sum[c] += w * row[c];
+                    else
+                        for (int64_t c = 0; c < width; c++) sum[c] += w * row[c];
+                }
+            }
+            if (transposed) {  /* column c0 + c of the LATENTS latents: one contiguous run */
+                for (int64_t c = 0; c < width; c++) {
+                    float *restrict line = out + (c0 + c) * d_sae + s0;
+                    for (int64_t t = 0; t < count; t++) line[t] = acc[t][c];
+                }
+            } else {
+                for (int64_t t = 0; t < count; t++) memcpy(out + (s0 + t) * d + c0, acc[t],
+                                                           (size_t)width * sizeof(float));
+            }
+        }
+    }
+}

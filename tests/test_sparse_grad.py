@@ -1,0 +1,75 @@
+"""The encoder's sparse gradient (sae/kernels/sparse_grad.c through `sparse_transpose_matmul`):
+the same numbers as torch's CSR product, in W_enc's own layout, and the same training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saeworks.sae import native, native_sparse
+from saeworks.sae.base import TrainContext
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.sparse import sparse_transpose_matmul
+from saeworks.sae.topk import TopKSAE
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler: torch ops only")
+
+
+def _reference(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """[d_sae, d]: every entry's weight times its row, added into its latent's row."""
+    k = indices.shape[1]
+    return torch.zeros(d_sae, dense.shape[1], dtype=torch.float64).index_add_(
+        0, indices.reshape(-1), weights.reshape(-1, 1).double() * dense.double().repeat_interleave(k, 0))
+
+
+@needs_compiler
+@pytest.mark.parametrize(("batch", "k", "d_sae", "d"), [(512, 32, 2048, 64), (37, 5, 1000, 50),
+                                                        (3, 1, 16, 7), (256, 8, 4096, 576)])
+def test_native_product_matches_torch_in_both_layouts(batch: int, k: int, d_sae: int, d: int) -> None:
+    torch.manual_seed(batch)
+    indices = torch.stack([torch.randperm(d_sae)[:k] for _ in range(batch)])  # distinct per row
+    indices[: batch // 2, 0] = 3  # one frequent latent; most others never chosen
+    weights, dense = torch.randn(batch * k), torch.randn(batch, d)
+    want = _reference(indices, weights, dense, d_sae).float()
+    rows_out = native_sparse.sparse_outer(indices, weights, dense, d_sae, transposed=False)
+    columns_out = native_sparse.sparse_outer(indices, weights, dense, d_sae, transposed=True)
+    assert rows_out is not None and columns_out is not None
+    assert rows_out.shape == (d_sae, d) and columns_out.shape == (d, d_sae)
+    assert columns_out.is_contiguous()  # W_enc's layout: the gradient accumulates without a copy
+    torch.testing.assert_close(rows_out, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(columns_out, rows_out.T)
+    torch.testing.assert_close(sparse_transpose_matmul(indices, weights, dense, d_sae, transposed=True),
+                               want.T, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_fallback_gives_the_same_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAEWORKS_NATIVE", "0")
+    torch.manual_seed(0)
+    indices, weights, dense = torch.randint(0, 512, (64, 8)), torch.randn(64 * 8), torch.randn(64, 40)
+    assert native_sparse.sparse_outer(indices, weights, dense, 512, transposed=True) is None
+    got = sparse_transpose_matmul(indices, weights, dense, 512, transposed=True)
+    torch.testing.assert_close(got, _reference(indices, weights, dense, 512).float().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_an_index_outside_the_latents_is_an_error_not_a_crash() -> None:
+    indices = torch.tensor([[0, 5], [2, 512]])
+    with pytest.raises(IndexError, match=r"outside \[0, 512\).*0\.\.512"):
+        native_sparse.sparse_outer(indices, torch.ones(4), torch.ones(2, 8), 512, transposed=True)
+
+
+@needs_compiler
+def test_a_training_step_has_the_same_gradients_native_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=48, d_sae=1024, architecture="topk", k=8))
+    x = torch.randn(300, 48) * 2
+    dead = torch.rand(1024) < 0.3  # with AuxK
+    grads = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("SAEWORKS_NATIVE", setting)
+        sae.zero_grad(set_to_none=True)
+        sae.training_forward(x, TrainContext(0.0, dead)).loss.backward()
+        grads[setting] = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    for name, grad in grads["1"].items():
+        torch.testing.assert_close(grad, grads["0"][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert grads["1"]["W_enc"].is_contiguous()
