@@ -1,5 +1,6 @@
-"""The TopK step's native kernels as torch functions: bias add + top-k (sae/kernels/bias_top_k.c)
-and the encoder's sparse gradient (sae/kernels/sparse_grad.c).
+"""Native kernels as torch functions: the TopK step's bias add + top-k (sae/kernels/bias_top_k.c)
+and encoder gradient (sae/kernels/sparse_grad.c); lookups in sparse activations held row by row
+(sae/kernels/sparse_lookup.c).
 
 Each function answers None where its kernel does not apply (not a CPU, another dtype, no C
 compiler, SAEWORKS_NATIVE=0); sae/sparse.py then uses torch ops, with the same results. Work is
@@ -92,6 +93,34 @@ def sparse_outer(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tenso
 
     list(_map(run, order.spans()))
     return out
+
+
+def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
+                  query_rows: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor | None:
+    """The values at (query_rows, query_features) (any one shape, 0 where absent) of a sparse
+    matrix held row by row (row_start [rows + 1]; features [nnz] int64, ascending within each row;
+    values [nnz] float32); None where the kernel does not apply."""
+    tensors = (row_start, features, values, query_rows, query_features)
+    if any(t.device.type != "cpu" for t in tensors) or values.dtype != torch.float32 \
+            or any(t.dtype != torch.int64 for t in (row_start, features, query_rows, query_features)):
+        return None
+    lib = native.library("sparse_lookup")
+    if lib is None:
+        return None
+    rows_flat = query_rows.contiguous().view(-1)
+    features_flat = query_features.expand(query_rows.shape).contiguous().view(-1)
+    out = torch.empty(rows_flat.shape, dtype=torch.float32)
+    start, feats, vals = row_start.contiguous(), features.contiguous(), values.contiguous()
+
+    def run(span: tuple[int, int]) -> int:
+        lo, hi = span
+        return int(lib.sparse_lookup(start.data_ptr(), len(start) - 1, feats.data_ptr(), vals.data_ptr(),
+                                     rows_flat[lo:].data_ptr(), features_flat[lo:].data_ptr(), hi - lo,
+                                     out[lo:].data_ptr()))
+
+    if rows_flat.numel() and any(_map(run, row_spans(rows_flat.numel()))):
+        raise IndexError(f"a query row is outside [0, {len(start) - 1})")
+    return out.view(query_rows.shape)
 
 
 def _sort_by_latent(lib: Any, indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> LatentOrder:

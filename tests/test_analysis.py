@@ -17,8 +17,10 @@ from saeworks.activations.store import ActivationStore
 from saeworks.eval.analysis import (
     SUB_BINS,
     DistributionPass,
+    EncodedBatch,
     SlotTable,
     TopPass,
+    WindowBatch,
     analyze_features,
     encode_batch,
     fine_bin,
@@ -372,3 +374,24 @@ def test_slot_table_ties_go_to_the_earlier_row() -> None:
     assert asked == [[10], [11], [20], [30]]
     out = table.contexts()
     assert out.rows.tolist() == [[30, 10]] and out.token_ids.tolist() == [[[30], [10]]]
+
+
+def test_lookup_native_and_torch_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EncodedBatch.lookup: the native per-row search and the torch search over all entries give
+    every activation, zeros where a row does not hold the latent, for every row and latent asked."""
+    torch.manual_seed(0)
+    rows, d_sae, k = 64, 300, 6
+    latents = torch.stack([torch.randperm(d_sae)[:k].sort().values for _ in range(rows)])  # [rows, k]
+    values = torch.rand(rows, k) + 0.1
+    values[5] = 0  # a row with no active latent
+    active = values > 0
+    local = torch.arange(rows)[:, None].expand_as(latents)[active]
+    batch = WindowBatch(0, torch.zeros(rows, 4), torch.arange(rows), torch.ones(rows, dtype=torch.bool))
+    encoded = EncodedBatch(batch, local, latents[active], values[active], d_sae, context_size=16)
+    query_rows = torch.arange(rows)[:, None].expand(rows, d_sae)
+    query_latents = torch.arange(d_sae).expand(rows, d_sae)
+    dense = torch.zeros(rows, d_sae).scatter_(1, latents, values)
+    assert torch.equal(encoded.lookup(query_rows, query_latents), dense)
+    monkeypatch.setenv("SAEWORKS_NATIVE", "0")
+    assert torch.equal(EncodedBatch(batch, local, latents[active], values[active], d_sae, 16)
+                       .lookup(query_rows, query_latents), dense)

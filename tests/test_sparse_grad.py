@@ -73,3 +73,13 @@ def test_a_training_step_has_the_same_gradients_native_or_not(monkeypatch: pytes
     for name, grad in grads["1"].items():
         torch.testing.assert_close(grad, grads["0"][name], rtol=1e-4, atol=1e-6, msg=name)
     assert grads["1"]["W_enc"].is_contiguous()
+
+
+@needs_compiler
+def test_a_lookup_row_outside_the_matrix_is_an_error_not_a_crash() -> None:
+    row_start, features, values = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 2]), torch.ones(3)
+    found = native_sparse.sparse_lookup(row_start, features, values, torch.tensor([0, 0, 1, 1]),
+                                        torch.tensor([4, 2, 2, 1]))
+    assert found is not None and found.tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(IndexError, match=r"outside \[0, 2\)"):
+        native_sparse.sparse_lookup(row_start, features, values, torch.tensor([2]), torch.tensor([1]))
