@@ -66,7 +66,7 @@ from saeworks.sae.interventions import ablate_mean, ablate_zero, splice_sae
 from saeworks.sae.io import load_sae, read_cfg
 from saeworks.sae.precision import resolve_dtype
 from saeworks.sae.sparse import release_workspace, sparse_decode
-from saeworks.sae.topk import TopKSAE
+from saeworks.sae.topk import encodes_top_k
 from saeworks.sae.version import package_version
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ def _add_rows(sae: SparseAutoencoder, x: torch.Tensor, rec: ReconstructionAccumu
     A TopK SAE (its own `encode`) goes through its k active latents only: the pre-activations into
     the reused buffer, the same top-k, a sparse decode; no dense [rows, d_sae] latents and no dense
     decoder product (pass 1 of the demo evaluation: 1.9 s of SAE and figures for 8,063 rows)."""
-    if isinstance(sae, TopKSAE) and type(sae).encode is TopKSAE.encode:
+    if encodes_top_k(sae):
         values, indices = sae.encode_active(x)  # [rows, k]
         x_hat = sparse_decode(indices, values, sae.W_dec.detach()) + sae.b_dec.detach()
         rec.update_active(x, x_hat, indices, values)

@@ -9,6 +9,7 @@ split over `torch.get_num_threads()` threads of one pool: ctypes releases the GI
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -162,8 +163,13 @@ def _map(run: Callable[[tuple[int, int]], Any], spans: list[tuple[int, int]]) ->
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """The process-wide pool, grown when more threads are asked for."""
+    """The process's pool, grown when more threads are asked for (and made anew in a forked child,
+    whose copy of the parent's pool has no threads)."""
+    global _pool_pid
     with _pool_lock:
+        if _pool_pid != os.getpid():
+            _pools.clear()
+            _pool_pid = os.getpid()
         if not _pools or _pools[-1][0] < workers:
             _pools.append((workers, ThreadPoolExecutor(max_workers=workers,
                                                        thread_name_prefix="saeworks-native")))
@@ -172,3 +178,4 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 _pool_lock = threading.Lock()
 _pools: list[tuple[int, ThreadPoolExecutor]] = []
+_pool_pid = os.getpid()

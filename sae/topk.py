@@ -6,7 +6,7 @@ selected entries get a sparse gradient and a sparse (embedding-bag) decode, see 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -83,3 +83,9 @@ class TopKSAE(SparseAutoencoder):
         pre = self.pre_activations(x)
         _, indices = self.select(pre.detach())
         return dense_latents(indices, pre.gather(1, indices).relu(), self.d_sae)
+
+
+def encodes_top_k(sae: SparseAutoencoder) -> TypeGuard[TopKSAE]:
+    """Whether `sae` is a TopK SAE that encodes as TopKSAE does (BatchTopK, for one, does not), so
+    that its `encode_active` gives exactly `encode`'s non-zero entries."""
+    return isinstance(sae, TopKSAE) and type(sae).encode is TopKSAE.encode

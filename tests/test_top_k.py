@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,18 @@ def test_a_damaged_cached_library_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tm
     assert native.library("bias_top_k") is not None
     assert cached.read_bytes() != b"not a shared library"  # rebuilt in its place
     _check(torch.randn(4, 2048), torch.randn(2048), 8)
+
+
+def _top_k_in_child() -> list[int]:
+    pre = torch.arange(8 * 1024, dtype=torch.float32).view(8, 1024).flip(1).contiguous()
+    _, indices = bias_top_k_(pre, torch.zeros(1024), 4)
+    return indices.sort(-1).values[0].tolist()
+
+
+def test_native_kernels_run_in_a_forked_child() -> None:
+    """A child forked after the kernels ran (a DataLoader worker, a multiprocessing pool) inherits
+    the parent's thread pool but not its threads: its kernels must still run, not wait forever."""
+    torch.manual_seed(0)
+    _check(torch.randn(64, 2048), torch.randn(2048), 8)  # the parent's pool exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_top_k_in_child).get(timeout=120) == [0, 1, 2, 3]

@@ -15,9 +15,12 @@ import torch
 from saeworks.activations.store import ActivationStore
 from saeworks.api import train_saes
 from saeworks.cli import EXIT_USER_ERROR, main
+from saeworks.sae.config import SAEConfig
 from saeworks.sae.io import load_sae
+from saeworks.sae.registry import create_sae
 from saeworks.train.errors import TrainingDivergedError
 from saeworks.train.schedule import Schedule, default_lr
+from saeworks.train.trainer import active_counts
 from tests.train_helpers import HOOK, config, make_store, train_overrides
 
 
@@ -181,3 +184,18 @@ def test_every_registered_architecture_trains_and_saves(store: Path, tmp_path: P
     for sae in result.saes:
         assert sae.path is not None and math.isfinite(sae.fvu), sae
         load_sae(sae.path)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu"])
+def test_logged_firing_counts_are_the_encoders(architecture: str) -> None:
+    """The metrics' per-latent firing counts (`dense` in the log): a TopK SAE counts its k
+    entries per row without dense latents; every architecture gives what its `encode` gives."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(architecture=architecture, k=8, d_sae=512).resolved(40)
+    sae = create_sae(cfg)
+    with torch.no_grad():
+        sae.b_enc.normal_()  # some latents far more frequent than others
+    x = torch.randn(700, 40)
+    want = (sae.encode(x) > 0).sum(0).double()
+    assert torch.equal(active_counts(sae, x), want)
+    assert want.sum() > 0
