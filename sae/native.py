@@ -40,6 +40,7 @@ SIGNATURES = {
     "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
     "sort_by_latent": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "sparse_lookup": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR],
+    "sparse_row_dots": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
     "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int, _PTR],
 }
 

@@ -124,6 +124,29 @@ def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch
     return out.view(query_rows.shape)
 
 
+def decoder_backward_applies(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> bool:
+    """Whether `sparse_row_dots` and `sparse_outer` will run for this decode's backward."""
+    return _library(indices, values, W_dec) is not None
+
+
+def sparse_row_dots(indices: torch.Tensor, table: torch.Tensor, dense: torch.Tensor) -> torch.Tensor | None:
+    """[batch, k]: dense[b] . table[indices[b, j]] (indices [batch, k] int64, table [n, d] and
+    dense [batch, d] contiguous float32); None where the kernel does not apply."""
+    lib = _library(indices, None, table, dense)
+    if lib is None or dense.shape != (indices.shape[0], table.shape[1]):
+        return None
+    batch, k = indices.shape
+    flat, rows = indices.contiguous(), dense
+    out = torch.empty(batch, k, dtype=torch.float32)
+
+    def run(span: tuple[int, int]) -> None:
+        lib.sparse_row_dots(flat.data_ptr(), table.data_ptr(), rows.data_ptr(), k, table.shape[1], *span,
+                            out.data_ptr())
+
+    _map(run, row_spans(batch))
+    return out
+
+
 def _sort_by_latent(lib: Any, indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> LatentOrder:
     batch, k = indices.shape
     flat = indices.contiguous().view(-1)
@@ -138,12 +161,15 @@ def _sort_by_latent(lib: Any, indices: torch.Tensor, values: torch.Tensor, d_sae
     return order
 
 
-def _library(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor) -> Any:
-    """sae/kernels/sparse_grad.c where it applies (CPU, int64 [batch, k] indices, float32 weights,
-    a contiguous float32 [rows, d] table), else None."""
-    if any(t.device.type != "cpu" for t in (indices, weights, dense)) or indices.dtype != torch.int64 \
-            or indices.dim() != 2 or weights.numel() != indices.numel() or weights.dtype != torch.float32 \
-            or dense.dtype != torch.float32 or dense.dim() != 2 or not dense.is_contiguous():
+def _library(indices: torch.Tensor, weights: torch.Tensor | None, *tables: torch.Tensor) -> Any:
+    """sae/kernels/sparse_grad.c where it applies (CPU, int64 [batch, k] indices, float32 weights
+    of as many entries, contiguous float32 2-d tables), else None."""
+    tensors = (indices, *tables) if weights is None else (indices, weights, *tables)
+    if any(t.device.type != "cpu" for t in tensors) or indices.dtype != torch.int64 or indices.dim() != 2:
+        return None
+    if weights is not None and (weights.numel() != indices.numel() or weights.dtype != torch.float32):
+        return None
+    if any(t.dtype != torch.float32 or t.dim() != 2 or not t.is_contiguous() for t in tables):
         return None
     return native.library("sparse_grad")
 

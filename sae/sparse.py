@@ -202,8 +202,39 @@ def encoder_b_dec_grad(values: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.T
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """sum_j values[b, j] * W_dec[indices[b, j]]: [batch, d_in] from k active latents per row."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    """sum_j values[b, j] * W_dec[indices[b, j]]: [batch, d_in] from k active latents per row.
+
+    An embedding bag. Under autograd on a CPU its backward is native (`_SparseDecode`): W_dec's
+    gradient written once per latent and the values' gradient as k dot products a row, instead of
+    embedding_bag's zero-filled scatter and per-sample backward (measured 14-17 against 22-23 ms
+    and 17-25 against 22-33 ms, [4096, 32] of [9216, 576], 2 threads)."""
+    weights = values.to(W_dec.dtype)
+    if torch.is_grad_enabled() and (weights.requires_grad or W_dec.requires_grad) \
+            and native_sparse.decoder_backward_applies(indices, weights, W_dec):
+        return _SparseDecode.apply(indices, weights, W_dec)
+    return F.embedding_bag(indices, W_dec, per_sample_weights=weights, mode="sum")
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x_hat[b] = sum_j values[b, j] * W_dec[indices[b, j]], with the native sparse backward."""
+
+    @staticmethod
+    def forward(ctx: Any, indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices, values, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_x_hat: torch.Tensor) -> tuple[Any, ...]:
+        indices, values, W_dec = ctx.saved_tensors
+        grad = grad_x_hat.float().contiguous()  # [batch, d_in]
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[1]:
+            grad_values = native_sparse.sparse_row_dots(indices, W_dec.detach(), grad)
+            if grad_values is None:  # the kernel applied at the forward: only an odd grad gets here
+                grad_values = torch.linalg.vecdot(W_dec.detach()[indices], grad.unsqueeze(1))
+        if ctx.needs_input_grad[2]:
+            grad_W_dec = sparse_transpose_matmul(indices, values.detach(), grad, W_dec.shape[0])
+        return None, grad_values, grad_W_dec
 
 
 def dense_latents(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
