@@ -1,5 +1,5 @@
 """Native kernels as torch functions: the TopK step's bias add + top-k (sae/kernels/bias_top_k.c)
-and encoder gradient (sae/kernels/sparse_grad.c); lookups in sparse activations held row by row
+and sparse gradients (sae/kernels/sparse_grad.c); lookups in sparse activations held row by row
 (sae/kernels/sparse_lookup.c).
 
 Each function answers None where its kernel does not apply (not a CPU, another dtype, no C

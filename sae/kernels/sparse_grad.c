@@ -1,13 +1,17 @@
-/* The encoder's sparse gradient in a TopK SAE step: M^T @ dense, M the [batch, d_sae] matrix
- * that holds `weights[b, j]` at column `indices[b, j]` (k entries per row, nothing else). W_enc's
- * gradient [d_in, d_sae] is (M^T @ x)^T with M holding the selected values' gradients.
+/* The sparse gradients of a TopK SAE step: products with the [batch, d_sae] matrix M that holds
+ * `weights[b, j]` at column `indices[b, j]` (k entries per row, nothing else).
  *
- * torch does it with a CSR product and then a transposed copy into W_enc's layout (which costs as
- * much as the product); here the entries are counting-sorted by latent once, and every latent's
- * slice of M^T @ dense is summed in registers and written once, in the parameter's own layout.
- * (W_dec's gradient has the same form, but torch's embedding-bag backward already writes it in
- * layout; a fused native decoder backward measured slower than torch's, and was dropped.)
- * Built and loaded by sae/native.py; the caller splits latents over threads. */
+ *   W_enc's gradient [d_in, d_sae] = (M^T @ x)^T,       M holding the selected values' gradients;
+ *   W_dec's gradient [d_sae, d_in] =  M^T @ grad_x_hat, M holding the selected values;
+ *   the values' gradient [batch, k]: grad_x_hat[b] . W_dec[indices[b, j]]  (sparse_row_dots).
+ *
+ * torch does the first with a CSR product and then a transposed copy into W_enc's layout (as
+ * costly as the product), the other two with embedding_bag's backward (a zero-filled scatter and a
+ * per-sample pass). Here the entries are counting-sorted by latent once, and every latent's slice
+ * of M^T @ dense is summed in registers and written once, in the parameter's own layout. (Fusing
+ * W_dec's gradient and the values' into one pass over grad_x_hat measured slower: a horizontal
+ * sum per entry and chunk.) Built and loaded by sae/native.py; the caller splits latents, or
+ * rows, over threads. */
 
 #include <stdint.h>
 #include <string.h>
