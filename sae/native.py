@@ -77,33 +77,36 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
         _warn(name, f"no C compiler found (set CC, or install gcc/clang; looked for "
                     f"{os.environ.get('CC') or 'the one Python was built with, then cc'})")
         return None
-    errors = []
+    errors: list[str] = []
     for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
-        path = _library_path(source, cc, flags)
-        if not path.exists():
-            error = _compile(cc, flags, source, path)
-            if error:
-                errors.append(error)
-                continue
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:  # a damaged cache entry: drop it and build once more
-            path.unlink(missing_ok=True)
-            error = _compile(cc, flags, source, path)
-            if error:
-                errors.append(error)
-                continue
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError:
-                errors.append(f"{path}: {exc}")
-                continue
+        lib = _load_or_build(cc, flags, source, _library_path(source, cc, flags), errors)
+        if lib is None:
+            continue
         for function, argtypes in SIGNATURES.items():
             if hasattr(lib, function):
                 getattr(lib, function).argtypes = argtypes
                 getattr(lib, function).restype = _I64
         return lib
     _warn(name, "; ".join(errors))
+    return None
+
+
+def _load_or_build(cc: str, flags: tuple[str, ...], source: Path, path: Path,
+                   errors: list[str]) -> ctypes.CDLL | None:
+    """The library at `path`, built first where it is missing; one that does not load (a damaged
+    cache entry) is removed and built once more. Failures are appended to `errors`."""
+    for attempt in range(2):
+        if not path.exists():
+            error = _compile(cc, flags, source, path)
+            if error:
+                errors.append(error)
+                return None
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if attempt:
+                errors.append(f"{path}: {exc}")
     return None
 
 
