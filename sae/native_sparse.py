@@ -92,7 +92,7 @@ def sparse_outer(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tenso
         lib.sparse_outer(order.offsets.data_ptr(), order.rows.data_ptr(), order.weights.data_ptr(),
                          dense.data_ptr(), d, d_sae, *span, int(transposed), out.data_ptr())
 
-    list(_map(run, order.spans()))
+    _map(run, order.spans())
     return out
 
 

@@ -1,15 +1,17 @@
-"""The encoder's sparse gradient (sae/kernels/sparse_grad.c through `sparse_transpose_matmul`):
-the same numbers as torch's CSR product, in W_enc's own layout, and the same training step."""
+"""The sparse gradients (sae/kernels/sparse_grad.c): W_enc's through `sparse_transpose_matmul`
+(torch's CSR product's numbers, in W_enc's own layout), the decoder's through `sparse_decode`
+(embedding_bag's), and the same training step with the native kernels or without."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from saeworks.sae import native, native_sparse
 from saeworks.sae.base import TrainContext
 from saeworks.sae.config import SAEConfig
-from saeworks.sae.sparse import sparse_transpose_matmul
+from saeworks.sae.sparse import sparse_decode, sparse_transpose_matmul
 from saeworks.sae.topk import TopKSAE
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler: torch ops only")
@@ -40,6 +42,23 @@ def test_native_product_matches_torch_in_both_layouts(batch: int, k: int, d_sae:
     assert torch.equal(columns_out, rows_out.T)
     torch.testing.assert_close(sparse_transpose_matmul(indices, weights, dense, d_sae, transposed=True),
                                want.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_the_decoders_native_backward_gives_embedding_bags_gradients() -> None:
+    torch.manual_seed(0)
+    indices = torch.stack([torch.randperm(700)[:12] for _ in range(90)])  # [90, 12] of 700 latents
+    values, W_dec, grad = torch.rand(90, 12), torch.randn(700, 70), torch.randn(90, 70)
+    got, want = [], []
+    for decode, out in ((sparse_decode, got), (F.embedding_bag, want)):
+        v, W = values.clone().requires_grad_(), W_dec.clone().requires_grad_()
+        x_hat = decode(indices, W, per_sample_weights=v, mode="sum") if decode is F.embedding_bag \
+            else decode(indices, v, W)
+        x_hat.backward(grad)
+        out += [x_hat.detach(), v.grad, W.grad]
+    assert native_sparse.decoder_backward_applies(indices, values, W_dec)
+    for mine, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_fallback_gives_the_same_product(monkeypatch: pytest.MonkeyPatch) -> None:
