@@ -230,7 +230,7 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[1]:
             grad_values = native_sparse.sparse_row_dots(indices, W_dec.detach(), grad)
-            if grad_values is None:  # the kernel applied at the forward: only an odd grad gets here
+            if grad_values is None:  # SAEWORKS_NATIVE turned off between the forward and now
                 grad_values = torch.linalg.vecdot(W_dec.detach()[indices], grad.unsqueeze(1))
         if ctx.needs_input_grad[2]:
             grad_W_dec = sparse_transpose_matmul(indices, values.detach(), grad, W_dec.shape[0])
