@@ -27,6 +27,7 @@ from saeworks.activations.config import ReaderConfig
 from saeworks.activations.reader import ActivationReader
 from saeworks.activations.store import ActivationStore
 from saeworks.sae.config import SAEConfig
+from saeworks.sae.heap import keep_freed_heap
 from saeworks.sae.limits import MatmulProbe
 from saeworks.sae.registry import ARCHITECTURES, create_sae
 from saeworks.train.config import TrainConfig
@@ -50,7 +51,7 @@ def step_seconds(cfg: SAEConfig, reader: ActivationReader, scale: float, steps: 
     trainer = Trainer([create_sae(cfg)], plan, train_cfg, scale, torch.device("cpu"))
     batches, times, limits = iter(reader), [], []
     profiler = torch.profiler.profile() if profile else nullcontext()
-    with profiler:
+    with profiler, keep_freed_heap():  # as Trainer.fit runs its steps
         for step in range(steps + 2):
             start = time.perf_counter()
             inputs = trainer.prepare(next(batches).activations)

@@ -32,7 +32,7 @@ from saeworks.activations.multi_reader import HooksBatch
 from saeworks.activations.reader import ReaderBatch
 from saeworks.sae.base import SparseAutoencoder, TrainContext
 from saeworks.sae.distributed import LatentMesh, all_gather_objects, all_reduce_mean_, gather_rows
-from saeworks.sae.heap import return_free_heap
+from saeworks.sae.heap import keep_freed_heap, return_free_heap
 from saeworks.sae.precision import autocast_dtype
 from saeworks.sae.sharded import (
     SHARDED_KEYS,
@@ -119,27 +119,28 @@ class Trainer:
         """Train from `self.step` to the plan's stop step; a checkpoint at the end (and as planned)."""
         batches = iter(source)
         try:
-            while self.step < self.plan.stop_step:
-                x = self.prepare(_next(batches))  # per hook: [rows, d_in] float32, scaled
-                stats = self.forward_backward(x)
-                stopping = self.reduce(stats, stop.requested)
-                self.check_losses(stats)
-                self.optimizer_step()
-                self.dead.update(stats.fired, self.plan.batch_size)
-                self.step += 1
-                log.advance(self.plan.batch_size)
-                last = self.step == self.plan.stop_step or stopping
-                if self.step % log.every == 0 or last:
-                    return_free_heap()  # what the reader's consumed batches left (sae/heap.py)
-                    self.check_weights()
-                    self.last_metrics = self.metrics(x, stats)
-                    log.write(self.step, self.tokens, self.last_metrics)
-                every = self.plan.checkpoint_every_steps
-                if last or (every is not None and self.step % every == 0):
-                    checkpoint(self, source)
-                if stopping:
-                    raise TrainingInterrupted(f"stopped by SIGTERM after step {self.step} "
-                                              f"({self.tokens} tokens)")
+            with keep_freed_heap():  # a step's temporaries reused, not page-faulted anew (sae/heap.py)
+                while self.step < self.plan.stop_step:
+                    x = self.prepare(_next(batches))  # per hook: [rows, d_in] float32, scaled
+                    stats = self.forward_backward(x)
+                    stopping = self.reduce(stats, stop.requested)
+                    self.check_losses(stats)
+                    self.optimizer_step()
+                    self.dead.update(stats.fired, self.plan.batch_size)
+                    self.step += 1
+                    log.advance(self.plan.batch_size)
+                    last = self.step == self.plan.stop_step or stopping
+                    if self.step % log.every == 0 or last:
+                        return_free_heap()  # what the reader's consumed batches left (sae/heap.py)
+                        self.check_weights()
+                        self.last_metrics = self.metrics(x, stats)
+                        log.write(self.step, self.tokens, self.last_metrics)
+                    every = self.plan.checkpoint_every_steps
+                    if last or (every is not None and self.step % every == 0):
+                        checkpoint(self, source)
+                    if stopping:
+                        raise TrainingInterrupted(f"stopped by SIGTERM after step {self.step} "
+                                                  f"({self.tokens} tokens)")
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
