@@ -6,11 +6,11 @@ takes instead (add, block maxima, gathers) read the 151 MB pre-activations of a 
 several times. Why built here rather than shipped: `-march=native` vectorises for the CPU at hand,
 and a plain C file without torch headers compiles in well under a second.
 
-The library goes under the cache ($SAEWORKS_CACHE/kernels), named by a hash of the source, the
-compiler, its flags and this CPU's model and flags (a cache shared by different machines never
-loads a library built for another CPU). Without a compiler, or when the build fails, a warning
-says so once and callers use torch ops (the same results, slower). SAEWORKS_NATIVE=0 turns the
-kernels off.
+The library goes under the cache ($SAEWORKS_CACHE/kernels), named by a hash of the source (and
+the headers beside it), the compiler, its flags and this CPU's model and flags (a cache shared by
+different machines never loads a library built for another CPU). Without a compiler, or when the
+build fails, a warning says so once and callers use torch ops (the same results, slower).
+SAEWORKS_NATIVE=0 turns the kernels off. Kernels run on torch's OpenMP threads (kernels/team.h).
 """
 
 from __future__ import annotations
@@ -32,16 +32,22 @@ from saeworks.sae.paths import cache_root
 KERNELS_DIR = Path(__file__).parent / "kernels"
 BASE_FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC")
 NATIVE_FLAGS = ("-march=native",)
-"""Tried first; a compiler that rejects it (some ARM toolchains) builds with BASE_FLAGS alone."""
+"""Vectorise for this CPU; some ARM toolchains refuse it."""
+OPENMP_FLAGS = ("-fopenmp",)
+"""Run a kernel's threads as an OpenMP team: torch's own (sae/kernels/team.h); a compiler without
+OpenMP (clang without libomp) builds kernels that run on one thread."""
+FLAG_SETS = (BASE_FLAGS + NATIVE_FLAGS + OPENMP_FLAGS, BASE_FLAGS + OPENMP_FLAGS,
+             BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS)
+"""Tried in this order until one builds."""
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-SIGNATURES = {
-    "bias_top_k_f32": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
-    "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
+SIGNATURES = {  # the last argument of each but sort_by_latent: the number of threads
+    "bias_top_k_f32": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64],
+    "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64],
     "sort_by_latent": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
-    "sparse_lookup": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR],
-    "sparse_row_dots": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
-    "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int, _PTR],
+    "sparse_lookup": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64],
+    "sparse_row_dots": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
+    "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
 }
 
 _lock = threading.Lock()
@@ -78,7 +84,7 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
                     f"{os.environ.get('CC') or 'the one Python was built with, then cc'})")
         return None
     errors: list[str] = []
-    for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
+    for flags in FLAG_SETS:
         lib = _load_or_build(cc, flags, source, _library_path(source, cc, flags), errors)
         if lib is None:
             continue
@@ -112,7 +118,9 @@ def _load_or_build(cc: str, flags: tuple[str, ...], source: Path, path: Path,
 
 def _library_path(source: Path, cc: str, flags: tuple[str, ...]) -> Path:
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), cc.encode(), " ".join(flags).encode(), _cpu_identity().encode()):
+    headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, cc.encode(), " ".join(flags).encode(),
+                 _cpu_identity().encode()):
         digest.update(part)
         digest.update(b"\0")
     return cache_root() / "kernels" / f"{source.stem}-{digest.hexdigest()[:16]}.so"

@@ -3,25 +3,37 @@ and sparse gradients (sae/kernels/sparse_grad.c); lookups in sparse activations 
 (sae/kernels/sparse_lookup.c).
 
 Each function answers None where its kernel does not apply (not a CPU, another dtype, no C
-compiler, SAEWORKS_NATIVE=0); sae/sparse.py then uses torch ops, with the same results. Work is
-split over `torch.get_num_threads()` threads of one pool: ctypes releases the GIL during a call.
+compiler, SAEWORKS_NATIVE=0); sae/sparse.py then uses torch ops, with the same results. Each kernel
+splits its work over `torch.get_num_threads()` threads of torch's own OpenMP team
+(sae/kernels/team.h); ctypes releases the GIL during a call.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
 
 from saeworks.sae import native
 
-LINE = 16
-"""Floats per 64-byte cache line: latent spans start at a multiple of it, so that one thread
-writes each line of a transposed gradient."""
+_forked = False
+"""Whether this process is a fork of one that may have run OpenMP teams."""
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def threads() -> int:
+    """The threads a kernel splits its work over: torch's count; one in a forked child (GNU
+    OpenMP's team does not survive a fork: there a parallel region of two threads, torch's own
+    included, waits forever; one thread needs no team)."""
+    return 1 if _forked else torch.get_num_threads()
 
 
 def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -42,15 +54,11 @@ def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Te
     cast_bias = bias.detach().to(pre.dtype).float().contiguous()  # what add_ would add, widened
     values = torch.empty(rows, k, dtype=pre.dtype)
     indices = torch.empty(rows, k, dtype=torch.int64)
-    scratch_len = width + 2 * (width // 16) + 2 * k  # what the bfloat16 kernel needs, the most
-
-    def run(span: tuple[int, int]) -> int:
-        start, stop = span
-        scratch = torch.empty(scratch_len, dtype=torch.float32)
-        return int(kernel(pre[start].data_ptr(), cast_bias.data_ptr(), stop - start, width, k,
-                          values[start].data_ptr(), indices[start].data_ptr(), scratch.data_ptr()))
-
-    if sum(_map(run, row_spans(rows))):
+    found = int(kernel(pre.data_ptr(), cast_bias.data_ptr(), rows, width, k, values.data_ptr(),
+                       indices.data_ptr(), threads()))
+    if found < 0:
+        raise MemoryError(f"bias_top_k: no memory for the per-thread scratch of {width}-wide rows")
+    if found:
         return pre.topk(k, dim=-1, sorted=False)  # NaN somewhere (the bias is already in)
     return values, indices
 
@@ -65,17 +73,6 @@ class LatentOrder(NamedTuple):
     weights: torch.Tensor
     """[n] float32 each sorted entry's weight."""
 
-    def spans(self) -> list[tuple[int, int]]:
-        """[begin, end) latent spans, one per thread, with about equal numbers of entries (a few
-        frequent latents make equal numbers of latents uneven), each starting at a multiple of LINE."""
-        d_sae = len(self.offsets) - 1
-        total = int(self.offsets[-1])
-        parts = max(1, min(torch.get_num_threads(), d_sae // LINE))
-        targets = torch.tensor([total * i // parts for i in range(1, parts)], dtype=torch.int64)
-        cuts = (torch.searchsorted(self.offsets, targets) // LINE * LINE).tolist()
-        bounds = sorted({0, *cuts, d_sae})
-        return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-
 
 def sparse_outer(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, d_sae: int,
                  transposed: bool) -> torch.Tensor | None:
@@ -87,12 +84,8 @@ def sparse_outer(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tenso
     order = _sort_by_latent(lib, indices, values, d_sae)
     d = dense.shape[1]
     out = torch.empty((d, d_sae) if transposed else (d_sae, d), dtype=torch.float32)
-
-    def run(span: tuple[int, int]) -> None:
-        lib.sparse_outer(order.offsets.data_ptr(), order.rows.data_ptr(), order.weights.data_ptr(),
-                         dense.data_ptr(), d, d_sae, *span, int(transposed), out.data_ptr())
-
-    _map(run, order.spans())
+    lib.sparse_outer(order.offsets.data_ptr(), order.rows.data_ptr(), order.weights.data_ptr(),
+                     dense.data_ptr(), d, d_sae, int(transposed), out.data_ptr(), threads())
     return out
 
 
@@ -112,14 +105,9 @@ def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch
     features_flat = query_features.expand(query_rows.shape).contiguous().view(-1)
     out = torch.empty(rows_flat.shape, dtype=torch.float32)
     start, feats, vals = row_start.contiguous(), features.contiguous(), values.contiguous()
-
-    def run(span: tuple[int, int]) -> int:
-        lo, hi = span
-        return int(lib.sparse_lookup(start.data_ptr(), len(start) - 1, feats.data_ptr(), vals.data_ptr(),
-                                     rows_flat[lo:].data_ptr(), features_flat[lo:].data_ptr(), hi - lo,
-                                     out[lo:].data_ptr()))
-
-    if rows_flat.numel() and any(_map(run, row_spans(rows_flat.numel()))):
+    if rows_flat.numel() and lib.sparse_lookup(start.data_ptr(), len(start) - 1, feats.data_ptr(),
+                                               vals.data_ptr(), rows_flat.data_ptr(), features_flat.data_ptr(),
+                                               rows_flat.numel(), out.data_ptr(), threads()):
         raise IndexError(f"a query row is outside [0, {len(start) - 1})")
     return out.view(query_rows.shape)
 
@@ -136,14 +124,10 @@ def sparse_row_dots(indices: torch.Tensor, table: torch.Tensor, dense: torch.Ten
     if lib is None or dense.shape != (indices.shape[0], table.shape[1]):
         return None
     batch, k = indices.shape
-    flat, rows = indices.contiguous(), dense
+    flat = indices.contiguous()
     out = torch.empty(batch, k, dtype=torch.float32)
-
-    def run(span: tuple[int, int]) -> None:
-        lib.sparse_row_dots(flat.data_ptr(), table.data_ptr(), rows.data_ptr(), k, table.shape[1], *span,
-                            out.data_ptr())
-
-    _map(run, row_spans(batch))
+    lib.sparse_row_dots(flat.data_ptr(), table.data_ptr(), dense.data_ptr(), k, table.shape[1], batch,
+                        out.data_ptr(), threads())
     return out
 
 
@@ -172,36 +156,3 @@ def _library(indices: torch.Tensor, weights: torch.Tensor | None, *tables: torch
     if any(t.dtype != torch.float32 or t.dim() != 2 or not t.is_contiguous() for t in tables):
         return None
     return native.library("sparse_grad")
-
-
-def row_spans(rows: int) -> list[tuple[int, int]]:
-    """[start, stop) row spans, one per thread, as even as can be (none empty)."""
-    parts = max(1, min(torch.get_num_threads(), rows))
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
-
-
-def _map(run: Callable[[tuple[int, int]], Any], spans: list[tuple[int, int]]) -> list[Any]:
-    """[run(span) for span in spans], on the pool when there are several."""
-    if len(spans) == 1:
-        return [run(spans[0])]
-    return list(_pool(len(spans)).map(run, spans))
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The process's pool, grown when more threads are asked for (and made anew in a forked child,
-    whose copy of the parent's pool has no threads)."""
-    global _pool_pid
-    with _pool_lock:
-        if _pool_pid != os.getpid():
-            _pools.clear()
-            _pool_pid = os.getpid()
-        if not _pools or _pools[-1][0] < workers:
-            _pools.append((workers, ThreadPoolExecutor(max_workers=workers,
-                                                       thread_name_prefix="saeworks-native")))
-        return _pools[-1][1]
-
-
-_pool_lock = threading.Lock()
-_pools: list[tuple[int, ThreadPoolExecutor]] = []
-_pool_pid = os.getpid()

@@ -15,10 +15,13 @@
  * bfloat16 rows are widened to float, the bias added in float and the sum rounded to the nearest
  * even bfloat16 (torch's own bfloat16 add); the bias arrives as float (the bfloat16 bias widened).
  * A row holding NaN makes the call return nonzero, and the caller uses torch.topk for the batch.
- * Built and loaded by sae/native.py; no OpenMP: the caller splits rows over threads. */
+ * Built and loaded by sae/native.py; rows are split over a team of threads (team.h). */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "team.h"
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t w = (uint32_t)h << 16;
@@ -126,8 +129,8 @@ static void select_row(const float *row, const float *maxima, float *work, float
 
 /* float32 rows [rows, width] (width = 16 nb, k <= nb). Returns the number of rows holding NaN
  * (their outputs are unspecified). */
-int64_t bias_top_k_f32(float *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
-                       float *values, int64_t *indices, float *scratch /* [2 nb + k] */) {
+static int64_t bias_top_k_f32_rows(float *pre, const float *bias, int64_t rows, int64_t width,
+                                   int64_t k, float *values, int64_t *indices, float *scratch /* [2 nb + k] */) {
     const int64_t nb = width / 16;
     float *maxima = scratch, *work = scratch + nb, *groups = work + nb;
     int64_t nan_rows = 0;
@@ -159,8 +162,8 @@ int64_t bias_top_k_f32(float *pre, const float *bias, int64_t rows, int64_t widt
 
 /* bfloat16 rows (as uint16) [rows, width]; values out as bfloat16; bias as float (see above).
  * The row is widened into `scratch` so that pass 2 reads floats. */
-int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
-                        uint16_t *values, int64_t *indices, float *scratch /* [width + 2 nb + 2k] */) {
+static int64_t bias_top_k_bf16_rows(uint16_t *pre, const float *bias, int64_t rows, int64_t width,
+                                    int64_t k, uint16_t *values, int64_t *indices, float *scratch /* [width + 2 nb + 2k] */) {
     const int64_t nb = width / 16;
     float *wide = scratch, *maxima = scratch + width, *work = maxima + nb, *groups = work + nb;
     float *kept = groups + k;
@@ -184,4 +187,50 @@ int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t 
         for (int64_t j = 0; j < k; j++) values[r * k + j] = float_to_bf16(kept[j]);
     }
     return nan_rows;
+}
+
+/* The entry points: rows [rows, width] split over `threads` threads, each with its own scratch.
+ * Return the number of rows holding NaN, or -1 if scratch memory could not be allocated. */
+int64_t bias_top_k_f32(float *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
+                       float *values, int64_t *indices, int64_t threads) {
+    int64_t nan_rows = 0, failed = 0;
+    TEAM_PARALLEL(threads)
+    {
+        int64_t begin, end;
+        team_share(rows, &begin, &end);
+        float *scratch = malloc((size_t)(2 * (width / 16) + k) * sizeof(float));
+        if (scratch == NULL) {
+            TEAM_ATOMIC
+            failed += 1;
+        } else {
+            int64_t found = bias_top_k_f32_rows(pre + begin * width, bias, end - begin, width, k,
+                                                values + begin * k, indices + begin * k, scratch);
+            TEAM_ATOMIC
+            nan_rows += found;
+        }
+        free(scratch);
+    }
+    return failed ? -1 : nan_rows;
+}
+
+int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
+                        uint16_t *values, int64_t *indices, int64_t threads) {
+    int64_t nan_rows = 0, failed = 0;
+    TEAM_PARALLEL(threads)
+    {
+        int64_t begin, end;
+        team_share(rows, &begin, &end);
+        float *scratch = malloc((size_t)(width + 2 * (width / 16) + 2 * k) * sizeof(float));
+        if (scratch == NULL) {
+            TEAM_ATOMIC
+            failed += 1;
+        } else {
+            int64_t found = bias_top_k_bf16_rows(pre + begin * width, bias, end - begin, width, k,
+                                                 values + begin * k, indices + begin * k, scratch);
+            TEAM_ATOMIC
+            nan_rows += found;
+        }
+        free(scratch);
+    }
+    return failed ? -1 : nan_rows;
 }

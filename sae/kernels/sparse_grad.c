@@ -10,11 +10,13 @@
  * per-sample pass). Here the entries are counting-sorted by latent once, and every latent's slice
  * of M^T @ dense is summed in registers and written once, in the parameter's own layout. (Fusing
  * W_dec's gradient and the values' into one pass over grad_x_hat measured slower: a horizontal
- * sum per entry and chunk.) Built and loaded by sae/native.py; the caller splits latents, or
- * rows, over threads. */
+ * sum per entry and chunk.) Built and loaded by sae/native.py; latents, or rows, are split over a
+ * team of threads (team.h). */
 
 #include <stdint.h>
 #include <string.h>
+
+#include "team.h"
 
 #define CHUNK 32  /* columns of `dense` per pass: [batch, 32] floats stay in a core's L2 */
 #define LATENTS 16  /* latents summed before a store: a transposed store is one 64-byte line */
@@ -46,9 +48,9 @@ int64_t sort_by_latent(const int64_t *indices, const float *weights, int64_t n, 
  * transposed != 0 into out [d, d_sae] columns. The columns of dense go CHUNK at a time, so that the
  * rows every latent gathers are read from cache, not memory (a latent's entries sit on random
  * batch rows: whole rows at a time read the 9 MB of x 32 times over). */
-void sparse_outer(const int64_t *offsets, const int64_t *rows, const float *sorted_weights,
-                  const float *dense, int64_t d, int64_t d_sae, int64_t s_begin, int64_t s_end,
-                  int transposed, float *out) {
+static void sparse_outer_span(const int64_t *offsets, const int64_t *rows, const float *sorted_weights,
+                              const float *dense, int64_t d, int64_t d_sae, int64_t s_begin,
+                              int64_t s_end, int64_t transposed, float *out) {
     float acc[LATENTS][CHUNK];  /* LATENTS latents' sums over one chunk of columns */
     for (int64_t c0 = 0; c0 < d; c0 += CHUNK) {
         const int64_t width = d - c0 < CHUNK ? d - c0 : CHUNK;
@@ -82,8 +84,8 @@ void sparse_outer(const int64_t *offsets, const int64_t *rows, const float *sort
 /* Rows [b_begin, b_end) of out [batch, k]: out[b, j] = dense[b] . table[indices[b, j]], table
  * [n, d] (the values' gradient of an embedding-bag decode: grad_x_hat[b] . W_dec[latent]).
  * Four 16-float running sums: one would wait on its own adds (a chain of d / 16 of them). */
-void sparse_row_dots(const int64_t *indices, const float *table, const float *dense, int64_t k,
-                     int64_t d, int64_t b_begin, int64_t b_end, float *out) {
+static void sparse_row_dots_span(const int64_t *indices, const float *table, const float *dense,
+                                 int64_t k, int64_t d, int64_t b_begin, int64_t b_end, float *out) {
     for (int64_t b = b_begin; b < b_end; b++) {
         const float *restrict x = dense + b * d;
         for (int64_t j = 0; j < k; j++) {
@@ -106,4 +108,45 @@ void sparse_row_dots(const int64_t *indices, const float *table, const float *de
             out[b * k + j] = sum;
         }
     }
+}
+
+/* The first latent of thread t's span out of `size`: about total * t / size entries before it
+ * (a few frequent latents make equal numbers of latents uneven), rounded down to a multiple of
+ * LATENTS so that one thread writes each 64-byte line of a transposed gradient. */
+static int64_t latent_cut(const int64_t *offsets, int64_t d_sae, int64_t t, int64_t size) {
+    if (t >= size) return d_sae;
+    const int64_t target = offsets[d_sae] * t / size;
+    int64_t lo = 0, hi = d_sae;  /* the first latent s with offsets[s] >= target */
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (offsets[mid] < target) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo / LATENTS * LATENTS;
+}
+
+/* M^T @ dense over all latents, split over `threads` threads by entries (latent_cut). */
+int64_t sparse_outer(const int64_t *offsets, const int64_t *rows, const float *sorted_weights,
+                     const float *dense, int64_t d, int64_t d_sae, int64_t transposed, float *out,
+                     int64_t threads) {
+    TEAM_PARALLEL(threads)
+    {
+        const int64_t t = team_rank(), size = team_size();
+        sparse_outer_span(offsets, rows, sorted_weights, dense, d, d_sae,
+                          latent_cut(offsets, d_sae, t, size), latent_cut(offsets, d_sae, t + 1, size),
+                          transposed, out);
+    }
+    return 0;
+}
+
+/* sparse_row_dots over all `batch` rows, split over `threads` threads. */
+int64_t sparse_row_dots(const int64_t *indices, const float *table, const float *dense, int64_t k,
+                        int64_t d, int64_t batch, float *out, int64_t threads) {
+    TEAM_PARALLEL(threads)
+    {
+        int64_t begin, end;
+        team_share(batch, &begin, &end);
+        sparse_row_dots_span(indices, table, dense, k, d, begin, end, out);
+    }
+    return 0;
 }
