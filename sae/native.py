@@ -92,6 +92,9 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
             if hasattr(lib, function):
                 getattr(lib, function).argtypes = argtypes
                 getattr(lib, function).restype = _I64
+        if OPENMP_FLAGS[0] not in flags:
+            warnings.warn(f"saeworks: the native kernel {name} was built without OpenMP and runs on "
+                          f"one thread ({'; '.join(errors)[-300:]})", RuntimeWarning, stacklevel=3)
         return lib
     _warn(name, "; ".join(errors))
     return None

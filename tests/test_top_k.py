@@ -122,6 +122,25 @@ def test_a_failing_compiler_warns_once_and_leaves_no_library(monkeypatch: pytest
         assert native.library("bias_top_k") is None
 
 
+def test_a_compiler_without_openmp_builds_one_thread_kernels(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    cc = native.compiler()
+    if cc is None:
+        pytest.skip("no C compiler on this machine")
+    refusing = tmp_path / "cc-without-openmp"  # as clang without libomp answers -fopenmp
+    refusing.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
+                        "{ echo 'unsupported option -fopenmp' >&2; exit 1; }; done\n"
+                        f"exec {cc} \"$@\"\n")
+    refusing.chmod(0o755)
+    monkeypatch.setenv("SAEWORKS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(refusing))
+    monkeypatch.setattr(native, "_libraries", {})
+    with pytest.warns(RuntimeWarning, match="bias_top_k was built without OpenMP.*unsupported option"):
+        assert native.library("bias_top_k") is not None
+    torch.manual_seed(0)
+    _check(torch.randn(64, 2048), torch.randn(2048), 8)  # the same answers, on one thread
+
+
 def test_a_damaged_cached_library_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cc = native.compiler()
     if cc is None:
