@@ -129,8 +129,10 @@ static void select_row(const float *row, const float *maxima, float *work, float
 
 /* float32 rows [rows, width] (width = 16 nb, k <= nb). Returns the number of rows holding NaN
  * (their outputs are unspecified). */
-static int64_t bias_top_k_f32_rows(float *pre, const float *bias, int64_t rows, int64_t width,
-                                   int64_t k, float *values, int64_t *indices, float *scratch /* [2 nb + k] */) {
+static int64_t bias_top_k_f32_rows(void *rows_in, const float *bias, int64_t rows, int64_t width,
+                                   int64_t k, void *values_out, int64_t *indices,
+                                   float *scratch /* [2 nb + k] */) {
+    float *pre = rows_in, *values = values_out;
     const int64_t nb = width / 16;
     float *maxima = scratch, *work = scratch + nb, *groups = work + nb;
     int64_t nan_rows = 0;
@@ -162,8 +164,10 @@ static int64_t bias_top_k_f32_rows(float *pre, const float *bias, int64_t rows, 
 
 /* bfloat16 rows (as uint16) [rows, width]; values out as bfloat16; bias as float (see above).
  * The row is widened into `scratch` so that pass 2 reads floats. */
-static int64_t bias_top_k_bf16_rows(uint16_t *pre, const float *bias, int64_t rows, int64_t width,
-                                    int64_t k, uint16_t *values, int64_t *indices, float *scratch /* [width + 2 nb + 2k] */) {
+static int64_t bias_top_k_bf16_rows(void *rows_in, const float *bias, int64_t rows, int64_t width,
+                                    int64_t k, void *values_out, int64_t *indices,
+                                    float *scratch /* [width + 2 nb + 2k] */) {
+    uint16_t *pre = rows_in, *values = values_out;
     const int64_t nb = width / 16;
     float *wide = scratch, *maxima = scratch + width, *work = maxima + nb, *groups = work + nb;
     float *kept = groups + k;
@@ -189,22 +193,28 @@ static int64_t bias_top_k_bf16_rows(uint16_t *pre, const float *bias, int64_t ro
     return nan_rows;
 }
 
-/* The entry points: rows [rows, width] split over `threads` threads, each with its own scratch.
- * Return the number of rows holding NaN, or -1 if scratch memory could not be allocated. */
-int64_t bias_top_k_f32(float *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
-                       float *values, int64_t *indices, int64_t threads) {
+typedef int64_t (*RowsKernel)(void *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
+                              void *values, int64_t *indices, float *scratch);
+
+/* rows [rows, width] of `element`-byte values split over `threads` threads, each with its own
+ * scratch of `scratch_floats`. The number of rows holding NaN, or -1 if scratch memory could not
+ * be allocated. */
+static int64_t on_team(RowsKernel kernel, size_t element, void *pre, const float *bias, int64_t rows,
+                       int64_t width, int64_t k, void *values, int64_t *indices,
+                       int64_t scratch_floats, int64_t threads) {
     int64_t nan_rows = 0, failed = 0;
     TEAM_PARALLEL(threads)
     {
         int64_t begin, end;
         team_share(rows, &begin, &end);
-        float *scratch = malloc((size_t)(2 * (width / 16) + k) * sizeof(float));
+        float *scratch = malloc((size_t)scratch_floats * sizeof(float));
         if (scratch == NULL) {
             TEAM_ATOMIC
             failed += 1;
         } else {
-            int64_t found = bias_top_k_f32_rows(pre + begin * width, bias, end - begin, width, k,
-                                                values + begin * k, indices + begin * k, scratch);
+            int64_t found = kernel((char *)pre + (size_t)(begin * width) * element, bias, end - begin,
+                                   width, k, (char *)values + (size_t)(begin * k) * element,
+                                   indices + begin * k, scratch);
             TEAM_ATOMIC
             nan_rows += found;
         }
@@ -213,24 +223,15 @@ int64_t bias_top_k_f32(float *pre, const float *bias, int64_t rows, int64_t widt
     return failed ? -1 : nan_rows;
 }
 
+/* The entry points (see on_team). */
+int64_t bias_top_k_f32(float *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
+                       float *values, int64_t *indices, int64_t threads) {
+    return on_team(bias_top_k_f32_rows, sizeof(float), pre, bias, rows, width, k, values, indices,
+                   2 * (width / 16) + k, threads);
+}
+
 int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t width, int64_t k,
                         uint16_t *values, int64_t *indices, int64_t threads) {
-    int64_t nan_rows = 0, failed = 0;
-    TEAM_PARALLEL(threads)
-    {
-        int64_t begin, end;
-        team_share(rows, &begin, &end);
-        float *scratch = malloc((size_t)(width + 2 * (width / 16) + 2 * k) * sizeof(float));
-        if (scratch == NULL) {
-            TEAM_ATOMIC
-            failed += 1;
-        } else {
-            int64_t found = bias_top_k_bf16_rows(pre + begin * width, bias, end - begin, width, k,
-                                                 values + begin * k, indices + begin * k, scratch);
-            TEAM_ATOMIC
-            nan_rows += found;
-        }
-        free(scratch);
-    }
-    return failed ? -1 : nan_rows;
+    return on_team(bias_top_k_bf16_rows, sizeof(uint16_t), pre, bias, rows, width, k, values, indices,
+                   width + 2 * (width / 16) + 2 * k, threads);
 }
