@@ -5,8 +5,9 @@ glibc returns the free space at the top of its heap to the operating system once
 trim threshold (twice the mmap threshold, at most 64 MB), and a training step frees more than that
 at once ([4096, 576] inputs and errors, [9216, 576] gradients): the next step page-faults the same
 memory back in. On this project's VMs a fault costs ~2.7 us; a TopK step (batch 4096, d_sae 9216,
-2 threads) took ~15,000. (torch allocates 64-byte aligned, and glibc 2.36 reuses such blocks from
-the heap's top, not from its free lists: keeping the top is what lets the next step reuse them.)
+2 threads, steady state) took ~8,800 (0-17,000), ~1,000 inside `keep_freed_heap`. (torch
+allocates 64-byte aligned, and glibc 2.36 reuses such blocks from the heap's top, not from its
+free lists: keeping the top is what lets the next step reuse them.)
 `keep_freed_heap` raises the trim threshold while a loop runs: measured 0.67 -> 0.73 of the encoder
 matmul limit (benchmarks/train_step.py, three interleaved runs each), peak RSS of the demo training
 +40 MB. `return_free_heap` trims now and then (a training run's RSS would otherwise keep ~160 MB of
