@@ -105,10 +105,9 @@ def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch
     features_flat = query_features.expand(query_rows.shape).contiguous().view(-1)
     out = torch.empty(rows_flat.shape, dtype=torch.float32)
     start, feats, vals = row_start.contiguous(), features.contiguous(), values.contiguous()
-    failed = rows_flat.numel() and lib.sparse_lookup(
-        start.data_ptr(), len(start) - 1, feats.data_ptr(), vals.data_ptr(), rows_flat.data_ptr(),
-        features_flat.data_ptr(), rows_flat.numel(), out.data_ptr(), threads())
-    if failed:
+    if rows_flat.numel() and lib.sparse_lookup(
+            start.data_ptr(), len(start) - 1, feats.data_ptr(), vals.data_ptr(), rows_flat.data_ptr(),
+            features_flat.data_ptr(), rows_flat.numel(), out.data_ptr(), threads()):
         raise IndexError(f"a query row is outside [0, {len(start) - 1})")
     return out.view(query_rows.shape)
 

@@ -120,32 +120,37 @@ class Trainer:
         batches = iter(source)
         try:
             with keep_freed_heap():  # a step's temporaries reused, not page-faulted anew (sae/heap.py)
-                while self.step < self.plan.stop_step:
-                    x = self.prepare(_next(batches))  # per hook: [rows, d_in] float32, scaled
-                    stats = self.forward_backward(x)
-                    stopping = self.reduce(stats, stop.requested)
-                    self.check_losses(stats)
-                    self.optimizer_step()
-                    self.dead.update(stats.fired, self.plan.batch_size)
-                    self.step += 1
-                    log.advance(self.plan.batch_size)
-                    last = self.step == self.plan.stop_step or stopping
-                    if self.step % log.every == 0 or last:
-                        return_free_heap()  # what the reader's consumed batches left (sae/heap.py)
-                        self.check_weights()
-                        self.last_metrics = self.metrics(x, stats)
-                        log.write(self.step, self.tokens, self.last_metrics)
-                    every = self.plan.checkpoint_every_steps
-                    if last or (every is not None and self.step % every == 0):
-                        checkpoint(self, source)
-                    if stopping:
-                        raise TrainingInterrupted(f"stopped by SIGTERM after step {self.step} "
-                                                  f"({self.tokens} tokens)")
+                self._steps(batches, source, log, checkpoint, stop)
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
             release_workspace()  # the pre-activation buffer of the training forwards
+
+    def _steps(self, batches: Iterator[ReaderBatch | HooksBatch], source: BatchSource, log: MetricsSink,
+               checkpoint: CheckpointFn, stop: StopFlag) -> None:
+        """`fit`'s loop: the steps from `self.step` on, with their logs and checkpoints."""
+        while self.step < self.plan.stop_step:
+            x = self.prepare(_next(batches))  # per hook: [rows, d_in] float32, scaled
+            stats = self.forward_backward(x)
+            stopping = self.reduce(stats, stop.requested)
+            self.check_losses(stats)
+            self.optimizer_step()
+            self.dead.update(stats.fired, self.plan.batch_size)
+            self.step += 1
+            log.advance(self.plan.batch_size)
+            last = self.step == self.plan.stop_step or stopping
+            if self.step % log.every == 0 or last:
+                return_free_heap()  # what the reader's consumed batches left (sae/heap.py)
+                self.check_weights()
+                self.last_metrics = self.metrics(x, stats)
+                log.write(self.step, self.tokens, self.last_metrics)
+            every = self.plan.checkpoint_every_steps
+            if last or (every is not None and self.step % every == 0):
+                checkpoint(self, source)
+            if stopping:
+                raise TrainingInterrupted(f"stopped by SIGTERM after step {self.step} "
+                                          f"({self.tokens} tokens)")
 
     def prepare(self, activations: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per hook this rank trains, the step's [rows, d_in] float32 inputs, scaled. Under
