@@ -49,6 +49,7 @@ from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, t
 from saeworks.eval.config import AnalyzeConfig
 from saeworks.eval.features import Contexts, FeatureAnalysis
 from saeworks.eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
+from saeworks.eval.native_analysis import Entries, band_candidates, slot_offer, top_stats
 from saeworks.sae import native_sparse
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.sparse import release_workspace
@@ -138,6 +139,11 @@ class EncodedBatch:
     def kept(self) -> torch.Tensor:
         """[nnz] bool: entries on analysed rows."""
         return self.batch.keep[self.local]
+
+    @property
+    def entries(self) -> Entries:
+        """The entries and the batch's analysed rows, for the native bookkeeping."""
+        return Entries(self.local, self.features, self.values, self.batch.keep)
 
     def lookup(self, local: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Activations at (row within batch, latent) pairs of any shape (0 where inactive).
@@ -283,6 +289,10 @@ class SlotTable:
         self.context = torch.zeros(groups, slots, width, device=device)
         self.worst_keys = torch.full((groups,), EMPTY_KEY, dtype=torch.int64, device=device)
         """[groups] the largest key in each group's slots."""
+        self._owner: torch.Tensor | None = None
+        """[groups, slots] all -1: the native merge's scratch, allocated at its first use."""
+        self._native = self.keys.device.type == "cpu"
+        """Whether to try the native merge (until it does not apply)."""
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys, "values": self.values, "rows": self.rows, "tokens": self.tokens,
@@ -297,6 +307,8 @@ class SlotTable:
         """Merge candidates (in ascending row order) into their groups' slots; `context_of` is asked
         only for the candidates that get in."""
         if groups.numel() == 0:
+            return
+        if self._offer_native(groups, keys, values, rows, context_of):
             return
         affected, group_of = torch.unique(groups, return_inverse=True)  # [A], [n]
         n_affected, slots, n_old = affected.shape[0], self.slots, affected.shape[0] * self.slots
@@ -321,6 +333,26 @@ class SlotTable:
         self.rows[group, slot] = rows[entering]
         self.tokens[group, slot], self.context[group, slot] = context_of(entering)
         self.worst_keys[affected] = self.keys[affected].amax(dim=1)
+
+    def _offer_native(self, groups: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      rows: torch.Tensor, context_of: ContextFn) -> bool:
+        """`offer` by the native merge (eval/kernels/analysis_tables.c: one pass over the candidates,
+        each compared with its group's worst slot): the same entries stay, in other slots; False
+        where the kernel does not apply."""
+        if not self._native:
+            return False
+        if self._owner is None:
+            self._owner = torch.full_like(self.keys, -1)
+        slot_of = slot_offer(groups.contiguous(), keys.contiguous(), rows.contiguous(), self.keys,
+                             self.rows, self.worst_keys, self._owner)
+        if slot_of is None:
+            self._native, self._owner = False, None
+            return False
+        entering = torch.nonzero(slot_of >= 0).squeeze(1)
+        group, slot = groups[entering], slot_of[entering]
+        self.values[group, slot] = values[entering]
+        self.tokens[group, slot], self.context[group, slot] = context_of(entering)
+        return True
 
     def contexts(self, groups_per_row: int = 1) -> Contexts:
         """The table as `Contexts` on the CPU, each group's entries by ascending key (ties: the
@@ -355,6 +387,11 @@ class TopPass:
                 **{f"top.{k}": v for k, v in self.top.state().items()}}
 
     def add(self, encoded: EncodedBatch) -> None:
+        better = top_stats(encoded.entries, self.count, self.sum, self.max, self.top.worst_keys)
+        if better is not None:
+            local, features, values = encoded.local[better], encoded.features[better], encoded.values[better]
+            self._offer(encoded, local, features, values, descending_keys(values))
+            return
         kept = encoded.kept
         local, features, values = encoded.local[kept], encoded.features[kept], encoded.values[kept]
         self.count += torch.bincount(features, minlength=self.count.shape[0])
@@ -362,7 +399,10 @@ class TopPass:
         self.max.scatter_reduce_(0, features, values, "amax")
         keys = descending_keys(values)
         better = keys < self.top.worst(features)
-        local, features, values, keys = local[better], features[better], values[better], keys[better]
+        self._offer(encoded, local[better], features[better], values[better], keys[better])
+
+    def _offer(self, encoded: EncodedBatch, local: torch.Tensor, features: torch.Tensor,
+               values: torch.Tensor, keys: torch.Tensor) -> None:
         self.top.offer(features, keys, values, local + encoded.batch.start,
                        lambda i: encoded.contexts(local[i], features[i], self.cfg.context_before,
                                                   self.cfg.context_after))
@@ -386,6 +426,13 @@ class DistributionPass:
         return {"fine_histogram": self.fine, **{f"bands.{k}": v for k, v in self.bands.state().items()}}
 
     def add(self, encoded: EncodedBatch) -> None:
+        found = band_candidates(encoded.entries, encoded.batch.start, self.max, self.fine,
+                                self._inner_edges, self.top_rows, self.bands.worst_keys)
+        if found is not None:
+            chosen = found.entries
+            self._offer(encoded, found.groups, found.keys, encoded.local[chosen], encoded.features[chosen],
+                        encoded.values[chosen])
+            return
         kept = encoded.kept
         local, features, values = encoded.local[kept], encoded.features[kept], encoded.values[kept]
         maxima = self.max[features]
@@ -397,8 +444,11 @@ class DistributionPass:
         keys = sample_keys(rows, features)
         chosen = torch.nonzero(keys < self.bands.worst(groups)).squeeze(1)
         chosen = chosen[~(self.top_rows[features[chosen]] == rows[chosen, None]).any(1)]  # not top-N
-        local, features, values = local[chosen], features[chosen], values[chosen]
-        self.bands.offer(groups[chosen], keys[chosen], values, rows[chosen],
+        self._offer(encoded, groups[chosen], keys[chosen], local[chosen], features[chosen], values[chosen])
+
+    def _offer(self, encoded: EncodedBatch, groups: torch.Tensor, keys: torch.Tensor, local: torch.Tensor,
+               features: torch.Tensor, values: torch.Tensor) -> None:
+        self.bands.offer(groups, keys, values, local + encoded.batch.start,
                          lambda i: encoded.contexts(local[i], features[i], self.cfg.context_before,
                                                     self.cfg.context_after))
 

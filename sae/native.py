@@ -26,6 +26,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 from saeworks.sae.paths import cache_root
 
@@ -41,7 +42,7 @@ FLAG_SETS = (BASE_FLAGS + NATIVE_FLAGS + OPENMP_FLAGS, BASE_FLAGS + OPENMP_FLAGS
 """Tried in this order until one builds."""
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-SIGNATURES = {  # the last argument of each but sort_by_latent: the number of threads
+SIGNATURES: dict[str, list[Any]] = {  # the last argument of each but sort_by_latent: the number of threads
     "bias_top_k_f32": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64],
     "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64],
     "sort_by_latent": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
@@ -51,7 +52,7 @@ SIGNATURES = {  # the last argument of each but sort_by_latent: the number of th
 }
 
 _lock = threading.Lock()
-_libraries: dict[str, ctypes.CDLL | None] = {}
+_libraries: dict[Path, ctypes.CDLL | None] = {}
 
 
 def enabled() -> bool:
@@ -59,15 +60,18 @@ def enabled() -> bool:
     return os.environ.get("SAEWORKS_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The built library of sae/kernels/<name>.c (built at the first call in this process and
-    cached on disk), or None where native kernels are off or cannot be built here."""
+def library(name: str, directory: Path = KERNELS_DIR,
+            signatures: dict[str, list[Any]] | None = None) -> ctypes.CDLL | None:
+    """The built library of <directory>/<name>.c (default sae/kernels; built at the first call in
+    this process and cached on disk), or None where native kernels are off or cannot be built here.
+    `signatures`: argument types of its functions (default SIGNATURES); each returns an int64."""
     if not enabled():
         return None
+    source = directory / f"{name}.c"
     with _lock:
-        if name not in _libraries:
-            _libraries[name] = _build_and_load(name)
-        return _libraries[name]
+        if source not in _libraries:
+            _libraries[source] = _build_and_load(source, SIGNATURES if signatures is None else signatures)
+        return _libraries[source]
 
 
 def compiler() -> str | None:
@@ -76,8 +80,8 @@ def compiler() -> str | None:
     return shutil.which(configured) or (shutil.which("cc") if not os.environ.get("CC") else None)
 
 
-def _build_and_load(name: str) -> ctypes.CDLL | None:
-    source = KERNELS_DIR / f"{name}.c"
+def _build_and_load(source: Path, signatures: dict[str, list[Any]]) -> ctypes.CDLL | None:
+    name = source.stem
     cc = compiler()
     if cc is None:
         _warn(name, f"no C compiler found (set CC, or install gcc/clang; looked for "
@@ -88,7 +92,7 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
         lib = _load_or_build(cc, flags, source, _library_path(source, cc, flags), errors)
         if lib is None:
             continue
-        for function, argtypes in SIGNATURES.items():
+        for function, argtypes in signatures.items():
             if hasattr(lib, function):
                 getattr(lib, function).argtypes = argtypes
                 getattr(lib, function).restype = _I64

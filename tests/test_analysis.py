@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from saeworks.activations.rows import RowSelection, iter_kept_rows
 from saeworks.activations.store import ActivationStore
+from saeworks.eval import native_analysis
 from saeworks.eval.analysis import (
     SUB_BINS,
     DistributionPass,
@@ -31,6 +32,7 @@ from saeworks.eval.analysis import (
 from saeworks.eval.config import AnalyzeConfig
 from saeworks.eval.features import FeatureAnalysis
 from saeworks.eval.logit_effects import decoder_neighbours, final_norm_of, norm_gain
+from saeworks.sae import native
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.io import load_sae
@@ -395,3 +397,71 @@ def test_lookup_native_and_torch_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAEWORKS_NATIVE", "0")
     assert torch.equal(EncodedBatch(batch, local, latents[active], values[active], d_sae, 16)
                        .lookup(query_rows, query_latents), dense)
+
+
+CONTEXT_FIELDS = ("values", "rows", "token_ids", "activations")
+
+
+def test_native_bookkeeping_gives_the_torch_result(tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval/kernels/analysis_tables.c (pass 1's counters, pass 2's histogram and band candidates,
+    the slot-table merges) against the torch ops: the whole analysis is equal, bit for bit."""
+    kernels = native_analysis.KERNELS_DIR
+    assert native.library("analysis_tables", kernels, native_analysis.SIGNATURES) is not None
+    monkeypatch.setenv("SAEWORKS_NATIVE", "0")
+    torch_only = analyze_features(tiny.sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False)
+    for name in ("count", "sum", "max", "quantiles", "histogram"):
+        assert torch.equal(getattr(torch_only, name), getattr(tiny.analysis, name)), name
+    for mine, theirs in ((tiny.analysis.top, torch_only.top), (tiny.analysis.bands, torch_only.bands)):
+        for field in CONTEXT_FIELDS:
+            assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
+
+
+def test_native_slot_merge_keeps_what_the_torch_merge_keeps() -> None:
+    """Random offers with many equal keys and rows in any order (each row offered once, as the
+    analysis does): after every offer the native merge and the torch merge hold the same entries
+    and the same worst keys, and ask for the contexts of the same candidates."""
+    generator = torch.Generator().manual_seed(0)
+    unused_rows = torch.randperm(40 * 30, generator=generator)
+    tables = {name: SlotTable(groups=7, slots=3, width=2, device=torch.device("cpu"))
+              for name in ("c", "torch")}
+    tables["torch"]._native = False
+    for _ in range(40):
+        n = int(torch.randint(0, 30, (), generator=generator))
+        groups = torch.randint(0, 7, (n,), generator=generator)
+        keys = torch.randint(0, 6, (n,), generator=generator)
+        rows, unused_rows = unused_rows[:n], unused_rows[n:]
+        values = torch.rand(n, generator=generator)
+        asked: dict[str, list[int]] = {}
+        for name, table in tables.items():
+            table.offer(groups, keys, values, rows, recording_contexts(asked, name, rows, keys, values))
+        assert asked.get("c") == asked.get("torch")
+        mine, theirs = tables["c"].contexts(), tables["torch"].contexts()
+        for field in CONTEXT_FIELDS:
+            assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
+        assert torch.equal(tables["c"].worst_keys, tables["torch"].worst_keys)
+    assert tables["c"]._owner is not None and (tables["c"]._owner == -1).all()
+
+
+def recording_contexts(asked: dict[str, list[int]], name: str, rows: torch.Tensor, keys: torch.Tensor,
+                       values: torch.Tensor) -> Any:
+    """A context function that records which candidates it was asked for under `name`."""
+    def context_of(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        asked[name] = sorted(i.tolist())
+        return torch.stack([rows[i], keys[i]], 1).int(), values[i, None].expand(-1, 2)
+    return context_of
+
+
+def test_native_bookkeeping_refuses_an_index_out_of_range() -> None:
+    """A latent or row outside the tables is an IndexError, and nothing was counted."""
+    count, sum_, max_ = torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.float64), torch.zeros(4)
+    worst = torch.full((4,), 1 << 32)
+    entries = native_analysis.Entries(torch.tensor([0, 1]), torch.tensor([2, 4]), torch.tensor([1.0, 2.0]),
+                                      torch.ones(2, dtype=torch.bool))
+    with pytest.raises(IndexError, match="out of range"):
+        native_analysis.top_stats(entries, count, sum_, max_, worst)
+    assert not count.any() and not sum_.any() and not max_.any()
+    table_keys, table_rows = torch.full((2, 2), 1 << 32), torch.full((2, 2), -1)
+    with pytest.raises(IndexError, match="out of range"):
+        native_analysis.slot_offer(torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([0, 1]),
+                                   table_keys, table_rows, torch.full((2,), 1 << 32), torch.full((2, 2), -1))
+    assert (table_rows == -1).all()

@@ -105,8 +105,8 @@ def test_wheel_has_one_top_level_package_and_runs_installed(tmp_path: Path) -> N
                      "saeworks/service/static/index.html", "saeworks/service/static/app.js",
                      "saeworks/service/static/style.css",
                      # the native kernels' sources: built on the user's machine at first use
-                     *(f"saeworks/sae/kernels/{c.name}" for c in (REPO / "sae" / "kernels").iterdir()
-                       if c.suffix in (".c", ".h"))):
+                     *(f"saeworks/{stage}/kernels/{c.name}" for stage in ("sae", "eval")
+                       for c in (REPO / stage / "kernels").iterdir() if c.suffix in (".c", ".h"))):
         assert required in names, required
     for stage in STAGES:
         assert f"saeworks/{stage}/__init__.py" in names, stage
