@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ EMPTY_KEY = 1 << 32
 _KEY_BITS = 33
 _MASK32 = 0xFFFFFFFF
 _FLOAT_KEY_BASE = 0x7FFFFFFF
+T = TypeVar("T")
 _CONTEXT_QUERIES = 1 << 20
 """Context look-ups done at once (bounds the temporaries of a large first batch)."""
 
@@ -83,10 +84,15 @@ class WindowBatch(NamedTuple):
 
 
 def window_batches(store: ActivationStore, hook: str, selection: RowSelection, windows_per_batch: int,
-                   first_window: int = 0, kept_before: int = 0) -> Iterator[WindowBatch]:
+                   first_window: int = 0, kept_before: int = 0, prefetch: bool = False
+                   ) -> Iterator[WindowBatch]:
     """Batches of `windows_per_batch` whole windows in store order, until `selection.max_rows` kept
-    rows. Kept rows are those `activations.rows.iter_kept_rows` yields; a thread reads one batch ahead.
-    `first_window`, `kept_before`: resume after the batches that held that many kept rows."""
+    rows. Kept rows are those `activations.rows.iter_kept_rows` yields. The last batch ends with the
+    window that holds the last kept row wanted (its token ids are read first): no window is read or
+    encoded for nothing. `first_window`, `kept_before`: resume after the batches that held that many
+    kept rows. `prefetch`: read the next batch in a thread meanwhile (for an accelerator; on the CPU
+    the reading thread takes its time from the matmul's threads, which split the work statically:
+    an analysis pass measured 81 against 76 matmul-times for 66 batches, 3 rounds, 2 threads)."""
     store.require_complete()
     if hook not in store.hooks:
         raise StoreError(f"store {store.url!r} has no hook {hook!r}; it holds {', '.join(store.hooks)}")
@@ -94,29 +100,38 @@ def window_batches(store: ActivationStore, hook: str, selection: RowSelection, w
     special = torch.tensor(selection.special_token_ids, dtype=torch.int64)
     limit = selection.max_rows if selection.max_rows is not None else store.n_tokens
 
-    def read(first_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(first_window: int, kept: int) -> tuple[WindowBatch, int]:
+        """The batch at `first_window` after `kept` kept rows, and the kept rows after it."""
         start = first_window * context
         stop = min(first_window + windows_per_batch, n_windows) * context
+        tokens = torch.from_numpy(store.read(TOKEN_IDS, start, stop).astype(np.int64))
+        positions = torch.arange(stop - start) % context
+        keep = (positions >= selection.first_positions) & ~torch.isin(tokens, special)
+        keep &= keep.cumsum(0) <= limit - kept
+        kept_rows = int(keep.sum())
+        if kept + kept_rows >= limit and kept_rows:  # the last batch: up to the window of its last kept row
+            stop = start + (int(torch.nonzero(keep)[-1]) // context + 1) * context
+            tokens, keep = tokens[: stop - start], keep[: stop - start]
         x = to_tensor(store.read(hook, start, stop), store.store_dtype).float()
-        return x, torch.from_numpy(store.read(TOKEN_IDS, start, stop).astype(np.int64))
+        return WindowBatch(start, x, tokens, keep), kept + kept_rows
 
-    starts = range(first_window, n_windows, windows_per_batch)
-    kept = kept_before
-    if kept >= limit:
-        return
+    def batches() -> Iterator[WindowBatch]:
+        window, kept = first_window, kept_before
+        while kept < limit and window < n_windows:
+            batch, kept = read(window, kept)
+            window = (batch.start + batch.tokens.shape[0]) // context
+            yield batch
+
+    yield from read_ahead(batches()) if prefetch else batches()
+
+
+def read_ahead(items: Iterator[T]) -> Iterator[T]:
+    """The items of `items`, the next one computed in a thread while the caller uses this one."""
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(read, starts[0]) if starts else None
-        for i, first_window in enumerate(starts):
-            assert pending is not None
-            x, tokens = pending.result()
-            pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
-            positions = torch.arange(x.shape[0]) % context
-            keep = (positions >= selection.first_positions) & ~torch.isin(tokens, special)
-            keep &= keep.cumsum(0) <= limit - kept
-            kept += int(keep.sum())
-            yield WindowBatch(first_window * context, x, tokens, keep)
-            if kept >= limit:
-                break
+        pending = pool.submit(next, items, None)
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next, items, None)
+            yield item
 
 
 class EncodedBatch:
@@ -538,7 +553,8 @@ def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, 
     replay = Replay(replay_bytes, sae.d_sae, context)
 
     def encoded(first_window: int = 0, kept_before: int = 0) -> Iterator[tuple[EncodedBatch, bool]]:
-        for batch in window_batches(store, hook, selection, windows, first_window, kept_before):
+        for batch in window_batches(store, hook, selection, windows, first_window, kept_before,
+                                    prefetch=device.type != "cpu"):
             yield encode_batch(sae, batch.to(device), context), True
 
     def first_pass() -> Iterator[tuple[EncodedBatch, bool]]:

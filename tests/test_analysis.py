@@ -190,6 +190,26 @@ def test_kept_rows_are_those_iter_kept_rows_reads(tiny: Tiny) -> None:
         assert torch.equal(ours, theirs)
 
 
+def test_batches_end_with_the_window_of_the_last_kept_row(tiny: Tiny) -> None:
+    """The last batch is cut after the window holding the last kept row wanted; read ahead in a
+    thread or not, the batches are the same, and stopping early is fine."""
+    context = tiny.store.context_size
+    for max_rows in (1000, 3 * context):
+        selection = RowSelection.of_store(tiny.store, max_rows)
+        last_kept = int(torch.nonzero(kept_mask(tiny.store, TINY_HOOK, max_rows))[-1])
+        inline = list(window_batches(tiny.store, TINY_HOOK, selection, 3))
+        assert inline[-1].start + inline[-1].x.shape[0] == (last_kept // context + 1) * context
+        assert all(b.x.shape[0] == b.tokens.shape[0] == b.keep.shape[0] for b in inline)
+        assert sum(int(b.keep.sum()) for b in inline) == max_rows
+        ahead = list(window_batches(tiny.store, TINY_HOOK, selection, 3, prefetch=True))
+        assert len(ahead) == len(inline)
+        for mine, theirs in zip(inline, ahead, strict=True):
+            assert mine.start == theirs.start and torch.equal(mine.x, theirs.x)
+            assert torch.equal(mine.tokens, theirs.tokens) and torch.equal(mine.keep, theirs.keep)
+    first = next(window_batches(tiny.store, TINY_HOOK, RowSelection.of_store(tiny.store), 2, prefetch=True))
+    assert first.start == 0 and first.x.shape[0] == 2 * context
+
+
 def test_sparse_encoding_equals_dense_encode(tiny: Tiny) -> None:
     selection = RowSelection.of_store(tiny.store)
     batch = next(window_batches(tiny.store, TINY_HOOK, selection, 4))
