@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, t
 from saeworks.eval.config import AnalyzeConfig
 from saeworks.eval.features import Contexts, FeatureAnalysis
 from saeworks.eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
-from saeworks.eval.native_analysis import Entries, band_candidates, slot_offer, top_stats
+from saeworks.eval.native_analysis import Entries, band_candidates, slot_offer, top_stats, window_contexts
 from saeworks.sae import native_sparse
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.sparse import release_workspace
@@ -62,7 +62,6 @@ EMPTY_KEY = 1 << 32
 _KEY_BITS = 33
 _MASK32 = 0xFFFFFFFF
 _FLOAT_KEY_BASE = 0x7FFFFFFF
-T = TypeVar("T")
 _CONTEXT_QUERIES = 1 << 20
 """Context look-ups done at once (bounds the temporaries of a large first batch)."""
 
@@ -84,15 +83,12 @@ class WindowBatch(NamedTuple):
 
 
 def window_batches(store: ActivationStore, hook: str, selection: RowSelection, windows_per_batch: int,
-                   first_window: int = 0, kept_before: int = 0, prefetch: bool = False
-                   ) -> Iterator[WindowBatch]:
+                   first_window: int = 0, kept_before: int = 0) -> Iterator[WindowBatch]:
     """Batches of `windows_per_batch` whole windows in store order, until `selection.max_rows` kept
     rows. Kept rows are those `activations.rows.iter_kept_rows` yields. The last batch ends with the
     window that holds the last kept row wanted (its token ids are read first): no window is read or
     encoded for nothing. `first_window`, `kept_before`: resume after the batches that held that many
-    kept rows. `prefetch`: read the next batch in a thread meanwhile (for an accelerator; on the CPU
-    the reading thread takes its time from the matmul's threads, which split the work statically:
-    an analysis pass measured 81 against 76 matmul-times for 66 batches, 3 rounds, 2 threads)."""
+    kept rows."""
     store.require_complete()
     if hook not in store.hooks:
         raise StoreError(f"store {store.url!r} has no hook {hook!r}; it holds {', '.join(store.hooks)}")
@@ -115,23 +111,11 @@ def window_batches(store: ActivationStore, hook: str, selection: RowSelection, w
         x = to_tensor(store.read(hook, start, stop), store.store_dtype).float()
         return WindowBatch(start, x, tokens, keep), kept + kept_rows
 
-    def batches() -> Iterator[WindowBatch]:
-        window, kept = first_window, kept_before
-        while kept < limit and window < n_windows:
-            batch, kept = read(window, kept)
-            window = (batch.start + batch.tokens.shape[0]) // context
-            yield batch
-
-    yield from read_ahead(batches()) if prefetch else batches()
-
-
-def read_ahead(items: Iterator[T]) -> Iterator[T]:
-    """The items of `items`, the next one computed in a thread while the caller uses this one."""
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(next, items, None)
-        while (item := pending.result()) is not None:
-            pending = pool.submit(next, items, None)
-            yield item
+    window, kept = first_window, kept_before
+    while kept < limit and window < n_windows:
+        batch, kept = read(window, kept)
+        window = (batch.start + batch.tokens.shape[0]) // context
+        yield batch
 
 
 class EncodedBatch:
@@ -160,6 +144,15 @@ class EncodedBatch:
         """The entries and the batch's analysed rows, for the native bookkeeping."""
         return Entries(self.local, self.features, self.values, self.batch.keep)
 
+    @property
+    def row_start(self) -> torch.Tensor:
+        """[rows + 1] int64: row r's entries are [row_start[r], row_start[r + 1])."""
+        if self._row_start is None:
+            rows = self.batch.tokens.shape[0]
+            self._row_start = torch.zeros(rows + 1, dtype=torch.int64, device=self.local.device)
+            torch.cumsum(torch.bincount(self.local, minlength=rows), 0, out=self._row_start[1:])
+        return self._row_start
+
     def lookup(self, local: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Activations at (row within batch, latent) pairs of any shape (0 where inactive).
 
@@ -168,11 +161,7 @@ class EncodedBatch:
         (searchsorted 1.1 s and its gathers 0.8 s of 23 s, demo SAE, 131,072 tokens)."""
         if self._keys.numel() == 0:
             return torch.zeros(local.shape, device=local.device)
-        if self._row_start is None:
-            rows = self.batch.tokens.shape[0]
-            self._row_start = torch.zeros(rows + 1, dtype=torch.int64, device=self.local.device)
-            torch.cumsum(torch.bincount(self.local, minlength=rows), 0, out=self._row_start[1:])
-        found = native_sparse.sparse_lookup(self._row_start, self.features, self.values, local, features)
+        found = native_sparse.sparse_lookup(self.row_start, self.features, self.values, local, features)
         if found is not None:
             return found
         wanted = local * self.d_sae + features
@@ -182,7 +171,13 @@ class EncodedBatch:
     def contexts(self, local: torch.Tensor, features: torch.Tensor, before: int, after: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [n, C] int32 (-1 outside the window) and latent activations [n, C] float32 (0 outside)
-        at offsets -before..after of each (row, latent), within the row's window."""
+        at offsets -before..after of each (row, latent), within the row's window. On a CPU one native
+        pass (eval/kernels/analysis_tables.c; ~a dozen [n, C] torch ops were 0.8-1.8 s of an analysis
+        of 131,072 tokens, most in its first batches, where most candidates enter the tables)."""
+        native = window_contexts(self.row_start, self.features, self.values, self.batch.tokens,
+                                 local.contiguous(), features.contiguous(), self.context_size, before, after)
+        if native is not None:
+            return native
         offsets = torch.arange(-before, after + 1, device=local.device)  # [C]
         tokens = torch.empty(local.shape[0], offsets.shape[0], dtype=torch.int32, device=local.device)
         acts = torch.empty(tokens.shape, device=local.device)
@@ -222,6 +217,21 @@ def encode_batch(sae: SparseAutoencoder, batch: WindowBatch, context_size: int) 
         active = values > 0
         local, features, values = local[active], features[active], values[active]
     return EncodedBatch(batch, local, features, values.float(), sae.d_sae, context_size)
+
+
+def encoded_reading_ahead(sae: SparseAutoencoder, batches: Iterator[WindowBatch], device: torch.device,
+                          context_size: int) -> Iterator[EncodedBatch]:
+    """Each batch encoded (`encode_batch`), the next one read in a thread while the caller uses
+    this one. The read starts after the encode, not beside it: on a CPU a reading thread takes its
+    time from the matmul's threads, which split the work statically (an analysis pass measured 81
+    matmul-times for 66 batches with the read beside the encode, 76 with it in line, 3 rounds,
+    2 threads), while the caller's bookkeeping runs on one thread and leaves a core to the read."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(next, batches, None)
+        while (batch := pending.result()) is not None:
+            encoded = encode_batch(sae, batch.to(device), context_size)
+            pending = pool.submit(next, batches, None)
+            yield encoded
 
 
 class Replay:
@@ -553,9 +563,8 @@ def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, 
     replay = Replay(replay_bytes, sae.d_sae, context)
 
     def encoded(first_window: int = 0, kept_before: int = 0) -> Iterator[tuple[EncodedBatch, bool]]:
-        for batch in window_batches(store, hook, selection, windows, first_window, kept_before,
-                                    prefetch=device.type != "cpu"):
-            yield encode_batch(sae, batch.to(device), context), True
+        batches = window_batches(store, hook, selection, windows, first_window, kept_before)
+        yield from ((batch, True) for batch in encoded_reading_ahead(sae, batches, device, context))
 
     def first_pass() -> Iterator[tuple[EncodedBatch, bool]]:
         for item in encoded():

@@ -24,6 +24,7 @@ from saeworks.eval.analysis import (
     WindowBatch,
     analyze_features,
     encode_batch,
+    encoded_reading_ahead,
     fine_bin,
     logit_effects_for,
     sample_keys,
@@ -191,8 +192,9 @@ def test_kept_rows_are_those_iter_kept_rows_reads(tiny: Tiny) -> None:
 
 
 def test_batches_end_with_the_window_of_the_last_kept_row(tiny: Tiny) -> None:
-    """The last batch is cut after the window holding the last kept row wanted; read ahead in a
-    thread or not, the batches are the same, and stopping early is fine."""
+    """The last batch is cut after the window holding the last kept row wanted; encoded while the
+    next one is read in a thread, each batch gives the entries it gives alone, and stopping early
+    is fine."""
     context = tiny.store.context_size
     for max_rows in (1000, 3 * context):
         selection = RowSelection.of_store(tiny.store, max_rows)
@@ -201,13 +203,17 @@ def test_batches_end_with_the_window_of_the_last_kept_row(tiny: Tiny) -> None:
         assert inline[-1].start + inline[-1].x.shape[0] == (last_kept // context + 1) * context
         assert all(b.x.shape[0] == b.tokens.shape[0] == b.keep.shape[0] for b in inline)
         assert sum(int(b.keep.sum()) for b in inline) == max_rows
-        ahead = list(window_batches(tiny.store, TINY_HOOK, selection, 3, prefetch=True))
+        ahead = list(encoded_reading_ahead(tiny.sae, window_batches(tiny.store, TINY_HOOK, selection, 3),
+                                           torch.device("cpu"), context))
         assert len(ahead) == len(inline)
-        for mine, theirs in zip(inline, ahead, strict=True):
-            assert mine.start == theirs.start and torch.equal(mine.x, theirs.x)
-            assert torch.equal(mine.tokens, theirs.tokens) and torch.equal(mine.keep, theirs.keep)
-    first = next(window_batches(tiny.store, TINY_HOOK, RowSelection.of_store(tiny.store), 2, prefetch=True))
-    assert first.start == 0 and first.x.shape[0] == 2 * context
+        for batch, theirs in zip(inline, ahead, strict=True):
+            mine = encode_batch(tiny.sae, batch, context)
+            assert mine.batch.start == theirs.batch.start and torch.equal(mine.batch.keep, theirs.batch.keep)
+            assert torch.equal(mine.local, theirs.local) and torch.equal(mine.values, theirs.values)
+    selection = RowSelection.of_store(tiny.store)
+    first = next(encoded_reading_ahead(tiny.sae, window_batches(tiny.store, TINY_HOOK, selection, 2),
+                                       torch.device("cpu"), context))
+    assert first.batch.start == 0 and first.batch.x.shape[0] == 2 * context
 
 
 def test_sparse_encoding_equals_dense_encode(tiny: Tiny) -> None:
@@ -485,3 +491,6 @@ def test_native_bookkeeping_refuses_an_index_out_of_range() -> None:
         native_analysis.slot_offer(torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([0, 1]),
                                    table_keys, table_rows, torch.full((2,), 1 << 32), torch.full((2, 2), -1))
     assert (table_rows == -1).all()
+    with pytest.raises(IndexError, match="out of range"):  # a query row past the batch's 2 rows
+        native_analysis.window_contexts(torch.tensor([0, 1, 2]), torch.tensor([2, 3]), torch.ones(2),
+                                        torch.tensor([5, 6]), torch.tensor([2]), torch.tensor([3]), 2, 1, 1)
