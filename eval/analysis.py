@@ -131,7 +131,6 @@ class EncodedBatch:
         self.values = values
         """[nnz] float32 > 0: activation."""
         self.d_sae, self.context_size = d_sae, context_size
-        self._keys = self.local * d_sae + self.features  # [nnz] ascending
         self._row_start: torch.Tensor | None = None  # [rows + 1] each row's first entry, when needed
 
     @property
@@ -159,14 +158,15 @@ class EncodedBatch:
         On a CPU a native binary search within each row's entries (sae/kernels/sparse_lookup.c):
         the search over all of the batch's entries was analysis' largest cost after the encoder
         (searchsorted 1.1 s and its gathers 0.8 s of 23 s, demo SAE, 131,072 tokens)."""
-        if self._keys.numel() == 0:
+        if self.values.numel() == 0:
             return torch.zeros(local.shape, device=local.device)
         found = native_sparse.sparse_lookup(self.row_start, self.features, self.values, local, features)
         if found is not None:
             return found
+        keys = self.local * self.d_sae + self.features  # [nnz] ascending
         wanted = local * self.d_sae + features
-        at = torch.searchsorted(self._keys, wanted).clamp_(max=self._keys.numel() - 1)
-        return torch.where(self._keys[at] == wanted, self.values[at], 0.0)
+        at = torch.searchsorted(keys, wanted).clamp_(max=keys.numel() - 1)
+        return torch.where(keys[at] == wanted, self.values[at], 0.0)
 
     def contexts(self, local: torch.Tensor, features: torch.Tensor, before: int, after: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
