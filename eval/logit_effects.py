@@ -107,21 +107,53 @@ class Neighbours(NamedTuple):
     """[d_sae, k] float32: their decoder cosine similarities, descending (0 where padded)."""
 
 
+NEIGHBOUR_BLOCK = 1024
+"""Features per block of the similarity matrix in `decoder_neighbours`."""
+
+
 @torch.no_grad()
 def decoder_neighbours(W_dec: torch.Tensor, k: int) -> Neighbours:
-    """Nearest decoder directions by cosine, self excluded; chunked [chunk, d_sae] similarities."""
+    """Nearest decoder directions by cosine, self excluded.
+
+    The similarity matrix is symmetric, so it is computed in [NEIGHBOUR_BLOCK, NEIGHBOUR_BLOCK]
+    blocks on and above the diagonal only, each block serving the rows of both its features: 55% of
+    the full product's FLOPs for 9,216 features (0.7 s of the demo analysis' 20 s was the full
+    product), and cos(a, b) is the same number in a's row and in b's. A running top k per row merges
+    the blocks' own top k."""
     d_sae = W_dec.shape[0]
     unit = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)  # [d_sae, d]
     kept = min(k, d_sae - 1)
     ids = torch.full((d_sae, k), -1, dtype=torch.int64)
     cosines = torch.zeros(d_sae, k)
-    chunk = max(1, CHUNK_ELEMENTS // d_sae)
-    for start in range(0, d_sae, chunk):
-        stop = min(start + chunk, d_sae)
-        similar = unit[start:stop] @ unit.T  # [chunk, d_sae]
-        own = torch.arange(start, stop, device=similar.device)
-        similar[own - start, own] = -torch.inf
+    if kept <= 0:
+        return Neighbours(ids, cosines)
+    if d_sae <= NEIGHBOUR_BLOCK:
+        similar = unit @ unit.T  # [d_sae, d_sae]
+        similar.fill_diagonal_(-torch.inf)
         best = similar.topk(kept, dim=1)
-        ids[start:stop, :kept] = best.indices.cpu()
-        cosines[start:stop, :kept] = best.values.cpu()
+        ids[:, :kept], cosines[:, :kept] = best.indices.cpu(), best.values.cpu()
+        return Neighbours(ids, cosines)
+    best_values = torch.full((d_sae, kept), -torch.inf, device=unit.device)
+    best_ids = torch.full((d_sae, kept), -1, dtype=torch.int64, device=unit.device)
+
+    def merge(rows: slice, similar: torch.Tensor, first_column: int) -> None:
+        """Fold the top k of `similar` [rows, columns] (columns from `first_column`) into the rows'."""
+        block = similar.topk(min(kept, similar.shape[1]), dim=1)
+        values = torch.cat([best_values[rows], block.values], dim=1)
+        candidates = torch.cat([best_ids[rows], block.indices + first_column], dim=1)
+        top = values.topk(kept, dim=1)
+        best_values[rows], best_ids[rows] = top.values, candidates.gather(1, top.indices)
+
+    starts = range(0, d_sae, NEIGHBOUR_BLOCK)
+    for i in starts:
+        rows_i = slice(i, min(i + NEIGHBOUR_BLOCK, d_sae))
+        for j in starts[starts.index(i):]:
+            rows_j = slice(j, min(j + NEIGHBOUR_BLOCK, d_sae))
+            similar = unit[rows_i] @ unit[rows_j].T  # [block_i, block_j]
+            if i == j:
+                similar.fill_diagonal_(-torch.inf)
+            merge(rows_i, similar, j)
+            if i != j:
+                merge(rows_j, similar.T, i)
+    ids[:, :kept], cosines[:, :kept] = best_ids.cpu(), best_values.cpu()
     return Neighbours(ids, cosines)

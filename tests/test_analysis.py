@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from saeworks.activations.rows import RowSelection, iter_kept_rows
 from saeworks.activations.store import ActivationStore
-from saeworks.eval import native_analysis
+from saeworks.eval import logit_effects, native_analysis
 from saeworks.eval.analysis import (
     SUB_BINS,
     DistributionPass,
@@ -347,6 +347,20 @@ def test_neighbours_equal_a_dense_computation(tiny: Tiny) -> None:
     assert torch.equal(tiny.analysis.neighbour_ids, best.indices)
     padded = decoder_neighbours(tiny.sae.W_dec.detach()[:4], 5)  # only 3 others
     assert (padded.ids[:, 3:] == -1).all() and (padded.ids[:, :3] >= 0).all()
+
+
+def test_blocked_neighbours_equal_a_dense_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above one block the similarities come in blocks on and above the diagonal, each serving the
+    rows of both its features (a last, partial block too): the same neighbours as the full matrix."""
+    monkeypatch.setattr(logit_effects, "NEIGHBOUR_BLOCK", 64)
+    W_dec = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    unit = torch.nn.functional.normalize(W_dec, dim=1)
+    cosines = unit @ unit.T
+    cosines.fill_diagonal_(-2)
+    best = cosines.topk(7, dim=1)
+    neighbours = decoder_neighbours(W_dec, 7)
+    assert torch.equal(neighbours.ids, best.indices)
+    torch.testing.assert_close(neighbours.cosines, best.values)
 
 
 def test_sample_keys_are_deterministic_and_spread() -> None:
