@@ -10,9 +10,11 @@ to `--replay-bytes` (default 1 GiB) and encodes only the rest again, so the SAE 
 between once and twice: `encode passes` in the output. Then weight-only work: decoder neighbours,
 and logit effects when `--model` loads the store's model. Tokens/s counts the analysed (kept)
 rows over all of that. The limit is one bare [batch, d_in] @ [d_in, d_sae] float32 matmul per
-batch of rows, timed 5 times just before the analysis and 5 times just after it (the median: a
-shared VM's speed drifts within minutes): the analysis cannot beat rows / matmul time / encode
-passes. Prints one line.
+batch of rows, timed after every batch of both passes (the median; the probes' time is taken out
+of the analysis' time: a shared VM's speed drifts by 30% within minutes, so a limit taken before
+and after is not the limit the batches ran under; the next batch's read, which starts after each
+encode, may overlap a probe's first milliseconds): the analysis cannot beat rows / matmul time /
+encode passes. Prints one line.
 """
 
 from __future__ import annotations
@@ -69,17 +71,26 @@ def main() -> None:
         model = load_model(model_cfg, args.device)
     batch = max(1, cfg.batch_size // store.context_size) * store.context_size
     probe = MatmulProbe(batch, sae.d_in, sae.d_sae, sae.W_enc.dtype)
-    probes = [probe() for _ in range(5)]
+    probes: list[float] = []  # each probe's matmul time
+    probing: list[float] = []  # and the wall time of each call
+
+    def probe_after_batch() -> None:
+        start = time.perf_counter()
+        probes.append(probe())
+        probing.append(time.perf_counter() - start)
+
     analysis = analyze_features(sae, store, hook, cfg, model, args.device, progress=False,
-                                replay_bytes=args.replay_bytes)
-    probes += [probe() for _ in range(5)]
+                                replay_bytes=args.replay_bytes, after_batch=probe_after_batch)
     info = analysis.info
-    limit = batch / statistics.median(probes)  # rows/s of one encode, before and after the analysis
+    limit = batch / statistics.median(probes)  # rows/s of one encode, measured between the batches
     encode_rate = batch / encode_seconds(sae, store, hook, batch)
     passes = info["encode_passes"]
-    tokens_per_s = info["tokens_per_s"]
-    per_pass = [info["n_tokens"] / info[f"pass{p}_seconds"] for p in (1, 2)]
-    print(f"analysis: {tokens_per_s:,.0f} tok/s, {sae.d_sae / info['seconds']:,.1f} features/s over "
+    half = len(probing) // 2  # both passes go through the same batches
+    tokens_per_s = info["n_tokens"] / (info["seconds"] - sum(probing))  # the analysis' own time
+    per_pass = [info["n_tokens"] / (info["pass1_seconds"] - sum(probing[:half])),
+                info["n_tokens"] / (info["pass2_seconds"] - sum(probing[half:]))]
+    seconds = info["seconds"] - sum(probing)
+    print(f"analysis: {tokens_per_s:,.0f} tok/s, {sae.d_sae / seconds:,.1f} features/s over "
           f"{info['n_tokens']:,} tokens (d_in {sae.d_in}, d_sae {sae.d_sae}, batch {batch}; "
           f"{info['rows_per_pass']:,} rows per pass, {passes:.2f} encode passes) | encoder matmul limit "
           f"{limit:,.0f} tok/s per encode, {limit / passes:,.0f} for {passes:.2f} | ratio "

@@ -520,12 +520,15 @@ def histogram_quantiles(fine: torch.Tensor, maxima: torch.Tensor, levels: list[f
 
 
 def _run_pass(name: str, add: Callable[[EncodedBatch], None], batches: Iterator[tuple[EncodedBatch, bool]],
-              device: torch.device, total: int, progress: bool) -> tuple[float, int, int]:
+              device: torch.device, total: int, progress: bool,
+              after_batch: Callable[[], None] | None = None) -> tuple[float, int, int]:
     """Feed every (batch, freshly encoded) to `add`; returns (seconds, rows encoded, rows analysed)."""
     start, encoded_rows, kept_rows = time.perf_counter(), 0, 0
     with tqdm(total=total, unit="tok", desc=name, disable=not progress) as bar:
         for encoded, fresh in batches:
             add(encoded)
+            if after_batch is not None:
+                after_batch()
             kept = int(encoded.batch.keep.sum())
             encoded_rows += encoded.batch.tokens.shape[0] if fresh else 0
             kept_rows += kept
@@ -542,13 +545,15 @@ REPLAY_BYTES = 1 << 30
 @torch.no_grad()
 def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, cfg: AnalyzeConfig,
                      model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
-                     progress: bool = True, replay_bytes: int = REPLAY_BYTES) -> FeatureAnalysis:
+                     progress: bool = True, replay_bytes: int = REPLAY_BYTES,
+                     after_batch: Callable[[], None] | None = None) -> FeatureAnalysis:
     """Analyse every latent of `sae` over the first `cfg.max_tokens` kept rows of `hook` in `store`.
 
     The SAE is moved to `device`. `model` (the causal LM the store was harvested with) is used only
     for logit effects; without it, or for a hook outside the residual stream, those are [d_sae, 0].
     Pass 1's non-zero activations are held for pass 2 up to `replay_bytes` (0: encode twice); the
-    result is the same either way.
+    result is the same either way. `after_batch` is called after each batch of both passes, inside
+    their timing (benchmarks/analysis.py times its limit there, under the analysis' conditions).
     """
     device = torch.device(device)
     sae = sae.to(device).eval()
@@ -579,9 +584,10 @@ def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, 
 
     first = TopPass(sae.d_sae, cfg, device)
     seconds1, rows1, n_tokens = _run_pass("analysis pass 1/2", first.add, first_pass(), device, total,
-                                          progress)
+                                          progress, after_batch)
     second = DistributionPass(first, cfg, device)
-    seconds2, rows2, _ = _run_pass("analysis pass 2/2", second.add, second_pass(), device, total, progress)
+    seconds2, rows2, _ = _run_pass("analysis pass 2/2", second.add, second_pass(), device, total, progress,
+                                   after_batch)
     release_workspace()  # the pre-activation buffer of the encodes
     quantiles = histogram_quantiles(second.fine, first.max, list(cfg.quantiles))
     start = time.perf_counter()

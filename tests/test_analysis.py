@@ -272,6 +272,22 @@ def test_max_tokens_limits_the_rows(tiny: Tiny) -> None:
     assert analysis.n_tokens == 700 and analysis.info["rows_per_pass"] < tiny.store.n_tokens
 
 
+def test_after_batch_is_called_after_each_batch_of_both_passes(tiny: Tiny) -> None:
+    """The benchmark's hook: once per batch of each pass (both passes go through the same batches,
+    replayed or encoded again), and the analysis is unchanged."""
+    windows = max(1, tiny.cfg.batch_size // tiny.store.context_size)
+    selection = RowSelection.of_store(tiny.store, tiny.cfg.max_tokens)
+    n_batches = sum(1 for _ in window_batches(tiny.store, TINY_HOOK, selection, windows))
+    calls: list[int] = []
+    for replay_bytes in (1 << 30, 0):
+        calls.clear()
+        analysis = analyze_features(tiny.sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False,
+                                    replay_bytes=replay_bytes, after_batch=lambda: calls.append(1))
+        assert len(calls) == 2 * n_batches > 2
+        assert torch.equal(analysis.count, tiny.analysis.count)
+        assert torch.equal(analysis.top.rows, tiny.analysis.top.rows)
+
+
 def test_state_is_bounded_by_features_times_slots(tiny: Tiny) -> None:
     """No tensor of n_tokens x d_sae: batches are whole windows, every state tensor is per feature."""
     cfg, context, d_sae = tiny.cfg, tiny.store.context_size, tiny.sae.d_sae
