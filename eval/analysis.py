@@ -19,7 +19,9 @@ third pass is needed. A batch is `batch_size // context_size` windows (at least 
 
 Memory: the tables below, O(d_sae x slots); one batch ([batch, d_sae] inside `sae.encode`, then
 only its non-zero entries); the bounded replay. Nothing is ever [n_tokens, d_sae]. All per-batch
-work is batched over the batch's non-zero entries; no Python loop runs per latent.
+work is batched over the batch's non-zero entries; no Python loop runs per latent. On a CPU the
+per-entry bookkeeping (counters, histogram, table candidates and merges, contexts) runs as native
+kernels (eval/native_analysis.py), the same result bit for bit as the torch ops used elsewhere.
 
 Tables (`SlotTable`) keep, per group, the entries with the smallest keys: top-N uses the negated
 activation (ties: the earlier row wins), bands use a seed-free hash of (row, latent), i.e. priority
@@ -225,7 +227,8 @@ def encoded_reading_ahead(sae: SparseAutoencoder, batches: Iterator[WindowBatch]
     this one. The read starts after the encode, not beside it: on a CPU a reading thread takes its
     time from the matmul's threads, which split the work statically (an analysis pass measured 81
     matmul-times for 66 batches with the read beside the encode, 76 with it in line, 3 rounds,
-    2 threads), while the caller's bookkeeping runs on one thread and leaves a core to the read."""
+    2 threads), while the caller's bookkeeping runs on one thread and leaves a core to the read
+    (262,144 tokens of the demo: 1.1 s of reads, none of it waited for)."""
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(next, batches, None)
         while (batch := pending.result()) is not None:
