@@ -5,7 +5,8 @@
  *                    their latent's worst top-N key (the candidates for the top-N table);
  *   band_candidates  pass 2: the fine histogram; each entry's band, its sample key, and the
  *                    entries that beat their band's worst sample and are not in the top-N;
- *   slot_offer       a SlotTable merge: per group the `slots` smallest (key, row) pairs.
+ *   slot_offer       a SlotTable merge: per group the `slots` smallest (key, row) pairs;
+ *   window_contexts  the context tokens and activations of the entries that enter a table.
  *
  * Each computes what the torch code in eval/analysis.py computes, bit for bit (the same float32
  * operations in the same order; the sum in entry order, as index_add_ adds). Serial: entries of one
