@@ -51,7 +51,7 @@ from saeworks.activations.store import TOKEN_IDS, ActivationStore, StoreError, t
 from saeworks.eval.config import AnalyzeConfig
 from saeworks.eval.features import Contexts, FeatureAnalysis
 from saeworks.eval.logit_effects import LogitEffects, decoder_neighbours, model_logit_effects
-from saeworks.eval.native_analysis import Entries, band_candidates, slot_offer, top_stats, window_contexts
+from saeworks.eval.native_analysis import Entries, band_candidates, slot_offer, top_stats
 from saeworks.sae import native_sparse
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.sparse import release_workspace
@@ -174,10 +174,11 @@ class EncodedBatch:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [n, C] int32 (-1 outside the window) and latent activations [n, C] float32 (0 outside)
         at offsets -before..after of each (row, latent), within the row's window. On a CPU one native
-        pass (eval/kernels/analysis_tables.c; ~a dozen [n, C] torch ops were 0.8-1.8 s of an analysis
+        pass (sae/kernels/sparse_lookup.c; ~a dozen [n, C] torch ops were 0.8-1.8 s of an analysis
         of 131,072 tokens, most in its first batches, where most candidates enter the tables)."""
-        native = window_contexts(self.row_start, self.features, self.values, self.batch.tokens,
-                                 local.contiguous(), features.contiguous(), self.context_size, before, after)
+        native = native_sparse.sparse_window_lookup(self.row_start, self.features, self.values,
+                                                    self.batch.tokens, local, features, self.context_size,
+                                                    before, after)
         if native is not None:
             return native
         offsets = torch.arange(-before, after + 1, device=local.device)  # [C]

@@ -28,7 +28,6 @@ SIGNATURES: dict[str, list[Any]] = {
     "band_candidates": [_PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64,
                         _PTR, _I64, _PTR, _PTR, _PTR, _PTR],
     "slot_offer": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "window_contexts": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR],
 }
 
 
@@ -136,26 +135,3 @@ def slot_offer(groups: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, tab
                             table_rows.data_ptr(), worst_keys.data_ptr(), owner.data_ptr(),
                             slot_of.data_ptr()), "slot_offer")
     return slot_of
-
-
-def window_contexts(row_start: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
-                    tokens: torch.Tensor, query_rows: torch.Tensor, query_features: torch.Tensor,
-                    context_size: int, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Tokens [n, C] int32 (-1 outside the row's window) and activations [n, C] float32 of each
-    (query_rows, query_features) [n] pair's latent at offsets -before..after, the batch (tokens
-    [rows] int64, entries row by row: row_start [rows + 1], features [nnz] ascending within a row,
-    values [nnz]) made of whole windows of `context_size` rows. None: not applicable."""
-    if any(t.dtype != torch.int64 for t in (row_start, features, tokens, query_rows, query_features)) \
-            or values.dtype != torch.float32:
-        return None
-    lib = _library(row_start, features, values, tokens, query_rows, query_features)
-    if lib is None:
-        return None
-    width = before + 1 + after
-    out_tokens = torch.empty(query_rows.shape[0], width, dtype=torch.int32)
-    out_acts = torch.empty(query_rows.shape[0], width, dtype=torch.float32)
-    _checked(lib.window_contexts(row_start.data_ptr(), row_start.shape[0] - 1, features.data_ptr(),
-                                 values.data_ptr(), tokens.data_ptr(), query_rows.data_ptr(),
-                                 query_features.data_ptr(), query_rows.shape[0], context_size, before,
-                                 after, out_tokens.data_ptr(), out_acts.data_ptr()), "window_contexts")
-    return out_tokens, out_acts

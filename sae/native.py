@@ -47,6 +47,8 @@ SIGNATURES: dict[str, list[Any]] = {  # the last argument of each but sort_by_la
     "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64],
     "sort_by_latent": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "sparse_lookup": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64],
+    "sparse_window_lookup": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR,
+                             _I64],
     "sparse_row_dots": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
     "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
 }

@@ -112,6 +112,33 @@ def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch
     return out.view(query_rows.shape)
 
 
+def sparse_window_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
+                         tokens: torch.Tensor, query_rows: torch.Tensor, query_features: torch.Tensor,
+                         window: int, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each query's latent around its row: tokens [n, C] int32 (-1 outside the row's window) and
+    values [n, C] float32 (0 outside or where inactive) at rows query_rows - before .. + after
+    (C = before + 1 + after) of a sparse matrix held row by row (as `sparse_lookup`) whose rows are
+    consecutive windows of `window` rows, tokens [rows] int64 its rows' tokens; query_rows and
+    query_features [n] int64. None where the kernel does not apply."""
+    tensors = (row_start, features, values, tokens, query_rows, query_features)
+    if any(t.device.type != "cpu" for t in tensors) or values.dtype != torch.float32 \
+            or any(t.dtype != torch.int64 for t in tensors if t is not values):
+        return None
+    lib = native.library("sparse_lookup")
+    if lib is None:
+        return None
+    start, feats, vals, toks, rows_flat, features_flat = (t.contiguous() for t in tensors)
+    width = before + 1 + after
+    out_tokens = torch.empty(rows_flat.shape[0], width, dtype=torch.int32)
+    out_values = torch.empty(rows_flat.shape[0], width, dtype=torch.float32)
+    if rows_flat.numel() and lib.sparse_window_lookup(
+            start.data_ptr(), len(start) - 1, feats.data_ptr(), vals.data_ptr(), toks.data_ptr(),
+            rows_flat.data_ptr(), features_flat.data_ptr(), rows_flat.shape[0], window, before, after,
+            out_tokens.data_ptr(), out_values.data_ptr(), threads()):
+        raise IndexError(f"a query row is outside [0, {len(start) - 1})")
+    return out_tokens, out_values
+
+
 def decoder_backward_applies(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> bool:
     """Whether `sparse_row_dots` and `sparse_outer` will run for this decode's backward."""
     return _library(indices, values, W_dec) is not None

@@ -102,3 +102,20 @@ def test_a_lookup_row_outside_the_matrix_is_an_error_not_a_crash() -> None:
     assert found is not None and found.tolist() == [1.0, 0.0, 1.0, 0.0]
     with pytest.raises(IndexError, match=r"outside \[0, 2\)"):
         native_sparse.sparse_lookup(row_start, features, values, torch.tensor([2]), torch.tensor([1]))
+
+
+@needs_compiler
+def test_a_window_lookup_stays_inside_each_query_rows_window() -> None:
+    """Rows in windows of 2: row 1's window is rows 0-1, row 2's rows 2-3; a row past the end is an
+    IndexError."""
+    row_start = torch.tensor([0, 2, 3, 4, 4])  # row 0: latents 1, 4; row 1: 2; row 2: 1; row 3: none
+    features, values = torch.tensor([1, 4, 2, 1]), torch.tensor([1.0, 2.0, 3.0, 5.0])
+    tokens = torch.tensor([10, 11, 12, 13])
+    found = native_sparse.sparse_window_lookup(row_start, features, values, tokens, torch.tensor([1, 2]),
+                                               torch.tensor([1, 1]), 2, 1, 1)
+    assert found is not None
+    assert found[0].tolist() == [[10, 11, -1], [-1, 12, 13]]
+    assert found[1].tolist() == [[1.0, 0.0, 0.0], [0.0, 5.0, 0.0]]
+    with pytest.raises(IndexError, match=r"outside \[0, 4\)"):
+        native_sparse.sparse_window_lookup(row_start, features, values, tokens, torch.tensor([4]),
+                                           torch.tensor([1]), 2, 1, 1)

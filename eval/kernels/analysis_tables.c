@@ -5,8 +5,8 @@
  *                    their latent's worst top-N key (the candidates for the top-N table);
  *   band_candidates  pass 2: the fine histogram; each entry's band, its sample key, and the
  *                    entries that beat their band's worst sample and are not in the top-N;
- *   slot_offer       a SlotTable merge: per group the `slots` smallest (key, row) pairs;
- *   window_contexts  the context tokens and activations of the entries that enter a table.
+ *   slot_offer       a SlotTable merge: per group the `slots` smallest (key, row) pairs.
+ * (The contexts of the entries that enter a table: sparse_window_lookup in sae/kernels.)
  *
  * Each computes what the torch code in eval/analysis.py computes, bit for bit (the same float32
  * operations in the same order; the sum in entry order, as index_add_ adds). Serial: entries of one
@@ -144,41 +144,4 @@ int64_t slot_offer(const int64_t *groups, const int64_t *keys, const int64_t *ro
         }
     }
     return entered;
-}
-
-/* The context of each (row, latent) query: tokens [n, width] (int32, -1 outside the row's window)
- * and the latent's activations [n, width] (0 outside, 0 where inactive) at offsets -before..after,
- * the batch's rows whole windows of `context` rows. Entries are held row by row (row_start
- * [rows + 1]; features ascending within a row): a binary search within the row. */
-int64_t window_contexts(const int64_t *row_start, int64_t rows, const int64_t *features,
-                        const float *values, const int64_t *tokens, const int64_t *query_rows,
-                        const int64_t *query_features, int64_t n, int64_t context, int64_t before,
-                        int64_t after, int32_t *out_tokens, float *out_acts) {
-    const int64_t width = before + 1 + after;
-    for (int64_t i = 0; i < n; i++) {
-        if (query_rows[i] < 0 || query_rows[i] >= rows) return -1;
-    }
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t r = query_rows[i], f = query_features[i], position = r % context;
-        int32_t *row_tokens = out_tokens + i * width;
-        float *row_acts = out_acts + i * width;
-        for (int64_t c = 0; c < width; c++) {
-            const int64_t offset = c - before, target = r + offset;
-            if (position + offset < 0 || position + offset >= context || target >= rows) {
-                row_tokens[c] = -1;
-                row_acts[c] = 0.0f;
-                continue;
-            }
-            row_tokens[c] = (int32_t)tokens[target];
-            int64_t lo = row_start[target], hi = row_start[target + 1];
-            const int64_t end = hi;
-            while (lo < hi) {
-                const int64_t mid = lo + (hi - lo) / 2;
-                if (features[mid] < f) lo = mid + 1;
-                else hi = mid;
-            }
-            row_acts[c] = lo < end && features[lo] == f ? values[lo] : 0.0f;
-        }
-    }
-    return n;
 }
