@@ -220,11 +220,19 @@ def test_sparse_encoding_equals_dense_encode(tiny: Tiny) -> None:
     selection = RowSelection.of_store(tiny.store)
     batch = next(window_batches(tiny.store, TINY_HOOK, selection, 4))
     relu = create_sae(SAEConfig(architecture="relu", d_sae=64).resolved(tiny.sae.d_in))
-    for sae in (tiny.sae, relu):  # TopK's own path, and the generic one
+    sparse_top_k = copy.deepcopy(tiny.sae)  # some of the k selected are not positive: inactive
+    with torch.no_grad():
+        sparse_top_k.b_enc -= sparse_top_k.pre_activations(batch.x).topk(2, dim=1).values[:, 1].median()
+    rows, k = batch.x.shape[0], sparse_top_k.cfg.k
+    for sae in (tiny.sae, sparse_top_k, relu):  # TopK's own path (all active or not), the generic one
         encoded = encode_batch(sae, batch, tiny.store.context_size)
         dense = torch.zeros(batch.x.shape[0], sae.d_sae)
         dense[encoded.local, encoded.features] = encoded.values
         torch.testing.assert_close(dense, sae.encode(batch.x).detach())
+        assert (encoded.values > 0).all()
+        assert (encoded.local.diff() >= 0).all() and encoded.row_start[-1] == encoded.values.shape[0]
+    assert encode_batch(tiny.sae, batch, tiny.store.context_size).values.shape[0] == rows * k
+    assert 0 < encode_batch(sparse_top_k, batch, tiny.store.context_size).values.shape[0] < rows * k
 
 
 def test_analysis_equals_dense_computation(tiny: Tiny) -> None:
