@@ -7,6 +7,7 @@ Nothing else in the package talks to `torch.distributed` directly.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,7 +39,17 @@ def _launched_distributed() -> bool:
 def _state(cpu: bool):  # type: ignore[no-untyped-def]
     from accelerate import PartialState
 
-    return PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu)
+    atexit.register(_end_process_group)
+    return state
+
+
+def _end_process_group() -> None:
+    """Destroy the process group before the interpreter exits (registered when it starts). Left to
+    teardown, gloo's threads were once destroyed while still joinable: "terminate called without an
+    active exception", SIGABRT, and a launch that had done all its work reported as failed."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def rank_info(device: str = "auto") -> RankInfo:

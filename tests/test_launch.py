@@ -13,6 +13,7 @@ saw (its environment, the group's backend, an all-reduce) in OUT/rank{RANK}.json
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -49,9 +50,13 @@ def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
 
 
 def probe(out: Path) -> None:
-    """One launched rank: what saeworks' rank logic makes of this process, and one all-reduce."""
+    """One launched rank: what saeworks' rank logic makes of this process, and one all-reduce; at
+    exit, after saeworks' own exit handler (handlers run last registered first), whether the group
+    is still up."""
     from saeworks.sae.distributed import all_reduce_sum, rank_info
 
+    atexit.register(lambda: (out / f"exit{os.environ['RANK']}.json").write_text(
+        json.dumps({"group_at_exit": torch.distributed.is_initialized()})))
     info = rank_info("cpu")
     total = all_reduce_sum(torch.tensor([float(info.rank + 1)]))
     seen = {"pid": os.getpid(), "rank": info.rank, "world_size": info.world_size,
@@ -74,6 +79,8 @@ def test_the_config_starts_two_cpu_processes_in_one_gloo_group(tmp_path: Path) -
         assert rank_seen["group"] and rank_seen["backend"] == "gloo" and rank_seen["device"] == "cpu"
         assert rank_seen["all_reduce_sum_of_rank_plus_1"] == 3.0  # 1 + 2: both ranks took part
     assert seen[0]["env"]["MASTER_PORT"] == seen[1]["env"]["MASTER_PORT"] != "0"  # a free port, chosen once
+    for rank in (0, 1):  # each rank destroyed its group before exiting
+        assert json.loads((tmp_path / f"exit{rank}.json").read_text()) == {"group_at_exit": False}
 
 
 def test_two_process_harvest_writes_the_one_process_store(tmp_path: Path) -> None:
