@@ -44,6 +44,41 @@ int64_t sort_by_latent(const int64_t *indices, const float *weights, int64_t n, 
     return 0;
 }
 
+typedef float Floats16 __attribute__((vector_size(64)));  /* one AVX-512 register, or four SSE ones */
+_Static_assert(CHUNK == 32, "latent_chunk_sum sums a chunk as two 16-float halves");
+
+static inline Floats16 load16(const float *from) {
+    Floats16 v;
+    memcpy(&v, from, sizeof v);  /* unaligned */
+    return v;
+}
+
+/* sum [CHUNK] = sum over sorted entries [begin, end) of weight * dense[row] [CHUNK] (dense already
+ * at the chunk's first column; row stride d). The sums stay in registers, two entries at a time
+ * into two pairs of them: the plain loop kept them in memory, a chain of loads, adds and stores
+ * per entry (one sparse_outer over [4096, 576], k 32, d_sae 9216: 14.2 -> 8.8 ms, 2 threads). */
+static inline void latent_chunk_sum(const int64_t *rows, const float *sorted_weights, const float *dense,
+                                    int64_t d, int64_t begin, int64_t end, float *sum) {
+    Floats16 even_low = {0}, even_high = {0}, odd_low = {0}, odd_high = {0};
+    int64_t i = begin;
+    for (; i + 1 < end; i += 2) {
+        const float *even = dense + rows[i] * d, *odd = dense + rows[i + 1] * d;
+        even_low += sorted_weights[i] * load16(even);
+        even_high += sorted_weights[i] * load16(even + 16);
+        odd_low += sorted_weights[i + 1] * load16(odd);
+        odd_high += sorted_weights[i + 1] * load16(odd + 16);
+    }
+    if (i < end) {
+        const float *last = dense + rows[i] * d;
+        even_low += sorted_weights[i] * load16(last);
+        even_high += sorted_weights[i] * load16(last + 16);
+    }
+    even_low += odd_low;
+    even_high += odd_high;
+    memcpy(sum, &even_low, sizeof even_low);
+    memcpy(sum + 16, &even_high, sizeof even_high);
+}
+
 /* Latents [s_begin, s_end) of M^T @ dense (dense [batch, d]): into out [d_sae, d] rows, or with
  * transposed != 0 into out [d, d_sae] columns. The columns of dense go CHUNK at a time, so that the
  * rows every latent gathers are read from cache, not memory (a latent's entries sit on random
@@ -57,15 +92,17 @@ static void sparse_outer_span(const int64_t *offsets, const int64_t *rows, const
         for (int64_t s0 = s_begin; s0 < s_end; s0 += LATENTS) {
             const int64_t count = s_end - s0 < LATENTS ? s_end - s0 : LATENTS;
             for (int64_t t = 0; t < count; t++) {
+                if (width == CHUNK) {
+                    latent_chunk_sum(rows, sorted_weights, dense + c0, d, offsets[s0 + t],
+                                     offsets[s0 + t + 1], acc[t]);
+                    continue;
+                }
                 float *restrict sum = acc[t];
                 memset(sum, 0, sizeof acc[t]);
                 for (int64_t i = offsets[s0 + t]; i < offsets[s0 + t + 1]; i++) {
                     const float w = sorted_weights[i];
                     const float *restrict row = dense + rows[i] * d + c0;
-                    if (width == CHUNK)
-                        for (int64_t c = 0; c < CHUNK; c++) sum[c] += w * row[c];
-                    else
-                        for (int64_t c = 0; c < width; c++) sum[c] += w * row[c];
+                    for (int64_t c = 0; c < width; c++) sum[c] += w * row[c];
                 }
             }
             if (transposed) {  /* column c0 + c of the LATENTS latents: one contiguous run */
