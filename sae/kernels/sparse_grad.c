@@ -120,27 +120,26 @@ static void sparse_outer_span(const int64_t *offsets, const int64_t *rows, const
 
 /* Rows [b_begin, b_end) of out [batch, k]: out[b, j] = dense[b] . table[indices[b, j]], table
  * [n, d] (the values' gradient of an embedding-bag decode: grad_x_hat[b] . W_dec[latent]).
- * Four 16-float running sums: one would wait on its own adds (a chain of d / 16 of them). */
+ * Four 16-float running sums: one would wait on its own adds (a chain of d / 16 of them); as vector
+ * types they stay in registers (as float arrays: 10.5-12.6 -> 8.2-10.1 ms over [4096, 576], k 32). */
 static void sparse_row_dots_span(const int64_t *indices, const float *table, const float *dense,
                                  int64_t k, int64_t d, int64_t b_begin, int64_t b_end, float *out) {
     for (int64_t b = b_begin; b < b_end; b++) {
         const float *restrict x = dense + b * d;
         for (int64_t j = 0; j < k; j++) {
             const float *restrict w = table + indices[b * k + j] * d;
-            float p0[16] = {0}, p1[16] = {0}, p2[16] = {0}, p3[16] = {0};
+            Floats16 p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};
             int64_t c = 0;
-            for (; c + 64 <= d; c += 64)
-                for (int64_t t = 0; t < 16; t++) {
-                    p0[t] += x[c + t] * w[c + t];
-                    p1[t] += x[c + 16 + t] * w[c + 16 + t];
-                    p2[t] += x[c + 32 + t] * w[c + 32 + t];
-                    p3[t] += x[c + 48 + t] * w[c + 48 + t];
-                }
-            for (; c + 16 <= d; c += 16)
-                for (int64_t t = 0; t < 16; t++) p0[t] += x[c + t] * w[c + t];
+            for (; c + 64 <= d; c += 64) {
+                p0 += load16(x + c) * load16(w + c);
+                p1 += load16(x + c + 16) * load16(w + c + 16);
+                p2 += load16(x + c + 32) * load16(w + c + 32);
+                p3 += load16(x + c + 48) * load16(w + c + 48);
+            }
+            for (; c + 16 <= d; c += 16) p0 += load16(x + c) * load16(w + c);
             float sum = 0.0f;
             for (; c < d; c++) sum += x[c] * w[c];
-            for (int64_t t = 0; t < 16; t++) p0[t] += p1[t] + p2[t] + p3[t];
+            p0 += p1 + p2 + p3;
             for (int64_t t = 0; t < 16; t++) sum += p0[t];
             out[b * k + j] = sum;
         }
