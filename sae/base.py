@@ -123,4 +123,25 @@ class SparseAutoencoder(nn.Module, ABC):
 
 def mse_per_row(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Squared error summed over d_in, averaged over rows (scalar)."""
-    return (x_hat - x).pow(2).sum(dim=-1).mean()
+    return _MsePerRow.apply(x, x_hat)
+
+
+class _MsePerRow(torch.autograd.Function):
+    """`mse_per_row` with a backward of one product, 2 (x_hat - x) * grad / rows, from the error the
+    forward keeps: autograd's chain (mean, sum, pow and sub backwards) made four passes over
+    [rows, d_in] (a TopK step at batch 4,096, d_in 576: about 3 ms of its ~100 outside the matmul)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        error = x_hat - x  # [rows, d_in]
+        ctx.save_for_backward(error)
+        ctx.dtypes = x.dtype, x_hat.dtype
+        return error.pow(2).sum(dim=-1).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        (error,) = ctx.saved_tensors
+        grad_x_hat = error * (grad * (2.0 / error.shape[0]))  # [rows, d_in]
+        x_dtype, x_hat_dtype = ctx.dtypes
+        return (-grad_x_hat.to(x_dtype) if ctx.needs_input_grad[0] else None,
+                grad_x_hat.to(x_hat_dtype) if ctx.needs_input_grad[1] else None)

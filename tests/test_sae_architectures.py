@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput
+from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
 from saeworks.sae.batchtopk import BatchTopKSAE, batch_topk
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.configio import ConfigError
@@ -215,6 +215,26 @@ def dense_reference(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor)
     residual = (x - x_hat).detach()
     aux = (aux_latents @ sae.W_dec - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
     return x_hat, recon + sae.cfg.aux_coefficient * aux
+
+
+def test_mse_per_row_gives_autograds_value_and_gradients() -> None:
+    """Its one-product backward equals autograd's chain for both inputs; gradients come back in
+    each input's own dtype (a bfloat16 reconstruction against float32 activations)."""
+    torch.manual_seed(0)
+    x, x_hat = torch.randn(37, 11, dtype=torch.float64), torch.randn(37, 11, dtype=torch.float64)
+    mine_x, mine_hat = x.clone().requires_grad_(), x_hat.clone().requires_grad_()
+    theirs_x, theirs_hat = x.clone().requires_grad_(), x_hat.clone().requires_grad_()
+    mine = mse_per_row(mine_x, mine_hat)
+    theirs = (theirs_hat - theirs_x).pow(2).sum(dim=-1).mean()
+    assert torch.equal(mine, theirs)
+    (3.0 * mine).backward()
+    (3.0 * theirs).backward()
+    for got, want in ((mine_x.grad, theirs_x.grad), (mine_hat.grad, theirs_hat.grad)):
+        assert got is not None and want is not None
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    low = x_hat.bfloat16().requires_grad_()
+    mse_per_row(x.float(), low).backward()
+    assert low.grad is not None and low.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("apply_b_dec", [True, False])
