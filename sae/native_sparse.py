@@ -94,11 +94,7 @@ def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch
     """The values at (query_rows, query_features) (any one shape, 0 where absent) of a sparse
     matrix held row by row (row_start [rows + 1]; features [nnz] int64, ascending within each row;
     values [nnz] float32); None where the kernel does not apply."""
-    tensors = (row_start, features, values, query_rows, query_features)
-    if any(t.device.type != "cpu" for t in tensors) or values.dtype != torch.float32 \
-            or any(t.dtype != torch.int64 for t in (row_start, features, query_rows, query_features)):
-        return None
-    lib = native.library("sparse_lookup")
+    lib = _lookup_library(values, row_start, features, query_rows, query_features)
     if lib is None:
         return None
     rows_flat = query_rows.contiguous().view(-1)
@@ -120,14 +116,11 @@ def sparse_window_lookup(row_start: torch.Tensor, features: torch.Tensor, values
     (C = before + 1 + after) of a sparse matrix held row by row (as `sparse_lookup`) whose rows are
     consecutive windows of `window` rows, tokens [rows] int64 its rows' tokens; query_rows and
     query_features [n] int64. None where the kernel does not apply."""
-    tensors = (row_start, features, values, tokens, query_rows, query_features)
-    if any(t.device.type != "cpu" for t in tensors) or values.dtype != torch.float32 \
-            or any(t.dtype != torch.int64 for t in tensors if t is not values):
-        return None
-    lib = native.library("sparse_lookup")
+    lib = _lookup_library(values, row_start, features, tokens, query_rows, query_features)
     if lib is None:
         return None
-    start, feats, vals, toks, rows_flat, features_flat = (t.contiguous() for t in tensors)
+    start, feats, vals, toks, rows_flat, features_flat = (
+        t.contiguous() for t in (row_start, features, values, tokens, query_rows, query_features))
     width = before + 1 + after
     out_tokens = torch.empty(rows_flat.shape[0], width, dtype=torch.int32)
     out_values = torch.empty(rows_flat.shape[0], width, dtype=torch.float32)
@@ -137,6 +130,15 @@ def sparse_window_lookup(row_start: torch.Tensor, features: torch.Tensor, values
             out_tokens.data_ptr(), out_values.data_ptr(), threads()):
         raise IndexError(f"a query row is outside [0, {len(start) - 1})")
     return out_tokens, out_values
+
+
+def _lookup_library(values: torch.Tensor, *indices: torch.Tensor) -> Any:
+    """sae/kernels/sparse_lookup.c where it applies (every tensor on the CPU, float32 values,
+    int64 indices), else None."""
+    if values.device.type != "cpu" or values.dtype != torch.float32 \
+            or any(t.device.type != "cpu" or t.dtype != torch.int64 for t in indices):
+        return None
+    return native.library("sparse_lookup")
 
 
 def decoder_backward_applies(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> bool:
