@@ -31,7 +31,8 @@ from typing import Any
 from saeworks.sae.paths import cache_root
 
 KERNELS_DIR = Path(__file__).parent / "kernels"
-BASE_FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC")
+BASE_FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
+"""-fno-math-errno: sqrtf vectorises (no kernel reads errno)."""
 NATIVE_FLAGS = ("-march=native",)
 """Vectorise for this CPU; some ARM toolchains refuse it."""
 OPENMP_FLAGS = ("-fopenmp",)
@@ -51,6 +52,9 @@ SIGNATURES: dict[str, list[Any]] = {  # the last argument of each but sort_by_la
                              _I64],
     "sparse_row_dots": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
     "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
+    "row_squares": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
+    "adam_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_double, ctypes.c_double, ctypes.c_double,
+                  ctypes.c_double, ctypes.c_double, ctypes.c_double, _I64, _I64],
 }
 
 _lock = threading.Lock()

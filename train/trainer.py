@@ -46,6 +46,7 @@ from saeworks.train.config import TrainConfig
 from saeworks.train.data import BatchSource, batch_inputs
 from saeworks.train.dead import DeadLatents
 from saeworks.train.errors import TrainingDivergedError, TrainingInterrupted
+from saeworks.train.native_step import native_sae_step, native_step_applies
 from saeworks.train.plan import TrainPlan
 from saeworks.train.schedule import sparsity_coefficient
 
@@ -243,13 +244,19 @@ class Trainer:
         if not self.saes:  # distribute_hooks: this rank holds no SAE
             return
         factor = self.plan.schedule.lr_factor(self.step)
-        for sae, group, lr in zip(self.saes, self.optimizer.param_groups, self.plan.lrs, strict=True):
+        steps = list(zip(self.saes, self.optimizer.param_groups, self.plan.lrs, strict=True))
+        for _, group, lr in steps:
+            group["lr"] = lr * factor
+        if all(native_step_applies(sae, group, self.optimizer) for sae, group, _ in steps):
+            for sae, group, _ in steps:  # the same step in two passes over the tensors
+                native_sae_step(sae, group, self.optimizer, self.grad_clip_norm, self.mesh)
+            return
+        for sae, _, _ in steps:
             sae.project_decoder_grad()
             if self.grad_clip_norm is not None and self.mesh is not None:
                 clip_sharded_grad_norm_(sae, self.grad_clip_norm, self.mesh)
             elif self.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
-            group["lr"] = lr * factor
         self.optimizer.step()
         # zeros, not None: the same gradient tensors every step. With None, backward hands each
         # gradient over (no fill, no add) but allocates them afresh and copies W_enc's transposed
