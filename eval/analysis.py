@@ -14,8 +14,9 @@ twice, and memory stays bounded whatever the number of tokens.
 Batches hold whole windows and every window's rows are encoded, excluded ones too (positions before
 the store's `first_positions`, special tokens: they are not analysed, but they do appear in
 contexts, with the activation the SAE gives them). So the context of any row lies in the batch
-that holds the row: a top-N row or band sample takes its context when it enters its table, and no
-third pass is needed. A batch is `batch_size // context_size` windows (at least one).
+that holds the row: a band sample takes its context when it enters its table, a top-N row when
+pass 2 reaches its batch (most rows that enter the top-N early drop out again), and no third pass
+is needed. A batch is `batch_size // context_size` windows (at least one).
 
 Memory: the tables below, O(d_sae x slots); one batch ([batch, d_sae] inside `sae.encode`, then
 only its non-zero entries); the bounded replay. Nothing is ever [n_tokens, d_sae]. All per-batch
@@ -325,6 +326,8 @@ class SlotTable:
         """[groups, slots] all -1: the native merge's scratch, allocated at its first use."""
         self._native = self.keys.device.type == "cpu"
         """Whether to try the native merge (until it does not apply)."""
+        self._by_row: tuple[torch.Tensor, torch.Tensor] | None = None
+        """fill_contexts: the slots' rows ascending, and their flat (group, slot) indices."""
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys, "values": self.values, "rows": self.rows, "tokens": self.tokens,
@@ -335,9 +338,9 @@ class SlotTable:
         return self.worst_keys[groups]
 
     def offer(self, groups: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-              context_of: ContextFn) -> None:
+              context_of: ContextFn | None) -> None:
         """Merge candidates (in ascending row order) into their groups' slots; `context_of` is asked
-        only for the candidates that get in."""
+        only for the candidates that get in (None: their contexts are filled in later, `fill_contexts`)."""
         if groups.numel() == 0:
             return
         if self._offer_native(groups, keys, values, rows, context_of):
@@ -363,11 +366,12 @@ class SlotTable:
         self.keys[group, slot] = keys[entering]
         self.values[group, slot] = values[entering]
         self.rows[group, slot] = rows[entering]
-        self.tokens[group, slot], self.context[group, slot] = context_of(entering)
+        if context_of is not None:
+            self.tokens[group, slot], self.context[group, slot] = context_of(entering)
         self.worst_keys[affected] = self.keys[affected].amax(dim=1)
 
     def _offer_native(self, groups: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      rows: torch.Tensor, context_of: ContextFn) -> bool:
+                      rows: torch.Tensor, context_of: ContextFn | None) -> bool:
         """`offer` by the native merge (eval/kernels/analysis_tables.c: one pass over the candidates,
         each compared with its group's worst slot): the same entries stay, in other slots; False
         where the kernel does not apply."""
@@ -383,8 +387,28 @@ class SlotTable:
         entering = torch.nonzero(slot_of >= 0).squeeze(1)
         group, slot = groups[entering], slot_of[entering]
         self.values[group, slot] = values[entering]
-        self.tokens[group, slot], self.context[group, slot] = context_of(entering)
+        if context_of is not None:
+            self.tokens[group, slot], self.context[group, slot] = context_of(entering)
         return True
+
+    def fill_contexts(self, encoded: EncodedBatch, before: int, after: int) -> None:
+        """The contexts of the entries on `encoded`'s rows, for a table filled with no `context_of`
+        (its rows final): looked up once per entry that stayed, not per entry that got in."""
+        if self._by_row is None:
+            rows = self.rows.view(-1)
+            order = rows.argsort(stable=True)  # [groups * slots] empty slots (row -1) first
+            self._by_row = rows[order], order
+        sorted_rows, order = self._by_row
+        start = encoded.batch.start
+        bounds = torch.tensor([start, start + encoded.batch.tokens.shape[0]], device=sorted_rows.device)
+        lo, hi = torch.searchsorted(sorted_rows, bounds).tolist()
+        if lo == hi:
+            return
+        slots = order[lo:hi]  # [n] flat (group, slot) indices
+        width = self.tokens.shape[2]
+        tokens, context = encoded.contexts(sorted_rows[lo:hi] - start, slots // self.slots, before, after)
+        self.tokens.view(-1, width)[slots] = tokens
+        self.context.view(-1, width)[slots] = context
 
     def contexts(self, groups_per_row: int = 1) -> Contexts:
         """The table as `Contexts` on the CPU, each group's entries by ascending key (ties: the
@@ -405,7 +429,7 @@ class SlotTable:
 
 
 class TopPass:
-    """Pass 1: count, sum, max and the top-N rows of every latent."""
+    """Pass 1: count, sum, max and the top-N rows of every latent; in pass 2 their contexts."""
 
     def __init__(self, d_sae: int, cfg: AnalyzeConfig, device: torch.device) -> None:
         self.cfg = cfg
@@ -435,9 +459,13 @@ class TopPass:
 
     def _offer(self, encoded: EncodedBatch, local: torch.Tensor, features: torch.Tensor,
                values: torch.Tensor, keys: torch.Tensor) -> None:
-        self.top.offer(features, keys, values, local + encoded.batch.start,
-                       lambda i: encoded.contexts(local[i], features[i], self.cfg.context_before,
-                                                  self.cfg.context_after))
+        # contexts in pass 2 (add_contexts): most entries that get in drop out again (demo SAE:
+        # 710k got in, 184k stayed), and each would cost a window lookup and its table writes
+        self.top.offer(features, keys, values, local + encoded.batch.start, None)
+
+    def add_contexts(self, encoded: EncodedBatch) -> None:
+        """Pass 2: the contexts of the top-N entries on this batch's rows."""
+        self.top.fill_contexts(encoded, self.cfg.context_before, self.cfg.context_after)
 
 
 class DistributionPass:
@@ -593,7 +621,12 @@ def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, 
     seconds1, rows1, n_tokens = _run_pass("analysis pass 1/2", first.add, first_pass(), device, total,
                                           progress, after_batch)
     second = DistributionPass(first, cfg, device)
-    seconds2, rows2, _ = _run_pass("analysis pass 2/2", second.add, second_pass(), device, total, progress,
+
+    def second_add(encoded: EncodedBatch) -> None:
+        first.add_contexts(encoded)
+        second.add(encoded)
+
+    seconds2, rows2, _ = _run_pass("analysis pass 2/2", second_add, second_pass(), device, total, progress,
                                    after_batch)
     release_workspace()  # the pre-activation buffer of the encodes
     quantiles = histogram_quantiles(second.fine, first.max, list(cfg.quantiles))
