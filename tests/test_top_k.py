@@ -87,6 +87,25 @@ def test_bias_top_k_when_all_winners_share_one_block_and_ties() -> None:
     assert (indices[2] >= 0).all() and indices[2].unique().numel() == k  # all tied: k distinct columns
 
 
+@pytest.mark.parametrize("width", [2048, 9216])
+def test_bias_top_k_with_ties_at_the_threshold(width: int) -> None:
+    """Rows whose k-th largest value is tied (a few, or every column: more candidates than the
+    kernel ranks by counting, and more equal block maxima than it counts among): the k largest
+    values, on k distinct columns that hold them."""
+    k = 8
+    pre = torch.zeros(4, width)
+    pre[0, torch.arange(7) * 3] = torch.arange(2.0, 9.0)  # 7 clear winners ...
+    pre[0, 100 + torch.arange(20) * 37] = 1.0  # ... and 20 tied for the last place, in many blocks
+    pre[1, 5 + torch.arange(300) * 5] = 1.0  # 300 tied: more than are ranked by counting
+    pre[2] = -1.0  # every column tied, every block maximum equal
+    pre[3, 11] = 5.0  # one winner, then all tied
+    values, indices = bias_top_k_(pre.clone(), torch.zeros(width), k)
+    want = pre.topk(k, dim=-1).values
+    assert torch.equal(values.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(pre.gather(-1, indices), values)
+    assert all(row.unique().numel() == k for row in indices)
+
+
 def test_bias_top_k_with_nan_rows_answers_as_torch() -> None:
     torch.manual_seed(0)
     pre, bias = torch.randn(6, 2048), torch.randn(2048)
