@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from saeworks.activations.hooks import architecture_of
+from saeworks.sae.sparse import bias_top_k_
 
 CHUNK_ELEMENTS = 1 << 24
 """Largest [features, vocab] or [features, d_sae] block computed at once (64 MiB of float32)."""
@@ -135,12 +136,16 @@ def decoder_neighbours(W_dec: torch.Tensor, k: int) -> Neighbours:
         return Neighbours(ids, cosines)
     best_values = torch.full((d_sae, kept), -torch.inf, device=unit.device)
     best_ids = torch.full((d_sae, kept), -1, dtype=torch.int64, device=unit.device)
+    no_bias = torch.zeros(NEIGHBOUR_BLOCK, device=unit.device)
 
     def merge(rows: slice, similar: torch.Tensor, first_column: int) -> None:
-        """Fold the top k of `similar` [rows, columns] (columns from `first_column`) into the rows'."""
-        block = similar.topk(min(kept, similar.shape[1]), dim=1)
-        values = torch.cat([best_values[rows], block.values], dim=1)
-        candidates = torch.cat([best_ids[rows], block.indices + first_column], dim=1)
+        """Fold the top k of `similar` [rows, columns] (columns from `first_column`) into the rows'.
+        The native top-k where it applies (sae/sparse.py; on a transposed block after a copy):
+        2 + 4 ms for torch.topk on a [1024, 1024] block and its transpose, 2 threads."""
+        block_values, block_ids = bias_top_k_(similar.contiguous(), no_bias[:similar.shape[1]],
+                                              min(kept, similar.shape[1]))  # in no order
+        values = torch.cat([best_values[rows], block_values], dim=1)
+        candidates = torch.cat([best_ids[rows], block_ids + first_column], dim=1)
         top = values.topk(kept, dim=1)
         best_values[rows], best_ids[rows] = top.values, candidates.gather(1, top.indices)
 

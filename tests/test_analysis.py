@@ -373,11 +373,13 @@ def test_neighbours_equal_a_dense_computation(tiny: Tiny) -> None:
     assert (padded.ids[:, 3:] == -1).all() and (padded.ids[:, :3] >= 0).all()
 
 
-def test_blocked_neighbours_equal_a_dense_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("block", "d_sae"), [(64, 200), (512, 1100)])  # torch's top-k; the native one
+def test_blocked_neighbours_equal_a_dense_computation(monkeypatch: pytest.MonkeyPatch, block: int,
+                                                      d_sae: int) -> None:
     """Above one block the similarities come in blocks on and above the diagonal, each serving the
     rows of both its features (a last, partial block too): the same neighbours as the full matrix."""
-    monkeypatch.setattr(logit_effects, "NEIGHBOUR_BLOCK", 64)
-    W_dec = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(logit_effects, "NEIGHBOUR_BLOCK", block)
+    W_dec = torch.randn(d_sae, 16, generator=torch.Generator().manual_seed(0))
     unit = torch.nn.functional.normalize(W_dec, dim=1)
     cosines = unit @ unit.T
     cosines.fill_diagonal_(-2)
