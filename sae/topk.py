@@ -56,8 +56,8 @@ class TopKSAE(SparseAutoencoder):
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
-        pre, _, indices = self.selected_dense(x_centred)  # [batch, d_sae], no graph
-        values = self.active_values(pre, x_centred, indices)  # [batch, k]
+        pre, selected, indices = self.selected_dense(x_centred)  # [batch, d_sae], no graph
+        values = self.active_values(pre, x_centred, indices, selected)  # [batch, k]
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
         mse = mse_per_row(x, x_hat)
         aux = auxk_loss(self, pre, x_centred, x, x_hat, ctx.dead_mask)
@@ -67,10 +67,11 @@ class TopKSAE(SparseAutoencoder):
         return TrainOutput(x_hat, mse + self.cfg.aux_coefficient * aux, mse, x.new_zeros(()), aux,
                            active.sum(dim=1).float().mean(), fired)
 
-    def active_values(self, pre: torch.Tensor, x_centred: torch.Tensor,
-                      indices: torch.Tensor) -> torch.Tensor:
-        """ReLU of the selected pre-activations, differentiable through sparse kernels."""
-        values = selected_pre_activations(pre, x_centred, self.W_enc, self.b_enc, indices)
+    def active_values(self, pre: torch.Tensor, x_centred: torch.Tensor, indices: torch.Tensor,
+                      selected: torch.Tensor | None = None) -> torch.Tensor:
+        """ReLU of the selected pre-activations, differentiable through sparse kernels (`selected`:
+        pre at indices where the selection already has them)."""
+        values = selected_pre_activations(pre, x_centred, self.W_enc, self.b_enc, indices, selected)
         if self.cfg.apply_b_dec_to_input:
             values = encoder_b_dec_grad(values, self.b_dec, self.W_enc, indices)
         return values.relu()

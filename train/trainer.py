@@ -163,8 +163,10 @@ class Trainer:
                                  f"{self.plan.local_batch} per process")
             owner, x = self.plan.owner(hook), x.to(self.device, non_blocking=True)
             gathered = x if owner is None else gather_rows(x, owner)  # [batch_size, d] on the owner
-            if gathered is not None:
-                inputs[hook] = gathered.float() * self.input_scales[hook]
+            if gathered is not None:  # scaled in place where .float() made a copy (a bfloat16 store)
+                scaled = gathered.float()
+                inputs[hook] = scaled.mul_(self.input_scales[hook]) if scaled is not gathered \
+                    else scaled * self.input_scales[hook]
         return inputs
 
     def forward_backward(self, inputs: dict[str, torch.Tensor]) -> StepStats:
