@@ -163,7 +163,7 @@ class Trainer:
                                  f"{self.plan.local_batch} per process")
             owner, x = self.plan.owner(hook), x.to(self.device, non_blocking=True)
             gathered = x if owner is None else gather_rows(x, owner)  # [batch_size, d] on the owner
-            if gathered is not None:  # scaled in place where .float() made a copy (a bfloat16 store)
+            if gathered is not None:  # scaled in place where .float() made a copy (a 16-bit store)
                 scaled = gathered.float()
                 inputs[hook] = scaled.mul_(self.input_scales[hook]) if scaled is not gathered \
                     else scaled * self.input_scales[hook]
