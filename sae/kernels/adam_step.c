@@ -16,23 +16,9 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "team.h"
-
-typedef float Floats16 __attribute__((vector_size(64)));  /* one AVX-512 register, or four SSE ones */
-
-static inline Floats16 load16(const float *from) {
-    Floats16 v;
-    memcpy(&v, from, sizeof v);  /* unaligned */
-    return v;
-}
-
-static inline float total16(Floats16 v) {
-    float sum = 0.0f;
-    for (int lane = 0; lane < 16; lane++) sum += v[lane];
-    return sum;
-}
+#include "vectors.h"
 
 /* sum over c < n of a[c] * b[c], in 32 lanes. */
 static float dot(const float *a, const float *b, int64_t n) {

@@ -28,17 +28,9 @@
 #include <string.h>
 
 #include "team.h"
+#include "vectors.h"
 
 #define COUNTING_MAX 256  /* the most values whose ranks are counted (n^2 / 16 vector compares) */
-
-typedef float Floats16 __attribute__((vector_size(64)));  /* one AVX-512 register, or four SSE ones */
-typedef int32_t Ints16 __attribute__((vector_size(64)));
-
-static inline Floats16 load16(const float *from) {
-    Floats16 v;
-    memcpy(&v, from, sizeof v);  /* unaligned */
-    return v;
-}
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t w = (uint32_t)h << 16;

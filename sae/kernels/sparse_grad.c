@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "team.h"
+#include "vectors.h"
 
 #define CHUNK 32  /* columns of `dense` per pass: [batch, 32] floats stay in a core's L2 */
 #define LATENTS 16  /* latents summed before a store: a transposed store is one 64-byte line */
@@ -44,31 +45,7 @@ int64_t sort_by_latent(const int64_t *indices, const float *weights, int64_t n, 
     return 0;
 }
 
-typedef float Floats16 __attribute__((vector_size(64)));  /* one AVX-512 register, or four SSE ones */
 _Static_assert(CHUNK == 32, "latent_chunk_sum sums a chunk as two 16-float halves");
-
-static inline Floats16 load16(const float *from) {
-    Floats16 v;
-    memcpy(&v, from, sizeof v);  /* unaligned */
-    return v;
-}
-
-typedef float Floats8 __attribute__((vector_size(32)));
-typedef float Floats4 __attribute__((vector_size(16)));
-
-/* The sum of v's 16 lanes by halving (8 + 8, 4 + 4, then 4 scalars): a chain of 16 scalar adds
- * per dot product made them most of sparse_row_dots' time. */
-static inline float total16(Floats16 v) {
-    Floats8 low, high;
-    memcpy(&low, &v, sizeof low);
-    memcpy(&high, (const char *)&v + sizeof low, sizeof high);
-    const Floats8 eight = low + high;
-    Floats4 first, second;
-    memcpy(&first, &eight, sizeof first);
-    memcpy(&second, (const char *)&eight + sizeof first, sizeof second);
-    const Floats4 four = first + second;
-    return (four[0] + four[1]) + (four[2] + four[3]);
-}
 
 /* sum [CHUNK] = sum over sorted entries [begin, end) of weight * dense[row] [CHUNK] (dense already
  * at the chunk's first column; row stride d). The sums stay in registers, two entries at a time
