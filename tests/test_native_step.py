@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from saeworks.sae import native
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.registry import create_sae
@@ -17,6 +18,9 @@ from saeworks.train.native_step import native_sae_step, native_step_applies
 from tests.conftest import torch_threads
 
 D_IN, D_SAE = 48, 160  # d_in not a multiple of the kernels' 32 lanes: the tails count too
+
+pytestmark = pytest.mark.skipif(native.compiler() is None,
+                                reason="no C compiler on this machine: the trainer takes the torch step")
 
 
 def make_sae(architecture: str) -> SparseAutoencoder:
