@@ -28,7 +28,7 @@ from tests.test_hooks import CASES, VOCAB, _model
 
 PROMPT = "The cat sat on the mat"
 COMPLETE = "for i in range(10):"
-"""A prompt whose strongest feature at the last position converges at 64 steps: not all do on
+"""A prompt whose strongest feature at the last position converges at 128 steps: not all do on
 SmolLM2 with a zero baseline (interp/input_attribution.py says by how much they miss)."""
 
 
@@ -57,7 +57,7 @@ def test_integrated_gradients_are_complete_on_the_embedded_model(site: FeatureSi
     feature = int(latents.argmax())  # the strongest feature at the last position
     activation = float(latents[feature])
     assert activation > 0
-    result = integrated_gradients(site, COMPLETE, feature, -1, steps=64)
+    result = integrated_gradients(site, COMPLETE, feature, -1, steps=128)
     assert result.activation == pytest.approx(activation, rel=1e-5)  # it fires: ungated = activation
     difference = result.activation - result.baseline_activation
     assert abs(result.total - difference) <= 0.01 * abs(difference), result.table()
