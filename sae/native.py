@@ -52,6 +52,8 @@ SIGNATURES: dict[str, list[Any]] = {  # the last argument of each but sort_by_la
                              _I64],
     "sparse_row_dots": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
     "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
+    "topk_backward": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                      _PTR, _PTR, _I64],
     "row_squares": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
     "adam_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_double, ctypes.c_double, ctypes.c_double,
                   ctypes.c_double, ctypes.c_double, ctypes.c_double, _I64, _I64],

@@ -89,6 +89,50 @@ def sparse_outer(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tenso
     return out
 
 
+class TopKGradients(NamedTuple):
+    """A TopK step's sparse parameter gradients (`topk_backward`)."""
+
+    W_dec: torch.Tensor
+    """[d_sae, d] sum over entries of value * grad_x_hat[row]."""
+    W_enc: torch.Tensor
+    """[d, d_sae] contiguous (W_enc's layout): sum over entries of grad * x[row]."""
+    b_enc: torch.Tensor
+    """[d_sae] sum over entries of grad."""
+
+
+def topk_backward_applies(indices: torch.Tensor, x: torch.Tensor, W_dec: torch.Tensor) -> bool:
+    """Whether `topk_backward` (and `sparse_row_dots`) will run for a TopK step of this decoder on
+    this centred input."""
+    return x.shape[1:] == W_dec.shape[1:] and x.shape[0] == indices.shape[0] \
+        and _library(indices, None, x, W_dec) is not None
+
+
+def topk_backward(indices: torch.Tensor, values: torch.Tensor, grads: torch.Tensor, x: torch.Tensor,
+                  grad_x_hat: torch.Tensor, d_sae: int) -> TopKGradients | None:
+    """W_dec's, W_enc's and b_enc's gradients of a TopK step from one counting sort of its entries
+    and one pass over them (sae/kernels/sparse_grad.c `topk_backward`): indices [batch, k] int64,
+    values [batch, k] the selected latents' activations, grads [batch, k] the loss's gradient with
+    respect to their pre-activations, x [batch, d] the centred input, grad_x_hat [batch, d] the
+    reconstruction's gradient, all float32. None where the kernel does not apply."""
+    lib = _library(indices, values, x, grad_x_hat)
+    if lib is None or grads.dtype != torch.float32 or grads.numel() != indices.numel() \
+            or grads.device.type != "cpu" or x.shape != grad_x_hat.shape or x.shape[0] != indices.shape[0]:
+        return None
+    batch, k = indices.shape
+    n, d = batch * k, x.shape[1]
+    flat, weights, flat_grads = (t.contiguous() for t in (indices, values, grads))
+    offsets, rows = torch.empty(d_sae + 1, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    sorted_values, sorted_grads = torch.empty(n), torch.empty(n)
+    cursor = torch.empty(d_sae, dtype=torch.int64)
+    out = TopKGradients(torch.empty(d_sae, d), torch.empty(d, d_sae), torch.empty(d_sae))
+    if lib.topk_backward(flat.data_ptr(), weights.data_ptr(), flat_grads.data_ptr(), batch, k, d_sae,
+                         x.data_ptr(), grad_x_hat.data_ptr(), d, out.W_dec.data_ptr(), out.W_enc.data_ptr(),
+                         out.b_enc.data_ptr(), offsets.data_ptr(), rows.data_ptr(), sorted_values.data_ptr(),
+                         sorted_grads.data_ptr(), cursor.data_ptr(), threads()) != 0:
+        raise IndexError(f"a latent index is outside [0, {d_sae}): got {int(flat.min())}..{int(flat.max())}")
+    return out
+
+
 def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
                   query_rows: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor | None:
     """The values at (query_rows, query_features) (any one shape, 0 where absent) of a sparse

@@ -240,6 +240,61 @@ class _SparseDecode(torch.autograd.Function):
         return None, grad_values, grad_W_dec
 
 
+def topk_decode(selected: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                W_dec: torch.Tensor, b_dec: torch.Tensor, indices: torch.Tensor,
+                b_dec_through_encoder: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x_hat [batch, d_in], values [batch, k]) of a TopK step in one differentiable function:
+    values = ReLU(selected) (the pre-activations x_centred @ W_enc + b_enc at `indices`, as the
+    selection found them), x_hat = the sparse decode + b_dec. The same numbers and gradients as
+    `selected_pre_activations` -> `encoder_b_dec_grad` -> ReLU -> `sparse_decode` + b_dec, but the
+    backward sorts the entries by latent once and forms W_dec's, W_enc's and b_enc's gradients in
+    one pass over them (sae/kernels/sparse_grad.c `topk_backward`; the chain sorted twice and
+    passed twice, and added b_enc's and b_dec's per-latent sums separately). `values` carries no
+    gradient. None where the native kernel does not apply (not a CPU, not float32, no compiler):
+    the caller uses the chain."""
+    if not torch.is_grad_enabled() or W_enc.dtype != torch.float32 \
+            or not native_sparse.topk_backward_applies(indices, x_centred.detach(), W_dec.detach()):
+        return None
+    return _TopKDecode.apply(selected, x_centred.detach(), W_enc, b_enc, W_dec, b_dec, indices,
+                             b_dec_through_encoder)
+
+
+class _TopKDecode(torch.autograd.Function):
+    """x_hat = sum_j ReLU(selected[b, j]) W_dec[indices[b, j]] + b_dec, with `topk_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, selected: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor,
+                b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, indices: torch.Tensor,
+                b_dec_through_encoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        values = selected.relu()  # [batch, k] in the selection's dtype (bfloat16 under autocast)
+        weights = values.to(W_dec.dtype)
+        x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=weights, mode="sum") + b_dec
+        ctx.save_for_backward(values, weights, x_centred, W_enc, W_dec, indices)
+        ctx.b_dec_through_encoder = b_dec_through_encoder
+        ctx.mark_non_differentiable(values)
+        return x_hat, values
+
+    @staticmethod
+    def backward(ctx: Any, grad_x_hat: torch.Tensor, _: torch.Tensor | None) -> tuple[Any, ...]:
+        values, weights, x_centred, W_enc, W_dec, indices = ctx.saved_tensors
+        grad = grad_x_hat.float().contiguous()  # [batch, d_in]
+        grad_b_dec = grad.sum(dim=0)
+        grad_values = native_sparse.sparse_row_dots(indices, W_dec.detach(), grad)  # [batch, k]
+        if grad_values is None:  # SAEWORKS_NATIVE turned off between the forward and now
+            grad_values = torch.linalg.vecdot(W_dec.detach()[indices], grad.unsqueeze(1))
+        # ReLU's gradient in the values' dtype, as autograd takes it through the chain's casts
+        grad_pre = torch.where(values > 0, grad_values.to(values.dtype), 0).float()  # [batch, k]
+        grads = native_sparse.topk_backward(indices, weights, grad_pre, x_centred, grad, W_dec.shape[0])
+        if grads is None:
+            grads = native_sparse.TopKGradients(
+                sparse_transpose_matmul(indices, weights.reshape(-1), grad, W_dec.shape[0]),
+                sparse_transpose_matmul(indices, grad_pre.reshape(-1), x_centred, W_dec.shape[0], True),
+                torch.zeros(W_dec.shape[0]).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1)))
+        if ctx.b_dec_through_encoder:  # x_centred = x - b_dec: -W_enc @ (b_enc's gradient)
+            grad_b_dec = torch.addmv(grad_b_dec, W_enc.detach(), grads.b_enc, alpha=-1)
+        return None, None, grads.W_enc, grads.b_enc, grads.W_dec, grad_b_dec, None, None
+
+
 def dense_latents(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
     """Scatter k active latents per row into a dense [batch, d_sae] tensor."""
     return torch.zeros(values.shape[0], d_sae, dtype=values.dtype, device=values.device).scatter_(

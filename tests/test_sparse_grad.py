@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from saeworks.sae import native, native_sparse
 from saeworks.sae.base import TrainContext
 from saeworks.sae.config import SAEConfig
-from saeworks.sae.sparse import sparse_decode, sparse_transpose_matmul
+from saeworks.sae.sparse import (
+    encoder_b_dec_grad,
+    selected_pre_activations,
+    sparse_decode,
+    sparse_transpose_matmul,
+    topk_decode,
+)
 from saeworks.sae.topk import TopKSAE
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler: torch ops only")
@@ -92,6 +98,65 @@ def test_a_training_step_has_the_same_gradients_native_or_not(monkeypatch: pytes
     for name, grad in grads["1"].items():
         torch.testing.assert_close(grad, grads["0"][name], rtol=1e-4, atol=1e-6, msg=name)
     assert grads["1"]["W_enc"].is_contiguous()
+
+
+def _topk_step(sae: TopKSAE, x: torch.Tensor, fused: bool, autocast: bool) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of sum((x_hat - x)^2 * weights) after one TopK selection, through
+    `topk_decode` or through the chain it replaces; the forward under bfloat16 autocast or not, the
+    backward outside it (as the trainer runs them)."""
+    sae.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        x_hat, values = _topk_forward(sae, x, fused)
+    weights = torch.linspace(0.5, 2.0, x.shape[1])  # a gradient that differs per column
+    ((x_hat.float() - x).pow(2) * weights).sum().backward()
+    assert (values > 0).sum() > 0
+    return {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+def _topk_forward(sae: TopKSAE, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x_centred = sae.centred(x)
+    pre, selected, indices = sae.selected_dense(x_centred)
+    if fused:
+        out = topk_decode(selected, x_centred, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, indices,
+                          sae.cfg.apply_b_dec_to_input)
+        assert out is not None, "the fused path should apply to float32 on a CPU"
+        x_hat, values = out
+    else:
+        values = selected_pre_activations(pre, x_centred, sae.W_enc, sae.b_enc, indices, selected)
+        if sae.cfg.apply_b_dec_to_input:
+            values = encoder_b_dec_grad(values, sae.b_dec, sae.W_enc, indices)
+        values = values.relu()
+        x_hat = sparse_decode(indices, values, sae.W_dec) + sae.b_dec
+    return x_hat, values
+
+
+@needs_compiler
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_fused_topk_backward_gives_the_chains_gradients(apply_b_dec: bool, autocast: bool) -> None:
+    """topk_decode's one-sort backward = selected_pre_activations -> encoder_b_dec_grad -> ReLU ->
+    sparse_decode + b_dec through autograd, also under bfloat16 autocast (ReLU's gradient rounded to
+    the selection's dtype in both), with a b_dec that matters (not zero) and some ReLU'd entries."""
+    torch.manual_seed(3)
+    sae = TopKSAE(SAEConfig(d_in=64, d_sae=2048, architecture="topk", k=16, apply_b_dec_to_input=apply_b_dec))
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(64) * 0.3)
+        sae.b_enc.copy_(torch.randn(2048) * 0.5 - 0.6)  # some selected pre-activations negative
+    x = torch.randn(384, 64) * 2
+    fused, chain = _topk_step(sae, x, True, autocast), _topk_step(sae, x, False, autocast)
+    assert set(fused) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, grad in fused.items():
+        torch.testing.assert_close(grad, chain[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert grad.is_contiguous()
+    assert fused["b_dec"].abs().max() > 0 and fused["b_enc"].abs().max() > 0
+
+
+@needs_compiler
+def test_the_fused_topk_backward_names_a_latent_outside_the_dictionary() -> None:
+    indices = torch.tensor([[0, 3], [2, 70]])
+    with pytest.raises(IndexError, match=r"outside \[0, 64\).*0\.\.70"):
+        native_sparse.topk_backward(indices, torch.ones(2, 2), torch.ones(2, 2), torch.ones(2, 8),
+                                    torch.ones(2, 8), 64)
 
 
 @needs_compiler
