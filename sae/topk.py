@@ -17,6 +17,7 @@ from saeworks.sae.sparse import (
     dense_latents,
     dense_pre_activations,
     encoder_b_dec_grad,
+    fired_latents,
     selected_pre_activations,
     sparse_decode,
     top_k,
@@ -68,8 +69,7 @@ class TopKSAE(SparseAutoencoder):
         mse = mse_per_row(x, x_hat)
         aux = auxk_loss(self, pre, x_centred, x, x_hat, ctx.dead_mask)
         active = values > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[active]] = True
+        fired = fired_latents(indices, active, self.d_sae)
         return TrainOutput(x_hat, mse + self.cfg.aux_coefficient * aux, mse, x.new_zeros(()), aux,
                            active.sum(dim=1).float().mean(), fired)
 
