@@ -133,22 +133,62 @@ def suffix_logits(model: nn.Module, input_ids: torch.Tensor, plan: SuffixPlan, e
     """[batch, pos, vocab] logits of the forward on `input_ids` whose activation at the suffix's
     entry is `entry_input` [batch, pos, d] (`capture_activations` of plan.entry_hook), with `edit` applied at
     plan.hook (None: the clean forward), running only the blocks from plan.start on."""
+    logits = _run_suffix(model, input_ids, plan, entry_input, edit, stop_at_head=False)
+    assert logits is not None
+    return logits
+
+
+@torch.no_grad()
+def suffix_head_input(model: nn.Module, input_ids: torch.Tensor, plan: SuffixPlan, entry_input: torch.Tensor,
+                      edit: HookFn | None = None) -> torch.Tensor:
+    """[batch, pos, d]: what the output head (`get_output_embeddings()`) receives in the forward
+    `suffix_logits` runs -- the final norm's output; the head itself never runs, so no [batch,
+    pos, vocab] logits are made (the caller applies the head a few rows at a time)."""
+    head_input = _run_suffix(model, input_ids, plan, entry_input, edit, stop_at_head=True)
+    if head_input is None:
+        raise SuffixError(f"{type(model).__name__}'s forward never called its output head")
+    return head_input
+
+
+class _HeadReached(Exception):
+    """Raised by the head's pre-hook: the forward has computed everything before the head."""
+
+
+def _run_suffix(model: nn.Module, input_ids: torch.Tensor, plan: SuffixPlan, entry_input: torch.Tensor,
+                edit: HookFn | None, stop_at_head: bool) -> torch.Tensor | None:
+    """The suffix forward: its logits, or with stop_at_head its head's input (None if the head
+    never ran)."""
     fns: Mapping[str, HookFn] = {}
     if edit is not None and plan.direct:
         edited = edit(entry_input)
         entry_input = entry_input if edited is None else edited
     elif edit is not None:
         fns = {plan.hook: edit}
-    with _suffix_only(model, plan, entry_input) as state, hooks_attached(model, fns):
-        try:
-            logits = model(input_ids=input_ids, use_cache=False).logits
-        except Exception as err:
-            if state["entered"]:  # a failure of the real blocks, not of skipping the prefix
-                raise
-            raise SuffixError(f"{type(model).__name__} failed before the suffix's entry with its first "
-                              f"{plan.start} blocks skipped: {type(err).__name__}: {err}") from err
+    head_input: list[torch.Tensor] = []
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        head_input.append(args[0])
+        raise _HeadReached
+
+    head = model.get_output_embeddings() if stop_at_head else None  # type: ignore[operator]
+    handle = head.register_forward_pre_hook(stop) if head is not None else None
+    logits = None
+    try:
+        with _suffix_only(model, plan, entry_input) as state, hooks_attached(model, fns):
+            try:
+                logits = model(input_ids=input_ids, use_cache=False).logits
+            except _HeadReached:
+                pass
+            except Exception as err:
+                if state["entered"]:  # a failure of the real blocks, not of skipping the prefix
+                    raise
+                raise SuffixError(f"{type(model).__name__} failed before the suffix's entry with its first "
+                                  f"{plan.start} blocks skipped: {type(err).__name__}: {err}") from err
+    finally:
+        if handle is not None:
+            handle.remove()
     if state["entered"] != 1 or state["skipped"] != plan.start:
         raise SuffixError(f"{type(model).__name__} ran its entry module {state['entered']} times and "
                           f"skipped {state['skipped']} of {plan.start} blocks in a suffix forward; its "
                           "forward does not call its blocks once each in order")
-    return logits
+    return head_input[0] if stop_at_head and head_input else logits

@@ -11,8 +11,10 @@ pass 2, four suffix forwards per batch (the blocks after the hook, final norm, h
 spliced, zero-ablated, mean-ablated) for CE and KL. Its loaders and forwards are wrapped with
 timers (the module's own names, restored afterwards), so its time splits into setup (SAE,
 tokenizer and windows, model), pass 1 (forwards; SAE and metrics) and pass 2 (forwards; CE/KL
-scoring). With --full-forwards the suffix path is refused, so evaluate runs its fallback (four
-full forwards per batch, as before the shared prefix) in the same process, for a before/after.
+scoring: after the first batch the suffix forwards stop at the output head's input and the head's
+product runs chunk by chunk inside the scoring, eval/head.py). With --full-forwards the suffix
+path is refused, so evaluate runs its fallback (four full forwards per batch, as before the shared
+prefix) in the same process, for a before/after.
 
 The limit, measured in the same run on the same held-out windows (tokenised here, checked equal to
 evaluate's), batch size, dtype and device, on one model loaded once (loading not timed), with bare
@@ -49,7 +51,7 @@ from saeworks.sae.configio import load_config
 PASSES = 2
 """Passes of each bare forward over all the windows before evaluate, and again after it."""
 TIMED = ("load_sae", "load_tokenizer", "iter_windows", "load_model", "capture_activations",
-         "_downstream", "suffix_logits", "_logits")
+         "_downstream", "suffix_logits", "suffix_head_input", "_logits")
 """eval.evaluate's names wrapped with timers: setup, pass 1's forwards, pass 2 and its forwards."""
 
 
@@ -120,7 +122,8 @@ def run_evaluate(sae_dir: str, cfg: RunConfig, windows: torch.Tensor,
     return report, {"total": total, "setup": setup, "sae": seconds["load_sae"], "windows": windows_s,
                     "model": seconds["load_model"], "pass1": total - setup - pass2,
                     "pass1_forwards": seconds["capture_activations"], "pass2": pass2,
-                    "pass2_forwards": seconds["suffix_logits"] + seconds["_logits"]}
+                    "pass2_forwards": seconds["suffix_logits"] + seconds["suffix_head_input"]
+                    + seconds["_logits"]}
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,10 @@ from saeworks.activations.model import (
 )
 from saeworks.activations.rows import RowSelection, iter_kept_rows
 from saeworks.activations.store import TOKEN_IDS, ActivationStore
-from saeworks.activations.suffix import SuffixError, SuffixPlan, plan_suffix, suffix_logits
+from saeworks.activations.suffix import SuffixError, SuffixPlan, plan_suffix, suffix_head_input, suffix_logits
 from saeworks.activations.text import iter_windows, pack_windows, separator_ids
 from saeworks.eval.config import EvaluateConfig
+from saeworks.eval.head import OutputHead
 from saeworks.eval.metrics import (
     DownstreamAccumulator,
     ReconstructionAccumulator,
@@ -454,12 +455,29 @@ def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: 
     down = DownstreamAccumulator(meta.first_kept)
     rewrites = {"spliced": splice_sae(sae, meta.first_kept), "zero": ablate_zero(meta.first_kept),
                 "mean": ablate_mean(mean, meta.first_kept)}
+    head = OutputHead.of(model) if plan is not None else None
+    head_checked = False  # the first batch's logits are the model's own, checked against `head`
     for index, batch in enumerate(tqdm(batches, desc="evaluate: downstream", unit="batch", leave=False)):
         ids = batch.to(device)
         if plan is not None:
             try:
                 entry = entries[index] if index < len(entries) else None
-                down.update(ids, *_suffix_forwards(model, ids, plan, entry, rewrites))
+                if entry is None:
+                    entry = capture_activations(model, ids, [plan.entry_hook])[plan.entry_hook]
+                if head is not None and head_checked:
+                    clean = suffix_head_input(model, ids, plan, entry, None)  # [B, T, d]
+                    edited = {variant: suffix_head_input(model, ids, plan, entry, fn)
+                              for variant, fn in rewrites.items()}
+                    down.update_head_inputs(ids, clean, edited, head)
+                    continue
+                clean_logits, head_input = _clean_suffix(model, ids, plan, entry)
+                if head is not None and not head.matches(head_input[:1], clean_logits[:1]):
+                    log.info("evaluate: %s's output head is not a plain linear map of its input here; "
+                             "scoring its full logits", type(model).__name__)
+                    head = None
+                head_checked = True
+                down.update(ids, clean_logits, ((variant, suffix_logits(model, ids, plan, entry, fn))
+                                                for variant, fn in rewrites.items()))
                 continue
             except SuffixError as err:  # raised by the first suffix forward, before any figure is added
                 log.warning("evaluate: %s; running four full forwards per batch instead", err)
@@ -469,14 +487,19 @@ def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: 
     return down
 
 
-def _suffix_forwards(model: Any, ids: torch.Tensor, plan: SuffixPlan, entry: torch.Tensor | None,
-                     rewrites: dict[str, HookFn]) -> tuple[torch.Tensor, Iterator[tuple[str, torch.Tensor]]]:
-    """The clean logits and, lazily, each rewrite's: the prefix once (unless `entry` [B, T, d] is
-    its kept output), then one suffix forward each."""
-    if entry is None:
-        entry = capture_activations(model, ids, [plan.entry_hook])[plan.entry_hook]
-    clean = suffix_logits(model, ids, plan, entry, None)
-    return clean, ((variant, suffix_logits(model, ids, plan, entry, fn)) for variant, fn in rewrites.items())
+def _clean_suffix(model: Any, ids: torch.Tensor, plan: SuffixPlan,
+                  entry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, T, vocab], the output head's input [B, T, d]) of the clean suffix forward."""
+    recorded: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: recorded.append(args[0])) \
+        if isinstance(head, torch.nn.Module) else None
+    try:
+        logits = suffix_logits(model, ids, plan, entry, None)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits, recorded[0] if recorded else torch.empty(0)
 
 
 def _logits(model: Any, input_ids: torch.Tensor, fns: dict[str, HookFn]) -> torch.Tensor:

@@ -27,10 +27,14 @@ KL. Each prediction's value is computed as the whole-batch formulas compute it (
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from saeworks.eval.head import OutputHead
 
 RECONSTRUCTION_KEYS = ("mse", "fvu", "cosine", "relative_norm", "l0", "l1", "dead_fraction",
                        "dense_fraction")
@@ -258,6 +262,39 @@ class DownstreamAccumulator:
         missing = [name for name in VARIANTS if name not in sums]
         if missing:
             raise ValueError(f"variants {missing} were not given")
+        for name, value in sums.items():
+            self.sum_ce[name] += float(value)
+        self.sum_kl += float(kl)
+        self.n_predictions += targets.numel()
+
+    @torch.no_grad()
+    def update_head_inputs(self, input_ids: torch.Tensor, clean: torch.Tensor,
+                           variants: Mapping[str, torch.Tensor], head: OutputHead) -> None:
+        """`update` from the output head's inputs [windows, context, d] of the clean forward and of
+        each of VARIANTS, the logits made `head.rows` predictions at a time (eval/head.py): the
+        clean and spliced chunks side by side (CE of both, KL), then each ablation's."""
+        if input_ids.shape[1] < self.first_kept + 2:
+            raise ValueError(f"windows of {input_ids.shape[1]} tokens hold no prediction from position "
+                             f"{self.first_kept} on")
+        if sorted(variants) != sorted(VARIANTS):
+            raise ValueError(f"variants {sorted(variants)} given; expected each of {VARIANTS}")
+        targets = prediction_targets(input_ids, self.first_kept).reshape(1, -1)  # [1, predictions]
+        rows = {name: h[:, self.first_kept:-1].reshape(-1, h.shape[-1])  # [predictions, d]
+                for name, h in {"clean": clean, **variants}.items()}
+        sums = dict.fromkeys(("clean", *VARIANTS), torch.zeros((), dtype=torch.float64))
+        kl = torch.zeros((), dtype=torch.float64)
+        for start in range(0, targets.shape[1], head.rows):
+            block = slice(start, start + head.rows)
+            chunk_targets = targets[:, block].to(head.weight.device)
+            clean_logits = head.logits(rows["clean"][block], 0)[None]  # [1, rows, vocab]
+            spliced_logits = head.logits(rows["spliced"][block], 1)[None]
+            ce_clean, ce_spliced, chunk_kl = score_ce_and_kl(clean_logits, spliced_logits, chunk_targets)
+            sums["clean"], sums["spliced"], kl = sums["clean"] + ce_clean.cpu(), \
+                sums["spliced"] + ce_spliced.cpu(), kl + chunk_kl.cpu()
+            for name in VARIANTS:
+                if name != "spliced":
+                    ablated_logits = head.logits(rows[name][block], 1)[None]
+                    sums[name] = sums[name] + score_ce(ablated_logits, chunk_targets).cpu()
         for name, value in sums.items():
             self.sum_ce[name] += float(value)
         self.sum_kl += float(kl)

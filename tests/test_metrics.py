@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from saeworks.eval.head import OutputHead
 from saeworks.eval.metrics import (
     DOWNSTREAM_KEYS,
     RECONSTRUCTION_KEYS,
@@ -251,3 +252,60 @@ def test_zero_and_mean_ablation() -> None:
     assert filled.dtype == torch.float16
     assert torch.equal(filled[:, :3], activation[:, :3].half())
     assert torch.equal(filled[:, 3:], mean.half().expand(3, 1, 2))
+
+
+# eval/head.py: the output head applied a few rows at a time, scored as the full logits are.
+
+def _head_case(vocab: int = 300, d: int = 24) -> tuple[torch.nn.Linear, torch.Tensor,
+                                                       dict[str, torch.Tensor]]:
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(d, vocab, bias=True)
+    input_ids = torch.randint(0, vocab, (3, 17))
+    hidden = {name: torch.randn(3, 17, d) * 2 for name in ("clean", "spliced", "zero", "mean")}
+    return linear, input_ids, hidden
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_scoring_the_heads_input_equals_scoring_its_logits(rows: int) -> None:
+    """update_head_inputs (logits `rows` predictions at a time into reused buffers) gives update's
+    CE and KL on the full logits, whatever the chunking (one row, uneven chunks, one chunk)."""
+    linear, input_ids, hidden = _head_case()
+    head = OutputHead(linear)
+    head.rows = rows
+    by_logits, by_head = DownstreamAccumulator(2), DownstreamAccumulator(2)
+    with torch.no_grad():
+        logits = {name: linear(h) for name, h in hidden.items()}
+    by_logits.update(input_ids, logits["clean"], [(n, logits[n]) for n in ("spliced", "zero", "mean")])
+    edited = {n: hidden[n] for n in ("spliced", "zero", "mean")}
+    by_head.update_head_inputs(input_ids, hidden["clean"], edited, head)
+    assert by_head.n_predictions == by_logits.n_predictions == 3 * 14
+    assert by_head.result() == pytest.approx(by_logits.result(), rel=1e-5)
+    with pytest.raises(ValueError, match="expected each of"):
+        by_head.update_head_inputs(input_ids, hidden["clean"], {"spliced": hidden["spliced"]}, head)
+
+
+def test_the_head_is_used_only_where_it_is_the_models_whole_head() -> None:
+    """OutputHead.of: a plain nn.Linear head, no logit transform in the config; `matches` catches a
+    model whose logits are not that linear map of the head's input."""
+    linear, _, hidden = _head_case()
+
+    class Model(torch.nn.Module):
+        def __init__(self, head: torch.nn.Module, **config: float) -> None:
+            super().__init__()
+            self.head = head
+            self.config = type("Config", (), config)()
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.head
+
+    assert OutputHead.of(Model(linear)) is not None
+    assert OutputHead.of(Model(linear, final_logit_softcapping=30.0)) is None  # Gemma 2's softcap
+    assert OutputHead.of(Model(linear, logit_scale=0.0625)) is None
+    assert OutputHead.of(Model(linear, logit_scale=1.0)) is not None
+    assert OutputHead.of(Model(torch.nn.Sequential(linear))) is None
+    head = OutputHead(linear)
+    with torch.no_grad():
+        logits = linear(hidden["clean"])
+    assert head.matches(hidden["clean"], logits)
+    assert not head.matches(hidden["clean"], 30 * torch.tanh(logits / 30))  # a softcap the config hid
+    assert not head.matches(hidden["clean"], logits[..., :-1])
