@@ -11,8 +11,9 @@ pass 2, four suffix forwards per batch (the blocks after the hook, final norm, h
 spliced, zero-ablated, mean-ablated) for CE and KL. Its loaders and forwards are wrapped with
 timers (the module's own names, restored afterwards), so its time splits into setup (SAE,
 tokenizer and windows, model), pass 1 (forwards; SAE and metrics) and pass 2 (forwards; CE/KL
-scoring: after the first batch the suffix forwards stop at the output head's input and the head's
-product runs chunk by chunk inside the scoring, eval/head.py). With --full-forwards the suffix
+scoring: once one window's logits match the head, the suffix forwards stop at the output head's
+input and the head's product runs chunk by chunk inside the scoring, eval/head.py). With
+--full-forwards the suffix
 path is refused, so evaluate runs its fallback (four full forwards per batch, as before the shared
 prefix) in the same process, for a before/after.
 

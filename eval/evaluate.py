@@ -456,7 +456,7 @@ def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: 
     rewrites = {"spliced": splice_sae(sae, meta.first_kept), "zero": ablate_zero(meta.first_kept),
                 "mean": ablate_mean(mean, meta.first_kept)}
     head = OutputHead.of(model) if plan is not None else None
-    head_checked = False  # the first batch's logits are the model's own, checked against `head`
+    head_checked = False  # the model's own logits of one window, checked against `head`
     for index, batch in enumerate(tqdm(batches, desc="evaluate: downstream", unit="batch", leave=False)):
         ids = batch.to(device)
         if plan is not None:
@@ -464,18 +464,20 @@ def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: 
                 entry = entries[index] if index < len(entries) else None
                 if entry is None:
                     entry = capture_activations(model, ids, [plan.entry_hook])[plan.entry_hook]
-                if head is not None and head_checked:
+                if head is not None and not head_checked:  # one window's clean suffix, with its logits
+                    head_checked = True
+                    window_logits, head_input = _clean_suffix(model, ids[:1], plan, entry[:1])
+                    if not head.matches(head_input, window_logits):
+                        log.info("evaluate: %s's output head is not a plain linear map of its input "
+                                 "here; scoring its full logits", type(model).__name__)
+                        head = None
+                if head is not None:
                     clean = suffix_head_input(model, ids, plan, entry, None)  # [B, T, d]
                     edited = {variant: suffix_head_input(model, ids, plan, entry, fn)
                               for variant, fn in rewrites.items()}
                     down.update_head_inputs(ids, clean, edited, head)
                     continue
-                clean_logits, head_input = _clean_suffix(model, ids, plan, entry)
-                if head is not None and not head.matches(head_input[:1], clean_logits[:1]):
-                    log.info("evaluate: %s's output head is not a plain linear map of its input here; "
-                             "scoring its full logits", type(model).__name__)
-                    head = None
-                head_checked = True
+                clean_logits = suffix_logits(model, ids, plan, entry, None)
                 down.update(ids, clean_logits, ((variant, suffix_logits(model, ids, plan, entry, fn))
                                                 for variant, fn in rewrites.items()))
                 continue

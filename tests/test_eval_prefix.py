@@ -29,6 +29,7 @@ from transformers import (
 import saeworks.eval.evaluate as evaluate_module
 from saeworks.activations.hooks import HOOK_KINDS, HookFn, blocks_of, capture_activations, hooks_attached
 from saeworks.activations.suffix import SuffixError, plan_suffix, suffix_logits
+from saeworks.eval.head import OutputHead
 from saeworks.eval.metrics import DownstreamAccumulator, kl_per_prediction
 from saeworks.sae.interventions import ablate_mean, ablate_zero, replace_from
 from saeworks.sae.io import load_sae
@@ -164,9 +165,9 @@ def test_chunked_scoring_equals_whole_batch_formulas() -> None:
 
 def test_evaluate_with_the_shared_prefix_equals_full_forwards(tiny_run: Any, monkeypatch: Any) -> None:
     """evaluate's figures with four full forwards per batch (the fallback) and with one prefix and
-    four suffixes are the same; the suffix path runs one prefix capture per batch, not five; after
-    the first batch (the model's own logits, checked against its head) the suffixes stop at the
-    head's input and the head runs chunk by chunk (eval/head.py)."""
+    four suffixes are the same; the suffix path runs one prefix capture per batch, not five; once
+    one window's logits (the model's own) have matched its head, the suffixes stop at the head's
+    input and the head runs chunk by chunk (eval/head.py)."""
     assert load_sae(tiny_run.sae_dir).d_in == 576
     calls = {"capture": 0, "suffix": 0, "head_input": 0, "full": 0}
     for name, key in (("capture_activations", "capture"), ("suffix_logits", "suffix"),
@@ -181,7 +182,14 @@ def test_evaluate_with_the_shared_prefix_equals_full_forwards(tiny_run: Any, mon
     shared = evaluate_run(tiny_run.sae_dir, tiny_run.cfg)
     n_batches = 8 // tiny_run.cfg.evaluate.batch_size
     assert n_batches >= 2
-    assert calls == {"capture": n_batches, "suffix": 4, "head_input": 4 * (n_batches - 1), "full": 0}
+    assert calls == {"capture": n_batches, "suffix": 1, "head_input": 4 * n_batches, "full": 0}
+
+    for key in calls:
+        calls[key] = 0
+    monkeypatch.setattr(OutputHead, "matches", lambda self, head_input, logits: False)
+    unchecked = evaluate_run(tiny_run.sae_dir, tiny_run.cfg)  # a head that failed its check: full logits
+    assert calls == {"capture": n_batches, "suffix": 1 + 4 * n_batches, "head_input": 0, "full": 0}
+    assert unchecked.metrics == pytest.approx(shared.metrics, rel=1e-6)
 
     def no_suffix(*args: Any, **kwargs: Any) -> Any:
         raise SuffixError("this test's model cannot skip its prefix")
