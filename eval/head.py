@@ -6,7 +6,7 @@ written once, read back chunk by chunk by the scoring, and freed: fresh pages ev
 none of it in cache when scored. Here the suffix stops at the head's input (the final norm's
 output, `activations.suffix.suffix_head_input`, 4.7 MB) and the head's product runs for
 `rows` predictions at a time into buffers kept for the whole evaluation, each chunk scored while
-in cache (demo evaluation pass 2, 8,192 tokens: 36-43 s -> 33 s, the same CE and KL).
+in cache (demo evaluation pass 2, 8,192 tokens: 40.1 s -> 25.2-29.0 s, the same CE and KL).
 
 Only where the head is what the model applies to get its logits: a plain `nn.Linear` (tied or
 not) and no logit soft-capping or scaling in the config. `matches` checks one real forward's
