@@ -110,7 +110,7 @@ def topk_backward_applies(indices: torch.Tensor, x: torch.Tensor, W_dec: torch.T
 def topk_backward(indices: torch.Tensor, values: torch.Tensor, grads: torch.Tensor, x: torch.Tensor,
                   grad_x_hat: torch.Tensor, d_sae: int) -> TopKGradients | None:
     """W_dec's, W_enc's and b_enc's gradients of a TopK step from one counting sort of its entries
-    and one pass over them (sae/kernels/sparse_grad.c `topk_backward`): indices [batch, k] int64,
+    (sae/kernels/sparse_grad.c `topk_backward`): indices [batch, k] int64,
     values [batch, k] the selected latents' activations, grads [batch, k] the loss's gradient with
     respect to their pre-activations, x [batch, d] the centred input, grad_x_hat [batch, d] the
     reconstruction's gradient, all float32. None where the kernel does not apply."""

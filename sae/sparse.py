@@ -247,9 +247,9 @@ def topk_decode(selected: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Te
     values = ReLU(selected) (the pre-activations x_centred @ W_enc + b_enc at `indices`, as the
     selection found them), x_hat = the sparse decode + b_dec. The same numbers and gradients as
     `selected_pre_activations` -> `encoder_b_dec_grad` -> ReLU -> `sparse_decode` + b_dec, but the
-    backward sorts the entries by latent once and forms W_dec's, W_enc's and b_enc's gradients in
-    one pass over them (sae/kernels/sparse_grad.c `topk_backward`; the chain sorted twice and
-    passed twice, and added b_enc's and b_dec's per-latent sums separately). `values` carries no
+    backward sorts the entries by latent once for W_dec's, W_enc's and b_enc's gradients
+    (sae/kernels/sparse_grad.c `topk_backward`; the chain sorted twice, and added b_enc's and
+    b_dec's per-latent sums with two more scatters). `values` carries no
     gradient. None where the native kernel does not apply (not a CPU, not float32, no compiler):
     the caller uses the chain."""
     if not torch.is_grad_enabled() or W_enc.dtype != torch.float32 \

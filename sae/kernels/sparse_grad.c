@@ -242,7 +242,7 @@ int64_t sparse_row_dots(const int64_t *indices, const float *table, const float 
     return 0;
 }
 
-/* A TopK SAE step's sparse gradients from one counting sort and one pass over its entries: with
+/* A TopK SAE step's sparse gradients from one counting sort of its entries: with
  * values [batch, k] the selected latents' (ReLU'd) values at indices [batch, k], grads [batch, k]
  * the loss's gradient with respect to their pre-activations, x [batch, d] the centred input and
  * grad_x_hat [batch, d] the reconstruction's gradient:
