@@ -191,4 +191,6 @@ def _run_suffix(model: nn.Module, input_ids: torch.Tensor, plan: SuffixPlan, ent
         raise SuffixError(f"{type(model).__name__} ran its entry module {state['entered']} times and "
                           f"skipped {state['skipped']} of {plan.start} blocks in a suffix forward; its "
                           "forward does not call its blocks once each in order")
-    return head_input[0] if stop_at_head and head_input else logits
+    if stop_at_head:
+        return head_input[0] if head_input else None
+    return logits

@@ -464,10 +464,11 @@ def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: 
                 entry = entries[index] if index < len(entries) else None
                 if entry is None:
                     entry = capture_activations(model, ids, [plan.entry_hook])[plan.entry_hook]
-                if head is not None and not head_checked:  # one window's clean suffix, with its logits
+                if head is not None and not head_checked:  # one window's clean suffix, both ways
                     head_checked = True
-                    window_logits, head_input = _clean_suffix(model, ids[:1], plan, entry[:1])
-                    if not head.matches(head_input, window_logits):
+                    window_logits = suffix_logits(model, ids[:1], plan, entry[:1], None)
+                    window_input = suffix_head_input(model, ids[:1], plan, entry[:1], None)
+                    if not head.matches(window_input, window_logits):
                         log.info("evaluate: %s's output head is not a plain linear map of its input "
                                  "here; scoring its full logits", type(model).__name__)
                         head = None
@@ -487,21 +488,6 @@ def _downstream(model: Any, sae: SparseAutoencoder, meta: SAEMetadata, batches: 
         variants = ((variant, _logits(model, ids, {meta.hook: fn})) for variant, fn in rewrites.items())
         down.update(ids, _logits(model, ids, {}), variants)
     return down
-
-
-def _clean_suffix(model: Any, ids: torch.Tensor, plan: SuffixPlan,
-                  entry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [B, T, vocab], the output head's input [B, T, d]) of the clean suffix forward."""
-    recorded: list[torch.Tensor] = []
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda module, args: recorded.append(args[0])) \
-        if isinstance(head, torch.nn.Module) else None
-    try:
-        logits = suffix_logits(model, ids, plan, entry, None)
-    finally:
-        if handle is not None:
-            handle.remove()
-    return logits, recorded[0] if recorded else torch.empty(0)
 
 
 def _logits(model: Any, input_ids: torch.Tensor, fns: dict[str, HookFn]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from transformers import (
 
 import saeworks.eval.evaluate as evaluate_module
 from saeworks.activations.hooks import HOOK_KINDS, HookFn, blocks_of, capture_activations, hooks_attached
-from saeworks.activations.suffix import SuffixError, plan_suffix, suffix_logits
+from saeworks.activations.suffix import SuffixError, plan_suffix, suffix_head_input, suffix_logits
 from saeworks.eval.head import OutputHead
 from saeworks.eval.metrics import DownstreamAccumulator, kl_per_prediction
 from saeworks.sae.interventions import ablate_mean, ablate_zero, replace_from
@@ -126,6 +126,24 @@ def test_suffix_logits_equal_full_forward_on_the_embedded_model(embedded_model: 
             assert torch.equal(suffix, full), f"{hook} {variant}"
 
 
+@torch.no_grad()
+def test_the_suffix_stopped_at_the_head_gives_its_input(monkeypatch: Any) -> None:
+    """suffix_head_input: the head applied to it is the suffix's logits; the head's hook is gone
+    afterwards; a model whose forward never calls a head is named, not answered with logits."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**_DIMS), dtype=torch.float32).eval()
+    plan = plan_suffix(model, "blocks.1.hook_resid_post")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    entry = capture_activations(model, ids, [plan.entry_hook])[plan.entry_hook]
+    head_input = suffix_head_input(model, ids, plan, entry)
+    assert head_input.shape == entry.shape
+    assert torch.equal(model.get_output_embeddings()(head_input), suffix_logits(model, ids, plan, entry))
+    assert not model.get_output_embeddings()._forward_pre_hooks
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    with pytest.raises(SuffixError, match="never called its output head"):
+        suffix_head_input(model, ids, plan, entry)
+
+
 def test_a_forward_that_does_not_call_each_block_once_is_refused() -> None:
     """A forward that runs a block twice (so skipping a prefix would mis-score it) is named, and
     evaluate falls back to full forwards on it (SuffixError)."""
@@ -182,13 +200,13 @@ def test_evaluate_with_the_shared_prefix_equals_full_forwards(tiny_run: Any, mon
     shared = evaluate_run(tiny_run.sae_dir, tiny_run.cfg)
     n_batches = 8 // tiny_run.cfg.evaluate.batch_size
     assert n_batches >= 2
-    assert calls == {"capture": n_batches, "suffix": 1, "head_input": 4 * n_batches, "full": 0}
+    assert calls == {"capture": n_batches, "suffix": 1, "head_input": 1 + 4 * n_batches, "full": 0}
 
     for key in calls:
         calls[key] = 0
     monkeypatch.setattr(OutputHead, "matches", lambda self, head_input, logits: False)
     unchecked = evaluate_run(tiny_run.sae_dir, tiny_run.cfg)  # a head that failed its check: full logits
-    assert calls == {"capture": n_batches, "suffix": 1 + 4 * n_batches, "head_input": 0, "full": 0}
+    assert calls == {"capture": n_batches, "suffix": 1 + 4 * n_batches, "head_input": 1, "full": 0}
     assert unchecked.metrics == pytest.approx(shared.metrics, rel=1e-6)
 
     def no_suffix(*args: Any, **kwargs: Any) -> Any:
