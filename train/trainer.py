@@ -170,7 +170,8 @@ class Trainer:
         return inputs
 
     def forward_backward(self, inputs: dict[str, torch.Tensor]) -> StepStats:
-        """Forward and backward of every SAE on its hook's x; gradients accumulate into zeroed .grad."""
+        """Forward and backward of every SAE on its hook's x; gradients accumulate into .grad (zeros,
+        or None after a native optimiser step)."""
         factor = self.plan.schedule.sparsity_factor(self.step)
         scalars, fired = [], []
         for sae, coefficient, dead, hook in zip(self.saes, self.coefficients, self.dead.masks(),
@@ -260,9 +261,11 @@ class Trainer:
             elif self.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
         self.optimizer.step()
-        # zeros, not None: the same gradient tensors every step. With None, backward hands each
-        # gradient over (no fill, no add) but allocates them afresh and copies W_enc's transposed
-        # one into layout: measured no faster (0.63-0.67 against 0.67-0.69 of the limit)
+        # zeros, not None, on this path: the same gradient tensors every step. With None, backward
+        # hands each gradient over (no fill, no add) but allocates them afresh, and autograd's
+        # W_enc gradient (x^T @ grad) is copied into layout: measured no faster (0.63-0.67 against
+        # 0.67-0.69 of the limit). The native step drops them (train/native_step.py): the sparse
+        # TopK backward writes W_enc's gradient in W_enc's layout, and there None is faster.
         self.optimizer.zero_grad(set_to_none=False)
         for sae in self.saes:
             sae.normalize_decoder()

@@ -7,8 +7,9 @@
  * reads and writes four tensors, zero_grad and the row norms one or two more.
  *
  * Here: `row_squares` projects (where asked) and sums each row's squares in one read; Adam then
- * takes the clip coefficient as a factor on the gradient it reads anyway, writes the gradient's
- * zeros in the same pass and rescales each decoder row while the row is still in L1.
+ * takes the clip coefficient as a factor on the gradient it reads anyway and rescales each decoder
+ * row while the row is still in L1. The gradients are not zeroed: the caller drops them (None), so
+ * that the next backward hands its own over instead of adding them to zeros.
  *
  * The sums are per row, in registers, each row by one thread; the caller adds the rows in order,
  * so the norm (hence the clip) does not depend on the number of threads. Built and loaded by
@@ -55,10 +56,10 @@ int64_t row_squares(const float *weight, float *grad, int64_t rows, int64_t cols
 }
 
 /* One Adam step (torch.optim.Adam's, no weight decay, no amsgrad) on param [rows, cols], its
- * gradient multiplied by grad_factor (the clip coefficient) first; the gradient is zeroed.
+ * gradient multiplied by grad_factor (the clip coefficient) first; the gradient is only read.
  * step_size = lr / (1 - beta1^t), root_correction = sqrt(1 - beta2^t). Where `unit_rows`, each
  * row is then divided by its norm (at least 1e-8), as SparseAutoencoder.normalize_decoder does. */
-int64_t adam_rows(float *param, float *grad, float *exp_avg, float *exp_avg_sq, int64_t rows,
+int64_t adam_rows(float *param, const float *grad, float *exp_avg, float *exp_avg_sq, int64_t rows,
                   int64_t cols, double grad_factor, double beta1, double beta2, double step_size,
                   double root_correction, double eps, int64_t unit_rows, int64_t threads) {
     const float factor = (float)grad_factor, keep_sq = (float)beta2, add_avg = (float)(1.0 - beta1);
@@ -68,7 +69,8 @@ int64_t adam_rows(float *param, float *grad, float *exp_avg, float *exp_avg_sq, 
         int64_t begin, end;
         team_share(rows, &begin, &end);
         for (int64_t r = begin; r < end; r++) {
-            float *p = param + r * cols, *g = grad + r * cols;
+            float *p = param + r * cols;
+            const float *g = grad + r * cols;
             float *m = exp_avg + r * cols, *v = exp_avg_sq + r * cols;
             for (int64_t c = 0; c < cols; c++) {
                 const float scaled = g[c] * factor;
@@ -77,7 +79,6 @@ int64_t adam_rows(float *param, float *grad, float *exp_avg, float *exp_avg_sq, 
                 m[c] = mean;
                 v[c] = square;
                 p[c] -= size * mean / (sqrtf(square) / root + epsilon);
-                g[c] = 0.0f;
             }
             if (unit_rows) {
                 const float norm = sqrtf(dot(p, p, cols));
