@@ -54,6 +54,7 @@ SIGNATURES: dict[str, list[Any]] = {  # the last argument of each but sort_by_la
     "sparse_outer": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
     "topk_backward": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
                       _PTR, _PTR, _PTR, _I64],
+    "decode_error": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64],
     "row_squares": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
     "adam_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_double, ctypes.c_double, ctypes.c_double,
                   ctypes.c_double, ctypes.c_double, ctypes.c_double, _I64, _I64],

@@ -133,6 +133,38 @@ def topk_backward(indices: torch.Tensor, values: torch.Tensor, grads: torch.Tens
     return out
 
 
+class DecodeError(NamedTuple):
+    """A TopK reconstruction and its error from one pass (`decode_error`)."""
+
+    x_hat: torch.Tensor
+    """[batch, d] the weighted sum of the selected decoder rows + b_dec."""
+    error: torch.Tensor
+    """[batch, d] x_hat - x."""
+    squares: torch.Tensor
+    """[batch] each row's squared error, summed over d."""
+    dots: torch.Tensor
+    """[batch, k] error[b] . W_dec[indices[b, j]]: half the values' gradient of the squared error."""
+
+
+def decode_error(indices: torch.Tensor, weights: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                 x: torch.Tensor) -> DecodeError | None:
+    """x_hat = sum_j weights[b, j] W_dec[indices[b, j]] + b_dec, its error against x [batch, d]
+    and what the squared error's gradient needs, each row while its decoder rows are in cache
+    (sae/kernels/sparse_grad.c `decode_error`); all float32 on a CPU, else None."""
+    lib = _library(indices, weights, W_dec, x)
+    if lib is None or x.shape[0] != indices.shape[0] or W_dec.shape[1] != x.shape[1] \
+            or b_dec.shape != (x.shape[1],) or b_dec.dtype != torch.float32 or b_dec.device.type != "cpu":
+        return None
+    (batch, k), (n, d) = indices.shape, W_dec.shape
+    flat, flat_weights, bias = indices.contiguous(), weights.contiguous(), b_dec.contiguous()
+    out = DecodeError(torch.empty(batch, d), torch.empty(batch, d), torch.empty(batch), torch.empty(batch, k))
+    if lib.decode_error(flat.data_ptr(), flat_weights.data_ptr(), W_dec.data_ptr(), bias.data_ptr(),
+                        x.data_ptr(), batch, k, n, d, out.x_hat.data_ptr(), out.error.data_ptr(),
+                        out.squares.data_ptr(), out.dots.data_ptr(), threads()) != 0:
+        raise IndexError(f"a latent index is outside [0, {n}): got {int(flat.min())}..{int(flat.max())}")
+    return out
+
+
 def sparse_lookup(row_start: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
                   query_rows: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor | None:
     """The values at (query_rows, query_features) (any one shape, 0 where absent) of a sparse

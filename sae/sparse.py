@@ -240,59 +240,88 @@ class _SparseDecode(torch.autograd.Function):
         return None, grad_values, grad_W_dec
 
 
-def topk_decode(selected: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                W_dec: torch.Tensor, b_dec: torch.Tensor, indices: torch.Tensor,
-                b_dec_through_encoder: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(x_hat [batch, d_in], values [batch, k]) of a TopK step in one differentiable function:
-    values = ReLU(selected) (the pre-activations x_centred @ W_enc + b_enc at `indices`, as the
-    selection found them), x_hat = the sparse decode + b_dec. The same numbers and gradients as
-    `selected_pre_activations` -> `encoder_b_dec_grad` -> ReLU -> `sparse_decode` + b_dec, but the
-    backward sorts the entries by latent once for W_dec's, W_enc's and b_enc's gradients
-    (sae/kernels/sparse_grad.c `topk_backward`; the chain sorted twice, and added b_enc's and
-    b_dec's per-latent sums with two more scatters). `values` carries no
-    gradient. None where the native kernel does not apply (not a CPU, not float32, no compiler):
-    the caller uses the chain."""
-    if not torch.is_grad_enabled() or W_enc.dtype != torch.float32 \
+def topk_reconstruction(selected: torch.Tensor, x: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor,
+                        b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, indices: torch.Tensor,
+                        b_dec_through_encoder: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(x_hat [batch, d_in], values [batch, k], mse []) of a TopK step in one differentiable
+    function: values = ReLU(selected) (the pre-activations x_centred @ W_enc + b_enc at `indices`,
+    as the selection found them), x_hat = the sparse decode + b_dec, mse = `mse_per_row(x, x_hat)`.
+    The same numbers and gradients as `selected_pre_activations` -> `encoder_b_dec_grad` -> ReLU ->
+    `sparse_decode` + b_dec -> `mse_per_row`, in fewer passes:
+    - the forward decodes each row, takes its error and the error's dot with each of the row's k
+      decoder rows while those are in cache (sae/kernels/sparse_grad.c `decode_error`): the
+      values' gradient of the mse is those dots scaled, so the backward does not read the
+      decoder rows again; nor does it write the mse's gradient [batch, d_in] when the loss reads
+      x_hat only through the mse (the error is scaled inside the sums instead);
+    - the backward sorts the entries by latent once for W_dec's, W_enc's and b_enc's gradients
+      (`topk_backward`; the chain sorted twice and added b_enc's and b_dec's per-latent sums with
+      two more scatters).
+    `values` carries no gradient. None where the native kernels do not apply (not a CPU, not
+    float32, no compiler): the caller uses the chain."""
+    if not torch.is_grad_enabled() or W_enc.dtype != torch.float32 or x.dtype != torch.float32 \
+            or not x.is_contiguous() or b_dec.dtype != torch.float32 or x.shape != x_centred.shape \
             or not native_sparse.topk_backward_applies(indices, x_centred.detach(), W_dec.detach()):
         return None
-    return _TopKDecode.apply(selected, x_centred.detach(), W_enc, b_enc, W_dec, b_dec, indices,
-                             b_dec_through_encoder)
+    return _TopKReconstruction.apply(selected, x, x_centred.detach(), W_enc, b_enc, W_dec, b_dec, indices,
+                                     b_dec_through_encoder)
 
 
-class _TopKDecode(torch.autograd.Function):
-    """x_hat = sum_j ReLU(selected[b, j]) W_dec[indices[b, j]] + b_dec, with `topk_backward`."""
+class _TopKReconstruction(torch.autograd.Function):
+    """x_hat = sum_j ReLU(selected[b, j]) W_dec[indices[b, j]] + b_dec and its mse against x, with
+    `decode_error` forward and `topk_backward` backward."""
 
     @staticmethod
-    def forward(ctx: Any, selected: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor,
-                b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, indices: torch.Tensor,
-                b_dec_through_encoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, selected: torch.Tensor, x: torch.Tensor, x_centred: torch.Tensor,
+                W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                indices: torch.Tensor,
+                b_dec_through_encoder: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         values = selected.relu()  # [batch, k] in the selection's dtype (bfloat16 under autocast)
         weights = values.to(W_dec.dtype)
-        x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=weights, mode="sum") + b_dec
-        ctx.save_for_backward(values, weights, x_centred, W_enc, W_dec, indices)
+        out = native_sparse.decode_error(indices, weights, W_dec.detach(), b_dec.detach(), x.detach())
+        if out is None:  # SAEWORKS_NATIVE turned off since `topk_reconstruction` checked
+            x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=weights, mode="sum") + b_dec
+            error = x_hat - x
+            out = native_sparse.DecodeError(x_hat, error, error.pow(2).sum(dim=1),
+                                            torch.linalg.vecdot(W_dec.detach()[indices], error.unsqueeze(1)))
+        ctx.save_for_backward(values, weights, x_centred, W_enc, W_dec, indices, out.error, out.dots)
         ctx.b_dec_through_encoder = b_dec_through_encoder
         ctx.mark_non_differentiable(values)
-        return x_hat, values
+        ctx.set_materialize_grads(False)
+        return out.x_hat, values, out.squares.sum() / x.shape[0]
 
     @staticmethod
-    def backward(ctx: Any, grad_x_hat: torch.Tensor, _: torch.Tensor | None) -> tuple[Any, ...]:
-        values, weights, x_centred, W_enc, W_dec, indices = ctx.saved_tensors
-        grad = grad_x_hat.float().contiguous()  # [batch, d_in]
-        grad_b_dec = grad.sum(dim=0)
-        grad_values = native_sparse.sparse_row_dots(indices, W_dec.detach(), grad)  # [batch, k]
-        if grad_values is None:  # SAEWORKS_NATIVE turned off between the forward and now
-            grad_values = torch.linalg.vecdot(W_dec.detach()[indices], grad.unsqueeze(1))
+    def backward(ctx: Any, grad_x_hat: torch.Tensor | None, _: torch.Tensor | None,
+                 grad_mse: torch.Tensor | None) -> tuple[Any, ...]:
+        values, weights, x_centred, W_enc, W_dec, indices, error, dots = ctx.saved_tensors
+        if grad_x_hat is None and grad_mse is None:
+            return (None,) * 9
+        # d mse / d x_hat = scale * error
+        scale = None if grad_mse is None else grad_mse.float() * (2.0 / error.shape[0])
+        if grad_x_hat is None:  # the loss reads x_hat through the mse only: grad x_hat = scale * error
+            grad_values = dots * scale  # [batch, k]
+            dense, decode_weights = error, weights * scale  # W_dec's gradient sums the error, scaled
+            grad_b_dec = error.sum(dim=0) * scale
+        else:
+            dense = grad_x_hat.float() if scale is None else torch.addcmul(grad_x_hat.float(), error, scale)
+            dense = dense.contiguous()  # [batch, d_in] the reconstruction's whole gradient
+            decode_weights, grad_b_dec = weights, dense.sum(dim=0)
+            grad_values = native_sparse.sparse_row_dots(indices, W_dec.detach(), dense)  # [batch, k]
+            if grad_values is None:  # SAEWORKS_NATIVE turned off between the forward and now
+                grad_values = torch.linalg.vecdot(W_dec.detach()[indices], dense.unsqueeze(1))
         # ReLU's gradient in the values' dtype, as autograd takes it through the chain's casts
         grad_pre = torch.where(values > 0, grad_values.to(values.dtype), 0).float()  # [batch, k]
-        grads = native_sparse.topk_backward(indices, weights, grad_pre, x_centred, grad, W_dec.shape[0])
+        d_sae = W_dec.shape[0]
+        grads = native_sparse.topk_backward(indices, decode_weights, grad_pre, x_centred, dense, d_sae)
         if grads is None:
             grads = native_sparse.TopKGradients(
-                sparse_transpose_matmul(indices, weights.reshape(-1), grad, W_dec.shape[0]),
-                sparse_transpose_matmul(indices, grad_pre.reshape(-1), x_centred, W_dec.shape[0], True),
-                torch.zeros(W_dec.shape[0]).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1)))
+                sparse_transpose_matmul(indices, decode_weights.reshape(-1), dense, d_sae),
+                sparse_transpose_matmul(indices, grad_pre.reshape(-1), x_centred, d_sae, True),
+                torch.zeros(d_sae).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1)))
         if ctx.b_dec_through_encoder:  # x_centred = x - b_dec: -W_enc @ (b_enc's gradient)
             grad_b_dec = torch.addmv(grad_b_dec, W_enc.detach(), grads.b_enc, alpha=-1)
-        return None, None, grads.W_enc, grads.b_enc, grads.W_dec, grad_b_dec, None, None
+        grad_x = -(error * scale) if ctx.needs_input_grad[1] and scale is not None else None
+        return None, grad_x, None, grads.W_enc, grads.b_enc, grads.W_dec, grad_b_dec, None, None
 
 
 def fired_latents(indices: torch.Tensor, active: torch.Tensor, d_sae: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from saeworks.sae.sparse import (
     selected_pre_activations,
     sparse_decode,
     top_k,
-    topk_decode,
+    topk_reconstruction,
 )
 
 
@@ -59,14 +59,14 @@ class TopKSAE(SparseAutoencoder):
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
         pre, selected, indices = self.selected_dense(x_centred)  # [batch, d_sae], no graph
-        fused = topk_decode(selected, x_centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, indices,
-                            self.cfg.apply_b_dec_to_input)
+        fused = topk_reconstruction(selected, x, x_centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                    indices, self.cfg.apply_b_dec_to_input)
         if fused is not None:
-            x_hat, values = fused  # [batch, d_in], [batch, k]
+            x_hat, values, mse = fused  # [batch, d_in], [batch, k], []
         else:
             values = self.active_values(pre, x_centred, indices, selected)  # [batch, k]
             x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        mse = mse_per_row(x, x_hat)
+            mse = mse_per_row(x, x_hat)
         aux = auxk_loss(self, pre, x_centred, x, x_hat, ctx.dead_mask)
         active = values > 0
         fired = fired_latents(indices, active, self.d_sae)

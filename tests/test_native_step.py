@@ -80,7 +80,7 @@ def test_native_step_equals_the_torch_step(architecture: str, clip: float | None
         torch_step(reference, reference_adam, clip)
         for (name, ours), theirs in zip(native_sae.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=f"{name} at step {step}")
-            assert ours.grad is None, f"{name}'s gradient is not dropped (the next backward hands its own over)"
+            assert ours.grad is None, f"{name}'s gradient is not dropped (the next backward hands its over)"
     assert_same_state(native_adam, reference_adam, rtol=1e-5, atol=1e-6)
     if native_sae.unit_norm_decoder:
         torch.testing.assert_close(native_sae.W_dec.norm(dim=1), torch.ones(D_SAE))

@@ -5,6 +5,10 @@
  *   W_dec's gradient [d_sae, d_in] =  M^T @ grad_x_hat, M holding the selected values;
  *   the values' gradient [batch, k]: grad_x_hat[b] . W_dec[indices[b, j]]  (sparse_row_dots).
  *
+ * The forward's decode is here too (decode_error): with the mse as the loss, grad_x_hat is the
+ * error scaled, so the values' gradient is each error row's dots with its decoder rows, taken in
+ * the forward while those rows are in cache.
+ *
  * torch does the first with a CSR product and then a transposed copy into W_enc's layout (as
  * costly as the product), the other two with embedding_bag's backward (a zero-filled scatter and a
  * per-sample pass). Here the entries are counting-sorted by latent once, and every latent's slice
@@ -174,30 +178,89 @@ static void topk_backward_span(const int64_t *offsets, const int64_t *rows, cons
     sparse_outer_span(offsets, rows, sorted_grads, x, d, d_sae, s_begin, s_end, 1, grad_W_enc);
 }
 
+/* a . b over d floats. Four 16-float running sums: one would wait on its own adds (a chain of
+ * d / 16 of them); as vector types they stay in registers (as float arrays: 10.5-12.6 -> 8.2-10.1
+ * ms for sparse_row_dots over [4096, 576], k 32). */
+static inline float row_dot(const float *restrict a, const float *restrict b, int64_t d) {
+    Floats16 p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) {
+        p0 += load16(a + c) * load16(b + c);
+        p1 += load16(a + c + 16) * load16(b + c + 16);
+        p2 += load16(a + c + 32) * load16(b + c + 32);
+        p3 += load16(a + c + 48) * load16(b + c + 48);
+    }
+    for (; c + 16 <= d; c += 16) p0 += load16(a + c) * load16(b + c);
+    float sum = 0.0f;
+    for (; c < d; c++) sum += a[c] * b[c];
+    return sum + total16((p0 + p1) + (p2 + p3));
+}
+
 /* Rows [b_begin, b_end) of out [batch, k]: out[b, j] = dense[b] . table[indices[b, j]], table
- * [n, d] (the values' gradient of an embedding-bag decode: grad_x_hat[b] . W_dec[latent]).
- * Four 16-float running sums: one would wait on its own adds (a chain of d / 16 of them); as vector
- * types they stay in registers (as float arrays: 10.5-12.6 -> 8.2-10.1 ms over [4096, 576], k 32). */
+ * [n, d] (the values' gradient of an embedding-bag decode: grad_x_hat[b] . W_dec[latent]). */
 static void sparse_row_dots_span(const int64_t *indices, const float *table, const float *dense,
                                  int64_t k, int64_t d, int64_t b_begin, int64_t b_end, float *out) {
-    for (int64_t b = b_begin; b < b_end; b++) {
-        const float *restrict x = dense + b * d;
-        for (int64_t j = 0; j < k; j++) {
-            const float *restrict w = table + indices[b * k + j] * d;
-            Floats16 p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};
-            int64_t c = 0;
-            for (; c + 64 <= d; c += 64) {
-                p0 += load16(x + c) * load16(w + c);
-                p1 += load16(x + c + 16) * load16(w + c + 16);
-                p2 += load16(x + c + 32) * load16(w + c + 32);
-                p3 += load16(x + c + 48) * load16(w + c + 48);
-            }
-            for (; c + 16 <= d; c += 16) p0 += load16(x + c) * load16(w + c);
-            float sum = 0.0f;
-            for (; c < d; c++) sum += x[c] * w[c];
-            out[b * k + j] = sum + total16((p0 + p1) + (p2 + p3));
-        }
+    for (int64_t b = b_begin; b < b_end; b++)
+        for (int64_t j = 0; j < k; j++)
+            out[b * k + j] = row_dot(dense + b * d, table + indices[b * k + j] * d, d);
+}
+
+/* Columns [c, c + 16 N) of one row's decode: sum [16 N] = sum over j < k of weights[j] *
+ * table[indices[j]], N 16-float sums in registers (N chains of adds side by side). */
+#define DECODE_PASS(N)                                                                             \
+    static inline void decode_pass##N(const int64_t *indices, const float *weights,               \
+                                      const float *table, int64_t k, int64_t d, int64_t c,         \
+                                      float *sum) {                                                \
+        Floats16 acc[N] = {{0}};                                                                   \
+        for (int64_t j = 0; j < k; j++) {                                                          \
+            const float *row = table + indices[j] * d + c;                                         \
+            for (int v = 0; v < N; v++) acc[v] += weights[j] * load16(row + 16 * v);               \
+        }                                                                                          \
+        memcpy(sum, acc, sizeof acc);                                                              \
     }
+DECODE_PASS(8)
+DECODE_PASS(4)
+DECODE_PASS(2)
+DECODE_PASS(1)
+
+/* Rows [b_begin, b_end) of decode_error (below); returns -1 if an index is outside [0, n). */
+static int64_t decode_error_span(const int64_t *indices, const float *weights, const float *table,
+                                 const float *bias, const float *x, int64_t n, int64_t k, int64_t d,
+                                 int64_t b_begin, int64_t b_end, float *x_hat, float *error,
+                                 float *squares, float *dots) {
+    for (int64_t b = b_begin; b < b_end; b++) {
+        const int64_t *idx = indices + b * k;
+        for (int64_t j = 0; j < k; j++)
+            if (idx[j] < 0 || idx[j] >= n) return -1;
+        const float *w = weights + b * k, *x_row = x + b * d;
+        float *hat = x_hat + b * d, *err = error + b * d;
+        int64_t c = 0;
+        for (; c + 128 <= d; c += 128) decode_pass8(idx, w, table, k, d, c, hat + c);
+        if (c + 64 <= d) decode_pass4(idx, w, table, k, d, c, hat + c), c += 64;
+        if (c + 32 <= d) decode_pass2(idx, w, table, k, d, c, hat + c), c += 32;
+        if (c + 16 <= d) decode_pass1(idx, w, table, k, d, c, hat + c), c += 16;
+        for (; c < d; c++) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < k; j++) sum += w[j] * table[idx[j] * d + c];
+            hat[c] = sum;
+        }
+        Floats16 square = {0};
+        float tail = 0.0f;
+        for (c = 0; c + 16 <= d; c += 16) {
+            const Floats16 h = load16(hat + c) + load16(bias + c), e = h - load16(x_row + c);
+            memcpy(hat + c, &h, sizeof h);
+            memcpy(err + c, &e, sizeof e);
+            square += e * e;
+        }
+        for (; c < d; c++) {
+            hat[c] += bias[c];
+            err[c] = hat[c] - x_row[c];
+            tail += err[c] * err[c];
+        }
+        squares[b] = total16(square) + tail;
+        for (int64_t j = 0; j < k; j++) dots[b * k + j] = row_dot(err, table + idx[j] * d, d);
+    }
+    return 0;
 }
 
 /* The first latent of thread t's span out of `size`: about total * t / size entries before it
@@ -267,4 +330,30 @@ int64_t topk_backward(const int64_t *indices, const float *values, const float *
         stream_fence();
     }
     return 0;
+}
+
+/* A TopK reconstruction and its error, each row while its k decoder rows are in cache: with
+ * indices [batch, k] of table (W_dec) [n, d], weights [batch, k], bias (b_dec) [d], x [batch, d]:
+ *   x_hat [batch, d] = the weighted sum of the rows + bias (the sum first, then the bias, as an
+ *                      embedding bag and an add), error [batch, d] = x_hat - x,
+ *   squares [batch] = each row's error . error,
+ *   dots [batch, k] = error[b] . table[indices[b, j]]: half the values' gradient of the squared
+ *                     error, computed here while the rows are at hand (sparse_row_dots in the
+ *                     backward read them again, from memory).
+ * Returns -1 if an index is outside [0, n) (the outputs are then partly written), else 0. */
+int64_t decode_error(const int64_t *indices, const float *weights, const float *table, const float *bias,
+                     const float *x, int64_t batch, int64_t k, int64_t n, int64_t d, float *x_hat,
+                     float *error, float *squares, float *dots, int64_t threads) {
+    int64_t failed = 0;
+    TEAM_PARALLEL(threads)
+    {
+        int64_t begin, end;
+        team_share(batch, &begin, &end);
+        if (decode_error_span(indices, weights, table, bias, x, n, k, d, begin, end, x_hat, error,
+                              squares, dots)) {
+            TEAM_ATOMIC
+            failed += 1;
+        }
+    }
+    return failed ? -1 : 0;
 }
