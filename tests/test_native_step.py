@@ -88,6 +88,24 @@ def test_native_step_equals_the_torch_step(architecture: str, clip: float | None
     assert (native_sae.W_enc - make_sae(architecture).W_enc).abs().max() > 1e-3
 
 
+def test_the_decoder_rows_get_their_norm_in_the_adam_pass_or_once_without_a_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a W_dec gradient the Adam pass itself leaves the rows at unit norm (no second pass of
+    normalize_decoder after it); without one (nothing reached W_dec) normalize_decoder runs."""
+    sae = make_sae("topk")
+    optimizer = adam(sae)
+    calls: list[int] = []
+    monkeypatch.setattr(sae, "normalize_decoder", lambda: calls.append(1))
+    set_gradients(sae, 0)
+    native_sae_step(sae, optimizer.param_groups[0], optimizer, 1.0)
+    assert calls == []
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    set_gradients(sae, 1)
+    sae.W_dec.grad = None
+    native_sae_step(sae, optimizer.param_groups[0], optimizer, 1.0)
+    assert calls == [1]
+
+
 def test_the_torch_step_continues_the_native_state() -> None:
     """Native steps, then torch steps on the same optimizer = torch steps throughout (a checkpoint
     of either path resumes in the other)."""

@@ -45,6 +45,7 @@ def native_sae_step(sae: SparseAutoencoder, group: dict[str, Any], optimizer: to
         raise RuntimeError("native_sae_step does not apply here; check native_step_applies first")
     named = [(name, p, p.grad) for name, p in sae.named_parameters() if p.grad is not None]
     project = sae.unit_norm_decoder
+    steps_W_dec = sae.W_dec.grad is not None  # (the loop drops the gradients)
     squares = {name: _row_squares(lib, p, grad, project and name == "W_dec") for name, p, grad in named}
     factor = 1.0 if clip_norm is None else _clip_factor(squares, clip_norm, mesh)
     beta1, beta2 = group["betas"]
@@ -62,7 +63,7 @@ def native_sae_step(sae: SparseAutoencoder, group: dict[str, Any], optimizer: to
                       group["lr"] / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step), group["eps"],
                       int(project and name == "W_dec"), threads())
         p.grad = None
-    if project and sae.W_dec.grad is None:  # no step of W_dec's; its rows still get their norm
+    if project and not steps_W_dec:  # no step of W_dec's; its rows still get their norm
         sae.normalize_decoder()
 
 
