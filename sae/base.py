@@ -42,7 +42,8 @@ class TrainOutput(NamedTuple):
     l0: torch.Tensor
     """Scalar: mean number of active latents per row."""
     fired: torch.Tensor
-    """[d_sae] bool: latents active on at least one row of the batch."""
+    """[d_sae] float32: on how many rows of the batch each latent was active in this forward (> 0:
+    it fired). The dead-latent counters read whether, the metrics log how often."""
 
 
 class SparseAutoencoder(nn.Module, ABC):

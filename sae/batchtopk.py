@@ -20,7 +20,7 @@ from saeworks.sae.auxk import auxk_loss
 from saeworks.sae.base import TrainContext, TrainOutput, mse_per_row
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.jumprelu import jumprelu
-from saeworks.sae.sparse import dense_pre_activations, fired_latents, sparse_decode
+from saeworks.sae.sparse import active_latent_counts, dense_pre_activations, sparse_decode
 from saeworks.sae.topk import TopKSAE
 
 THRESHOLD_EMA = 0.01
@@ -86,7 +86,7 @@ class BatchTopKSAE(TopKSAE):
         aux = auxk_loss(self, pre, x_centred, x, x_hat, ctx.dead_mask)
         active = values.detach() > 0
         self.update_threshold(values.detach(), active)
-        fired = fired_latents(indices, active, self.d_sae)
+        fired = active_latent_counts(indices, active, self.d_sae)
         return TrainOutput(x_hat, reconstruction + self.cfg.aux_coefficient * aux, mse, x.new_zeros(()),
                            aux, active.sum(dim=1).float().mean(), fired)
 

@@ -97,7 +97,7 @@ class JumpReLUSAE(SparseAutoencoder):
         l0 = _Step.apply(pre, threshold, eps).sum(dim=-1).mean()  # forward: mean count of pre > threshold
         active = pre.detach() > threshold.detach()
         return TrainOutput(x_hat, mse + ctx.sparsity_coefficient * l0, mse, l0, x.new_zeros(()),
-                           l0.detach(), active.any(dim=0))
+                           l0.detach(), active.sum(dim=0, dtype=torch.float32))
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {name: p.detach() for name, p in self.named_parameters() if name != "log_threshold"}

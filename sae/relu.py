@@ -36,8 +36,8 @@ class ReLUSAE(SparseAutoencoder):
         mse = mse_per_row(x, x_hat)
         sparsity = (latents * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         active = latents.detach() > 0
-        return TrainOutput(x_hat, mse + ctx.sparsity_coefficient * sparsity, mse, sparsity,
-                           x.new_zeros(()), active.sum(dim=1).float().mean(), active.any(dim=0))
+        return TrainOutput(x_hat, mse + ctx.sparsity_coefficient * sparsity, mse, sparsity, x.new_zeros(()),
+                           active.sum(dim=1).float().mean(), active.sum(dim=0, dtype=torch.float32))
 
     def inference_cfg(self) -> dict[str, Any]:
         return {"architecture": "standard"}

@@ -35,9 +35,9 @@ from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_
 from saeworks.sae.batchtopk import BatchTopKSAE, batch_topk, smallest_selected
 from saeworks.sae.distributed import LatentMesh
 from saeworks.sae.sparse import (
+    active_latent_counts,
     dense_pre_activations,
     encoder_b_dec_grad,
-    fired_latents,
     selected_pre_activations,
     sparse_decode,
     top_k,
@@ -166,7 +166,7 @@ def sharded_training_forward(sae: SparseAutoencoder, x: torch.Tensor, ctx: Train
     active = values.detach() > 0
     if isinstance(sae, BatchTopKSAE):
         sae.update_threshold_to(mesh.min_over_all_(smallest_selected(values.detach(), active)))
-    fired = fired_latents(indices, active, sae.d_sae)
+    fired = active_latent_counts(indices, active, sae.d_sae)
     l0 = mesh.sum_over_shards_(active.sum().float()) / x.shape[0]
     return TrainOutput(x_hat, mse + sae.cfg.aux_coefficient * aux, mse, x.new_zeros(()), aux, l0, fired)
 

@@ -13,11 +13,11 @@ import torch
 from saeworks.sae.auxk import auxk_loss
 from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
 from saeworks.sae.sparse import (
+    active_latent_counts,
     bias_top_k_,
     dense_latents,
     dense_pre_activations,
     encoder_b_dec_grad,
-    fired_latents,
     selected_pre_activations,
     sparse_decode,
     top_k,
@@ -69,7 +69,7 @@ class TopKSAE(SparseAutoencoder):
             mse = mse_per_row(x, x_hat)
         aux = auxk_loss(self, pre, x_centred, x, x_hat, ctx.dead_mask)
         active = values > 0
-        fired = fired_latents(indices, active, self.d_sae)
+        fired = active_latent_counts(indices, active, self.d_sae)
         return TrainOutput(x_hat, mse + self.cfg.aux_coefficient * aux, mse, x.new_zeros(()), aux,
                            active.sum(dim=1).float().mean(), fired)
 

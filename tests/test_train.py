@@ -15,12 +15,17 @@ import torch
 from saeworks.activations.store import ActivationStore
 from saeworks.api import train_saes
 from saeworks.cli import EXIT_USER_ERROR, main
+from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.io import load_sae
 from saeworks.sae.registry import create_sae
+from saeworks.sae.topk import TopKSAE
+from saeworks.train.config import TrainConfig
+from saeworks.train.data import SourceInfo
 from saeworks.train.errors import TrainingDivergedError
+from saeworks.train.plan import make_hooks_plan
 from saeworks.train.schedule import Schedule, default_lr
-from saeworks.train.trainer import active_counts
+from saeworks.train.trainer import Trainer
 from tests.train_helpers import HOOK, config, make_store, train_overrides
 
 
@@ -186,16 +191,34 @@ def test_every_registered_architecture_trains_and_saves(store: Path, tmp_path: P
         load_sae(sae.path)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu"])
-def test_logged_firing_counts_are_the_encoders(architecture: str) -> None:
-    """The metrics' per-latent firing counts (`dense` in the log): a TopK SAE counts its k
-    entries per row without dense latents; every architecture gives what its `encode` gives."""
+def _training_latents(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """[batch, d_sae] the latents a training forward activates, computed densely."""
+    if isinstance(sae, TopKSAE):
+        return sae.dense_training_latents(x)
+    return sae.encode(x)  # relu: what training uses
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_logged_dense_latents_are_counted_from_the_steps_own_forward(architecture: str) -> None:
+    """The metrics' `dense` (latents firing on more than dense_fraction of the batch) comes from
+    the step's own firing counts, TrainOutput.fired: the latents its forward activated, with the
+    weights before the optimiser step (no second encode of the batch)."""
     torch.manual_seed(0)
     cfg = SAEConfig(architecture=architecture, k=8, d_sae=512).resolved(40)
     sae = create_sae(cfg)
     with torch.no_grad():
         sae.b_enc.normal_()  # some latents far more frequent than others
-    x = torch.randn(700, 40)
-    want = (sae.encode(x) > 0).sum(0).double()
-    assert torch.equal(active_counts(sae, x), want)
-    assert want.sum() > 0
+    train_cfg = TrainConfig(saes=[cfg], batch_size=700, total_tokens=700 * 4, dense_fraction=0.05)
+    plan = make_hooks_plan(train_cfg, [SourceInfo(HOOK, 40, "x", {}, {})], 1)
+    trainer = Trainer([sae], plan, train_cfg, 1.0, torch.device("cpu"))
+    inputs = trainer.prepare(torch.randn(700, 40))
+    with torch.no_grad():
+        fraction = (_training_latents(sae, inputs[HOOK]) > 0).double().mean(dim=0)  # [d_sae]
+    stats = trainer.forward_backward(inputs)
+    trainer.reduce(stats, False)
+    torch.testing.assert_close(stats.fired[0], (fraction * 700).float())
+    want = int((fraction > 0.05).sum())
+    assert 0 < want < 512
+    with torch.no_grad():  # weights that move after the step (as the optimiser moves them) do not
+        sae.b_enc.add_(3.0)  # change what the step's forward fired: nearly every latent now would
+    assert trainer.metrics(inputs, stats)[0]["dense"] == want

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -37,11 +36,9 @@ from saeworks.sae.precision import autocast_dtype
 from saeworks.sae.sharded import (
     SHARDED_KEYS,
     clip_sharded_grad_norm_,
-    sharded_encode,
     sharded_training_forward,
 )
 from saeworks.sae.sparse import release_workspace
-from saeworks.sae.topk import encodes_top_k
 from saeworks.train.config import TrainConfig
 from saeworks.train.data import BatchSource, batch_inputs
 from saeworks.train.dead import DeadLatents
@@ -59,7 +56,8 @@ class StepStats(NamedTuple):
     scalars: torch.Tensor
     """[n_saes, 4] float32: loss, mse, aux, l0 of each SAE (SCALARS order)."""
     fired: list[torch.Tensor]
-    """Per SAE [d_sae] float32: > 0 where the latent fired on some row of the global batch."""
+    """Per SAE [d_sae] float32: on how many rows each latent fired (after `reduce`: the mean over
+    ranks of their counts; > 0 where it fired on some row of the global batch)."""
 
 
 class MetricsSink(Protocol):
@@ -285,19 +283,13 @@ class Trainer:
         moments = {hook: torch.cat([x.double().sum(0), x.double().pow(2).sum().view(1)])  # [d_in + 1]
                    for hook, x in inputs.items()}
         n, replicas = self.plan.batch_size, self.plan.replicas
+        # the step's own firing counts (TrainOutput.fired), already averaged like its losses by
+        # `reduce` (an encode of the batch for them took 0.24 s a log step, demo shapes)
+        counts = [fired.double() for fired in stats.fired]  # per SAE [d_sae], or its shard's
         if self.plan.hook_owners is not None:  # whole global batches, on this rank alone
             replicas = 1
-            counts = [active_counts(sae, inputs[hook])
-                      for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
-        elif self.mesh is None:
-            counts = [active_counts(sae, inputs[hook])  # per SAE [d_sae]
-                      for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
-            all_reduce_mean_([*moments.values(), *counts])
-        else:  # the shards of a replica read the same x: the mean over all ranks is over replicas
-            counts = [firing_counts(partial(sharded_encode, sae, mesh=self.mesh), inputs[hook])
-                      for sae, hook in zip(self.saes, self.plan.sae_hooks, strict=True)]
-            all_reduce_mean_([*moments.values()])
-            self.mesh.mean_over_replicas_(counts)  # per SAE [d_sae / shards]
+        else:  # data parallel, or latent shards (those of a replica read the same x): the mean
+            all_reduce_mean_([*moments.values()])  # over all ranks is the mean over replicas
         variances = {}
         for hook, moment in moments.items():
             mean = moment[:-1] * replicas / n
@@ -356,24 +348,6 @@ def _global_param_indices(plan: TrainPlan, saes: list[SparseAutoencoder]) -> lis
         start = sum(per_entry[j % plan.sweep_size] for j in range(sae_id))
         indices.extend(range(start, start + per_entry[sae_id % plan.sweep_size]))
     return indices
-
-
-def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
-    """[d_sae] float64: on how many rows of x [batch, d_in] each latent of `sae` is active. A TopK
-    SAE counts its k entries per row (`encode_active`: the reused pre-activation buffer, no dense
-    latents; 0.36 s against 0.8 s for the dense encode, demo shapes, 2 threads), others encode."""
-    if encodes_top_k(sae):
-        values, indices = sae.encode_active(x)  # [batch, k]
-        return torch.bincount(indices[values > 0], minlength=sae.d_sae).double()
-    return firing_counts(sae.encode, x)
-
-
-def firing_counts(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                  rows: int = 1024) -> torch.Tensor:
-    """[d_sae] float64: on how many rows of x [batch, d_in] each latent is active, `rows` rows at a
-    time: a whole batch's dense latents would be batch x d_sae floats (151 MB at 4096 x 9216)."""
-    parts = [(encode(part) > 0).sum(0, dtype=torch.float64) for part in x.split(rows)]
-    return torch.stack(parts).sum(0)
 
 
 def adam(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Adam:
