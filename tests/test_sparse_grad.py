@@ -161,13 +161,26 @@ def test_the_fused_topk_step_gives_the_chains_numbers_and_gradients(apply_b_dec:
     torch.testing.assert_close(x_hat, chain_x_hat, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(mse, chain_mse, rtol=1e-6, atol=0)
     assert set(fused) == {"W_enc", "b_enc", "W_dec", "b_dec"}
-    # under autocast the values' gradient is rounded to bfloat16: computed in another order (the
-    # dots scaled, not the scaled error's dots), a float32 gradient can round to the neighbouring
-    # bfloat16 (seen: W_enc off by 4.5e-5 where its entries reach 0.78)
-    atol = 1e-4 if autocast and loss != "x_hat" else 1e-5
+    assert all(grad.is_contiguous() for grad in fused.values())
+    if autocast and loss != "x_hat":
+        # under autocast the values' gradient is rounded to bfloat16: computed in another order (the
+        # dots scaled, not the scaled error's dots; 16 or 8 lanes), a float32 gradient can round to
+        # the neighbouring bfloat16 (seen: one entry, its latent's b_enc off by 6e-5 and W_enc column
+        # by up to 1.5e-3 where the gradient reaches 4.1). Only such a latent may differ, by about
+        # its x-weighted ulp; all others as without autocast.
+        flipped = ((fused["b_enc"] - chain["b_enc"]).abs() > 1e-5 * (1 + chain["b_enc"].abs())) \
+            | ((fused["W_enc"] - chain["W_enc"]).abs() > 1e-5 * (1 + chain["W_enc"].abs())).any(0)
+        assert int(flipped.sum()) <= 2, f"{int(flipped.sum())} latents' gradients differ"
+        for name in ("W_enc", "b_enc"):
+            latents = -1 if name == "W_enc" else 0
+            ulp = 2 * torch.finfo(torch.bfloat16).eps * chain[name].abs().max()
+            torch.testing.assert_close(fused[name].index_select(latents, flipped.nonzero().squeeze(1)),
+                                       chain[name].index_select(latents, flipped.nonzero().squeeze(1)),
+                                       rtol=0, atol=float(ulp), msg=name)
+            fused[name] = fused[name].index_select(latents, (~flipped).nonzero().squeeze(1))
+            chain[name] = chain[name].index_select(latents, (~flipped).nonzero().squeeze(1))
     for name, grad in fused.items():
-        torch.testing.assert_close(grad, chain[name], rtol=1e-5, atol=atol, msg=name)
-        assert grad.is_contiguous()
+        torch.testing.assert_close(grad, chain[name], rtol=1e-5, atol=1e-5, msg=name)
     assert fused["b_dec"].abs().max() > 0 and fused["b_enc"].abs().max() > 0
 
 

@@ -21,15 +21,16 @@
 #include "team.h"
 #include "vectors.h"
 
-/* sum over c < n of a[c] * b[c], in 32 lanes. */
+#define DOT_VECTORS (32 / LANES)
+
+/* sum over c < n of a[c] * b[c], 32 at a time in DOT_VECTORS running sums. */
 static float dot(const float *a, const float *b, int64_t n) {
-    Floats16 low = {0}, high = {0};
+    FloatsN sums[DOT_VECTORS];
+    for (int v = 0; v < DOT_VECTORS; v++) sums[v] = (FloatsN){0};
     int64_t c = 0;
-    for (; c + 32 <= n; c += 32) {
-        low += load16(a + c) * load16(b + c);
-        high += load16(a + c + 16) * load16(b + c + 16);
-    }
-    float sum = total16(low + high);
+    for (; c + 32 <= n; c += 32)
+        for (int v = 0; v < DOT_VECTORS; v++) sums[v] += load_lanes(a + c + LANES * v) * load_lanes(b + c + LANES * v);
+    float sum = total_lanes(pairwise_total(sums, DOT_VECTORS));
     for (; c < n; c++) sum += a[c] * b[c];
     return sum;
 }

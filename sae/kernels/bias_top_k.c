@@ -100,61 +100,63 @@ static void offer(Heap *h, float v, int64_t id) {
     }
 }
 
-/* For each of a[i0 .. i0 + 32): how many of a[0..n) are larger (`ties_before`: plus how many equal
- * ones come before it), as two vectors of 16 (two independent chains of adds). a[n..i0 + 32) must
- * be readable. */
-static inline void count_above(const float *a, int64_t n, int64_t i0, int ties_before, Ints16 *low,
-                               Ints16 *high) {
-    const Floats16 first = load16(a + i0), second = load16(a + i0 + 16);
-    Ints16 above_first = {0}, above_second = {0};
-    if (ties_before) {
-        Ints16 position = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-        position += (int32_t)i0;
-        const Ints16 position_second = position + 16;
-        for (int64_t j = 0; j < n; j++) {  /* a comparison's lanes are -1 where true */
-            above_first -= (a[j] > first) | ((a[j] == first) & ((int32_t)j < position));
-            above_second -= (a[j] > second) | ((a[j] == second) & ((int32_t)j < position_second));
-        }
-    } else {
-        for (int64_t j = 0; j < n; j++) {
-            above_first -= a[j] > first;
-            above_second -= a[j] > second;
-        }
+#define RANKED 32  /* values whose ranks one count_above pass counts */
+#define RANKED_VECTORS (RANKED / LANES)
+
+/* For each of a[i0 .. i0 + RANKED): how many of a[0..n) are larger (`ties_before`: plus how many
+ * equal ones come before it), into above[RANKED_VECTORS] (RANKED_VECTORS independent chains of
+ * adds, one register each). a[n..i0 + RANKED) must be readable. */
+static inline void count_above(const float *a, int64_t n, int64_t i0, int ties_before,
+                               IntsN above[RANKED_VECTORS]) {
+    FloatsN mine[RANKED_VECTORS];
+    IntsN counts[RANKED_VECTORS], position[RANKED_VECTORS], lane_of = {0};
+    for (int lane = 0; lane < LANES; lane++) lane_of[lane] = lane;
+    for (int v = 0; v < RANKED_VECTORS; v++) {
+        mine[v] = load_lanes(a + i0 + v * LANES);
+        counts[v] = (IntsN){0};
+        position[v] = lane_of + (int32_t)(i0 + v * LANES);
     }
-    *low = above_first;
-    *high = above_second;
+    if (ties_before) {
+        for (int64_t j = 0; j < n; j++)  /* a comparison's lanes are -1 where true */
+            for (int v = 0; v < RANKED_VECTORS; v++)
+                counts[v] -= (a[j] > mine[v]) | ((a[j] == mine[v]) & ((int32_t)j < position[v]));
+    } else {
+        for (int64_t j = 0; j < n; j++)
+            for (int v = 0; v < RANKED_VECTORS; v++) counts[v] -= a[j] > mine[v];
+    }
+    memcpy(above, counts, sizeof counts);
 }
 
-/* a[n .. n rounded up to 32) = -inf (n values above each: never among the k largest); that count. */
-static int64_t pad32(float *a, int64_t n) {
-    const int64_t padded = (n + 31) / 32 * 32;
+/* a[n .. n rounded up to RANKED) = -inf (n values above each: never among the k largest); that count. */
+static int64_t pad_ranked(float *a, int64_t n) {
+    const int64_t padded = (n + RANKED - 1) / RANKED * RANKED;
     for (int64_t i = n; i < padded; i++) a[i] = -INFINITY;
     return padded;
 }
 
 /* The k-th largest of a[0..n) (1 <= k <= n <= COUNTING_MAX): the smallest value with fewer than
- * k values above it. a has room for n rounded up to 32 (`pad32`). */
+ * k values above it. a has room for n rounded up to RANKED (`pad_ranked`). */
 static float kth_largest_counting(float *a, int64_t n, int64_t k) {
-    const int64_t padded = pad32(a, n);
-    const Floats16 none = (Floats16){0} + INFINITY;
-    Floats16 best = none;  /* lane-wise smallest of the values with fewer than k above them */
-    for (int64_t i0 = 0; i0 < padded; i0 += 16 * 2) {
-        Ints16 above[2];
-        count_above(a, n, i0, 0, &above[0], &above[1]);
-        for (int half = 0; half < 2; half++) {
-            const Ints16 kept = above[half] < (int32_t)k;
-            const Ints16 bits = (Ints16)load16(a + i0 + 16 * half);
-            const Floats16 mine = (Floats16)((bits & kept) | ((Ints16)none & ~kept));
-            const Ints16 smaller = mine < best;
-            best = (Floats16)(((Ints16)mine & smaller) | ((Ints16)best & ~smaller));
+    const int64_t padded = pad_ranked(a, n);
+    const FloatsN none = (FloatsN){0} + INFINITY;
+    FloatsN best = none;  /* lane-wise smallest of the values with fewer than k above them */
+    for (int64_t i0 = 0; i0 < padded; i0 += RANKED) {
+        IntsN above[RANKED_VECTORS];
+        count_above(a, n, i0, 0, above);
+        for (int v = 0; v < RANKED_VECTORS; v++) {
+            const IntsN kept = above[v] < (int32_t)k;
+            const IntsN bits = (IntsN)load_lanes(a + i0 + LANES * v);
+            const FloatsN mine = (FloatsN)((bits & kept) | ((IntsN)none & ~kept));
+            const IntsN smaller = mine < best;
+            best = (FloatsN)(((IntsN)mine & smaller) | ((IntsN)best & ~smaller));
         }
     }
     float smallest = best[0];
-    for (int lane = 1; lane < 16; lane++) smallest = best[lane] < smallest ? best[lane] : smallest;
+    for (int lane = 1; lane < LANES; lane++) smallest = best[lane] < smallest ? best[lane] : smallest;
     return smallest;
 }
 
-/* The k-th largest of maxima [nb] (k <= nb / 4; scratch: work [nb + 32], groups [k]), and in
+/* The k-th largest of maxima [nb] (k <= nb / 4; scratch: work [nb + RANKED], groups [k]), and in
  * *found the blocks that reach it (blocks [*found], ascending). k interleaved groups (group g:
  * maxima g, g + k, g + 2k, ...) each have a maximum, so k blocks reach the smallest of those: it
  * is a lower bound of the answer, reached by only two or three times k of the maxima. Those are
@@ -194,17 +196,17 @@ static float kth_largest_maximum(const float *maxima, float *work, float *groups
 }
 
 /* values, indices [k] = the k largest of candidates (value [n], column [n]; k <= n <= COUNTING_MAX,
- * value with room for n rounded up to 32): those with fewer than k candidates above them, an equal
+ * value with room for n rounded up to RANKED): those with fewer than k candidates above them, an equal
  * one counting as above where it comes first. */
 static void keep_largest(float *value, const int64_t *column, int64_t n, int64_t k, float *values,
                          int64_t *indices) {
-    const int64_t padded = pad32(value, n);
+    const int64_t padded = pad_ranked(value, n);
     int64_t kept = 0;
-    for (int64_t i0 = 0; i0 < padded; i0 += 32) {
-        Ints16 above[2];
-        count_above(value, n, i0, 1, &above[0], &above[1]);
-        for (int lane = 0; lane < 32 && i0 + lane < n; lane++)
-            if (above[lane / 16][lane % 16] < k) {
+    for (int64_t i0 = 0; i0 < padded; i0 += RANKED) {
+        IntsN above[RANKED_VECTORS];
+        count_above(value, n, i0, 1, above);
+        for (int lane = 0; lane < RANKED && i0 + lane < n; lane++)
+            if (above[lane / LANES][lane % LANES] < k) {
                 values[kept] = value[i0 + lane];
                 indices[kept++] = column[i0 + lane];
             }
@@ -215,13 +217,13 @@ static void keep_largest(float *value, const int64_t *column, int64_t n, int64_t
 typedef struct {
     int64_t *blocks;  /* [nb] */
     int64_t *column;  /* [16 nb] */
-    float *work;  /* [nb + 32] */
+    float *work;  /* [nb + RANKED] */
     float *groups;  /* [k] */
-    float *value;  /* [16 nb + 32] */
+    float *value;  /* [16 nb + RANKED] */
 } Scratch;
 
 static int64_t scratch_bytes(int64_t nb, int64_t k) {
-    return (int64_t)sizeof(int64_t) * (nb + 16 * nb) + (int64_t)sizeof(float) * (nb + 32 + k + 16 * nb + 32);
+    return (int64_t)sizeof(int64_t) * (nb + 16 * nb) + (int64_t)sizeof(float) * (nb + RANKED + k + 16 * nb + RANKED);
 }
 
 /* The Scratch at the start of `memory` (malloc's: aligned for the int64 arrays, which come first). */
@@ -230,7 +232,7 @@ static Scratch scratch_at(void *memory, int64_t nb, int64_t k) {
     s.blocks = memory;
     s.column = s.blocks + nb;
     s.work = (float *)(s.column + 16 * nb);
-    s.groups = s.work + nb + 32;
+    s.groups = s.work + nb + RANKED;
     s.value = s.groups + k;
     return s;
 }

@@ -67,40 +67,35 @@ int64_t sort_by_latent(const int64_t *indices, const float *weights, int64_t n, 
     return sort_entries(indices, weights, NULL, n, k, d_sae, offsets, rows, sorted_weights, NULL, cursor);
 }
 
-_Static_assert(CHUNK == 64, "latent_chunk_sum sums a chunk as four 16-float quarters");
+#define CHUNK_VECTORS (CHUNK / LANES)
+/* Entries summed side by side in latent_chunk_sum: two sets of sums where the registers hold them
+ * (AVX-512: 2 x 4), one set where a set alone is half the registers (AVX2: 8 of 16). */
+#define CHUNK_SETS (4 * CHUNK_VECTORS <= REGISTERS ? 2 : 1)
 
 /* sum [CHUNK] = sum over sorted entries [begin, end) of weight * dense[row] [CHUNK] (dense already
- * at the chunk's first column; row stride d). The sums stay in registers, two entries at a time
- * into two sets of four: the plain loop kept them in memory, a chain of loads, adds and stores
+ * at the chunk's first column; row stride d). The sums stay in registers, CHUNK_SETS entries at a
+ * time into as many sets: the plain loop kept them in memory, a chain of loads, adds and stores
  * per entry (one sparse_outer over [4096, 576], k 32, d_sae 9216: 14.2 -> 8.8 ms, 2 threads). */
 static inline void latent_chunk_sum(const int64_t *rows, const float *sorted_weights, const float *dense,
                                     int64_t d, int64_t begin, int64_t end, float *sum) {
-    Floats16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    FloatsN acc[CHUNK_SETS][CHUNK_VECTORS];
+    for (int set = 0; set < CHUNK_SETS; set++)
+        for (int v = 0; v < CHUNK_VECTORS; v++) acc[set][v] = (FloatsN){0};
     int64_t i = begin;
-    for (; i + 1 < end; i += 2) {
-        const float *even = dense + rows[i] * d, *odd = dense + rows[i + 1] * d;
-        const float we = sorted_weights[i], wo = sorted_weights[i + 1];
-        a0 += we * load16(even);
-        a1 += we * load16(even + 16);
-        a2 += we * load16(even + 32);
-        a3 += we * load16(even + 48);
-        b0 += wo * load16(odd);
-        b1 += wo * load16(odd + 16);
-        b2 += wo * load16(odd + 32);
-        b3 += wo * load16(odd + 48);
+    for (; i + CHUNK_SETS <= end; i += CHUNK_SETS)
+        for (int set = 0; set < CHUNK_SETS; set++) {
+            const float *row = dense + rows[i + set] * d;
+            const float w = sorted_weights[i + set];
+            for (int v = 0; v < CHUNK_VECTORS; v++) acc[set][v] += w * load_lanes(row + LANES * v);
+        }
+    for (; i < end; i++) {
+        const float *row = dense + rows[i] * d;
+        const float w = sorted_weights[i];
+        for (int v = 0; v < CHUNK_VECTORS; v++) acc[0][v] += w * load_lanes(row + LANES * v);
     }
-    if (i < end) {
-        const float *last = dense + rows[i] * d;
-        a0 += sorted_weights[i] * load16(last);
-        a1 += sorted_weights[i] * load16(last + 16);
-        a2 += sorted_weights[i] * load16(last + 32);
-        a3 += sorted_weights[i] * load16(last + 48);
-    }
-    a0 += b0; a1 += b1; a2 += b2; a3 += b3;
-    memcpy(sum, &a0, sizeof a0);
-    memcpy(sum + 16, &a1, sizeof a1);
-    memcpy(sum + 32, &a2, sizeof a2);
-    memcpy(sum + 48, &a3, sizeof a3);
+    for (int set = 1; set < CHUNK_SETS; set++)
+        for (int v = 0; v < CHUNK_VECTORS; v++) acc[0][v] += acc[set][v];
+    memcpy(sum, acc[0], sizeof acc[0]);
 }
 
 /* Whole 64-byte lines of a gradient go out with non-temporal stores where the CPU has them: the
@@ -188,22 +183,22 @@ static void topk_backward_span(const int64_t *offsets, const int64_t *rows, cons
     sparse_outer_span(offsets, rows, sorted_grads, x, d, d_sae, s_begin, s_end, 1, grad_W_enc);
 }
 
-/* a . b over d floats. Four 16-float running sums: one would wait on its own adds (a chain of
- * d / 16 of them); as vector types they stay in registers (as float arrays: 10.5-12.6 -> 8.2-10.1
- * ms for sparse_row_dots over [4096, 576], k 32). */
+#define DOT_VECTORS (64 / LANES)
+
+/* a . b over d floats, 64 at a time in DOT_VECTORS running sums: one would wait on its own adds (a
+ * chain of d / LANES of them); as vector types they stay in registers (as float arrays:
+ * 10.5-12.6 -> 8.2-10.1 ms for sparse_row_dots over [4096, 576], k 32). */
 static inline float row_dot(const float *restrict a, const float *restrict b, int64_t d) {
-    Floats16 p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};
+    FloatsN sums[DOT_VECTORS];
+    for (int v = 0; v < DOT_VECTORS; v++) sums[v] = (FloatsN){0};
     int64_t c = 0;
-    for (; c + 64 <= d; c += 64) {
-        p0 += load16(a + c) * load16(b + c);
-        p1 += load16(a + c + 16) * load16(b + c + 16);
-        p2 += load16(a + c + 32) * load16(b + c + 32);
-        p3 += load16(a + c + 48) * load16(b + c + 48);
-    }
-    for (; c + 16 <= d; c += 16) p0 += load16(a + c) * load16(b + c);
+    for (; c + 64 <= d; c += 64)
+        for (int v = 0; v < DOT_VECTORS; v++)
+            sums[v] += load_lanes(a + c + LANES * v) * load_lanes(b + c + LANES * v);
+    for (; c + LANES <= d; c += LANES) sums[0] += load_lanes(a + c) * load_lanes(b + c);
     float sum = 0.0f;
     for (; c < d; c++) sum += a[c] * b[c];
-    return sum + total16((p0 + p1) + (p2 + p3));
+    return sum + total_lanes(pairwise_total(sums, DOT_VECTORS));
 }
 
 /* Rows [b_begin, b_end) of out [batch, k]: out[b, j] = dense[b] . table[indices[b, j]], table
@@ -216,15 +211,17 @@ static void sparse_row_dots_span(const int64_t *indices, const float *table, con
 }
 
 /* Columns [c, c + 16 N) of one row's decode: sum [16 N] = sum over j < k of weights[j] *
- * table[indices[j]], N 16-float sums in registers (N chains of adds side by side). */
+ * table[indices[j]], 16 N / LANES sums in registers (as many chains of adds side by side). */
 #define DECODE_PASS(N)                                                                             \
     static inline void decode_pass##N(const int64_t *indices, const float *weights,               \
                                       const float *table, int64_t k, int64_t d, int64_t c,         \
                                       float *sum) {                                                \
-        Floats16 acc[N] = {{0}};                                                                   \
+        FloatsN acc[16 * N / LANES];                                                               \
+        for (int v = 0; v < 16 * N / LANES; v++) acc[v] = (FloatsN){0};                            \
         for (int64_t j = 0; j < k; j++) {                                                          \
             const float *row = table + indices[j] * d + c;                                         \
-            for (int v = 0; v < N; v++) acc[v] += weights[j] * load16(row + 16 * v);               \
+            const float w = weights[j];                                                            \
+            for (int v = 0; v < 16 * N / LANES; v++) acc[v] += w * load_lanes(row + LANES * v);    \
         }                                                                                          \
         memcpy(sum, acc, sizeof acc);                                                              \
     }
@@ -245,8 +242,9 @@ static int64_t decode_error_span(const int64_t *indices, const float *weights, c
         const float *w = weights + b * k, *x_row = x + b * d;
         float *hat = x_hat + b * d, *err = error + b * d;
         int64_t c = 0;
-        for (; c + 128 <= d; c += 128) decode_pass8(idx, w, table, k, d, c, hat + c);
-        if (c + 64 <= d) decode_pass4(idx, w, table, k, d, c, hat + c), c += 64;
+        if (8 * 16 / LANES <= REGISTERS / 2)  /* eight 16-float sums in at most half the registers */
+            for (; c + 128 <= d; c += 128) decode_pass8(idx, w, table, k, d, c, hat + c);
+        for (; c + 64 <= d; c += 64) decode_pass4(idx, w, table, k, d, c, hat + c);
         if (c + 32 <= d) decode_pass2(idx, w, table, k, d, c, hat + c), c += 32;
         if (c + 16 <= d) decode_pass1(idx, w, table, k, d, c, hat + c), c += 16;
         for (; c < d; c++) {
@@ -254,10 +252,10 @@ static int64_t decode_error_span(const int64_t *indices, const float *weights, c
             for (int64_t j = 0; j < k; j++) sum += w[j] * table[idx[j] * d + c];
             hat[c] = sum;
         }
-        Floats16 square = {0};
+        FloatsN square = {0};
         float tail = 0.0f;
-        for (c = 0; c + 16 <= d; c += 16) {
-            const Floats16 h = load16(hat + c) + load16(bias + c), e = h - load16(x_row + c);
+        for (c = 0; c + LANES <= d; c += LANES) {
+            const FloatsN h = load_lanes(hat + c) + load_lanes(bias + c), e = h - load_lanes(x_row + c);
             memcpy(hat + c, &h, sizeof h);
             memcpy(err + c, &e, sizeof e);
             square += e * e;
@@ -267,7 +265,7 @@ static int64_t decode_error_span(const int64_t *indices, const float *weights, c
             err[c] = hat[c] - x_row[c];
             tail += err[c] * err[c];
         }
-        squares[b] = total16(square) + tail;
+        squares[b] = total_lanes(square) + tail;
         for (int64_t j = 0; j < k; j++) dots[b * k + j] = row_dot(err, table + idx[j] * d, d);
     }
     return 0;
