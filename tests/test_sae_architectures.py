@@ -353,6 +353,10 @@ def test_geometric_median() -> None:
     square = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0], [0.0, 0.0]]) + 3
     assert torch.allclose(geometric_median(square), torch.tensor([3.0, 3.0]), atol=1e-5)
     assert torch.equal(geometric_median(points, max_iter=0), points.double().mean(0).float())
+    as_float64 = points.double()  # centred in place only when .double() made a copy
+    kept = as_float64.clone()
+    assert torch.allclose(geometric_median(as_float64).float(), median, atol=1e-5)
+    assert torch.equal(as_float64, kept)
     with pytest.raises(ValueError, match="non-empty"):
         geometric_median(torch.zeros(0, D_IN))
 
