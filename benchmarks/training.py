@@ -15,7 +15,9 @@ never holds; formulas in eval/metrics.py):
   counter), and never active on the held-out rows (a small sample: rare latents look dead there).
 The limit is the encoder matmul [batch, d_in] @ [d_in, d_sae] on this machine in the dtype the
 training multiplies in (bfloat16 where `train.autocast` resolves to it), timed 5 times just before
-and 5 times just after the training (the median). One line of figures at the end.
+and 5 times just after the training (the median). One line of figures at the end, with the wall
+time split as `train` reports it (setup: the data, the SAEs, the initial sample; the steps alone;
+checkpoints; saving): a short run's fixed costs weigh more than a long run's.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def main() -> None:
                             torch.bfloat16 if autocast == "bfloat16" else torch.float32)
         probes = [probe() for _ in range(5)]
         start = time.perf_counter()
-        train(cfg.train_job())
+        spent = train(cfg.train_job()).seconds
         seconds = time.perf_counter() - start
         probes += [probe() for _ in range(5)]
         sae_dir = cfg.layout.sae(sae_cfg.display_name)
@@ -70,9 +72,13 @@ def main() -> None:
         trained_dead = last["dead"] / sae.d_sae  # silent for train.dead_after_tokens tokens
     limit = cfg.train.batch_size / statistics.median(probes)
     rate = store.n_tokens / seconds
+    steps_rate = store.n_tokens / spent.steps  # the loop alone: reads, steps, metrics
     print(f"train: {rate:,.0f} tok/s end to end ({sae_cfg.display_name}, {store.n_tokens:,} tokens, one "
           f"pass, autocast {cfg.train.autocast} = {autocast}, {torch.get_num_threads()} threads) | "
           f"encoder matmul limit {limit:,.0f} tok/s ({probe.x.dtype}) | ratio {rate / limit:.2f} | "
+          f"{seconds:.1f} s = setup {spent.setup:.1f} + steps {spent.steps:.1f} ({steps_rate:,.0f} tok/s, "
+          f"{steps_rate / limit:.2f} of the limit) + checkpoints {spent.checkpoints:.1f} + save "
+          f"{spent.save:.1f} (+ {seconds - spent.total:.1f} outside train) | "
           f"held-out FVU {scores['fvu']:.3f}, L0 "
           f"{scores['l0']:.1f}, dead {trained_dead:.2%} (training) {scores['dead_fraction']:.2%} "
           f"(held-out rows), CE recovered {scores['ce_recovered']:.3f} (clean {scores['ce_clean']:.3f}, "

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import saeworks.train.run as run_module
 from saeworks.activations.store import ActivationStore
 from saeworks.api import train_saes
 from saeworks.cli import EXIT_USER_ERROR, main
@@ -77,11 +80,24 @@ def test_two_topk_saes_learn_from_one_pass_and_are_saved(store: Path, tmp_path: 
     assert list((run_dir / "logs" / "wandb").glob("offline-run-*"))
 
 
-def test_api_result_and_defaults(store: Path, tmp_path: Path) -> None:
+def test_api_result_and_defaults(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config(tmp_path, store, **{"train.total_tokens": 256 * 4, "train.lr": "null",
-                                     "train.b_dec_init": "zeros", "train.normalize_inputs": "false"})
+                                     "train.b_dec_init": "zeros", "train.normalize_inputs": "false",
+                                     "train.checkpoint_every_tokens": 512})
+    write_checkpoint = run_module.write_checkpoint
+
+    def slow_checkpoint(*args: Any, **kwargs: Any) -> Path:  # a slow disk: the time is the checkpoints'
+        time.sleep(0.2)
+        return write_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "write_checkpoint", slow_checkpoint)
+    start = time.perf_counter()
     result = train_saes(cfg)
+    wall = time.perf_counter() - start
     assert result.finished and result.steps == 4 and result.tokens == 1024
+    spent = result.seconds  # two checkpoints (after steps 2 and 4), each 0.2 s slower
+    assert spent.checkpoints >= 0.4 and spent.setup > 0 and spent.steps > 0 and spent.save > 0
+    assert spent.total == spent.setup + spent.steps + spent.checkpoints + spent.save <= wall
     assert result.saes[0].path == tmp_path / "saes" / "topk-k4-64"
     assert result.saes[0].l0 == 4
     assert metrics_of(tmp_path)[0]["lr"] == pytest.approx(default_lr(64))

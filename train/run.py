@@ -21,6 +21,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -88,8 +89,25 @@ class SAEResult(NamedTuple):
     """Mean active latents per token on the last logged batch."""
 
 
+class TrainSeconds(NamedTuple):
+    """Where a call to `train` spent its wall time on this rank: the parts sum to the whole."""
+
+    setup: float = 0.0
+    """Opening the data, making the SAEs, the initial sample (input scale, b_dec) or the resume."""
+    steps: float = 0.0
+    """The training steps, with their reads, metrics and logs; checkpoints not included."""
+    checkpoints: float = 0.0
+    """Writing checkpoints (rank 0) or waiting for them (other ranks), the last one included."""
+    save: float = 0.0
+    """Writing the trained SAEs."""
+
+    @property
+    def total(self) -> float:
+        return self.setup + self.steps + self.checkpoints + self.save
+
+
 class TrainResult(NamedTuple):
-    """What a call to `train` did (the same on every rank, but `rank` and `held`)."""
+    """What a call to `train` did (the same on every rank, but `rank`, `held` and `seconds`)."""
 
     saes: list[SAEResult]
     steps: int
@@ -102,6 +120,8 @@ class TrainResult(NamedTuple):
     world_size: int
     held: tuple[str, ...] = ()
     """The SAEs this rank trained: all of them, except under train.distribute_hooks (its hooks')."""
+    seconds: TrainSeconds = TrainSeconds()
+    """This rank's wall time, by part (benchmarks/training.py prints them)."""
 
 
 def train(cfg: TrainJob, source: BatchSource | None = None) -> TrainResult:
@@ -124,6 +144,7 @@ def _clean_leftovers(cfg: TrainJob) -> None:
 
 
 def _train(cfg: TrainJob, source: BatchSource | None, rank: RankInfo) -> TrainResult:
+    started = time.perf_counter()
     dynamo = _import_dynamo_aside()
     cfg = _with_resolved_autocast(cfg, rank)
     data, info = _open_data(cfg, rank)  # one SourceInfo per hook
@@ -145,20 +166,28 @@ def _train(cfg: TrainJob, source: BatchSource | None, rank: RankInfo) -> TrainRe
         trainer = _resumed_trainer(cfg, held, saes, source, rank, resume_from, mesh)
     metrics = MetricsLog(cfg, cfg.layout, plan.stop_step * plan.batch_size, trainer.tokens, rank.is_main)
     checkpoints: list[Path] = [resume_from.path] if resume_from else []
+    checkpoint_seconds = 0.0
 
     def checkpoint(trainer: Trainer, source: BatchSource) -> Path:
+        nonlocal checkpoint_seconds
+        start = time.perf_counter()
         checkpoints.append(_write_checkpoint(cfg, plan, info, trainer, source, rank))
+        checkpoint_seconds += time.perf_counter() - start
         return checkpoints[-1]
 
+    fitting = time.perf_counter()
     with _sigterm_stops() as stop:
         try:
             trainer.fit(source, metrics, checkpoint, stop)
         finally:
             metrics.close()
+    saving = time.perf_counter()
     finished = trainer.step >= plan.total_steps
     results = _save_saes(cfg, plan, info, trainer, rank, finished)
+    seconds = TrainSeconds(setup=fitting - started, steps=saving - fitting - checkpoint_seconds,
+                           checkpoints=checkpoint_seconds, save=time.perf_counter() - saving)
     return TrainResult(results, trainer.step, trainer.tokens, finished, checkpoints[-1], rank.rank,
-                       rank.world_size, tuple(held.names))
+                       rank.world_size, tuple(held.names), seconds)
 
 
 def _with_resolved_autocast(cfg: TrainJob, rank: RankInfo) -> TrainJob:
