@@ -15,7 +15,9 @@ never holds; formulas in eval/metrics.py):
   counter), and never active on the held-out rows (a small sample: rare latents look dead there).
 The limit is the encoder matmul [batch, d_in] @ [d_in, d_sae] on this machine in the dtype the
 training multiplies in (bfloat16 where `train.autocast` resolves to it), timed 5 times just before
-and 5 times just after the training (the median). One line of figures at the end, with the wall
+and 5 times just after the training (the median; their range is printed too: a shared VM's
+matmul speed drifts by 30% within minutes, and benchmarks/train_step.py, which probes after every
+step, is the steadier ratio of the step). One line of figures at the end, with the wall
 time split as `train` reports it (setup: the data, the SAEs, the initial sample; the steps alone;
 checkpoints; saving): a short run's fixed costs weigh more than a long run's.
 """
@@ -75,7 +77,9 @@ def main() -> None:
     steps_rate = store.n_tokens / spent.steps  # the loop alone: reads, steps, metrics
     print(f"train: {rate:,.0f} tok/s end to end ({sae_cfg.display_name}, {store.n_tokens:,} tokens, one "
           f"pass, autocast {cfg.train.autocast} = {autocast}, {torch.get_num_threads()} threads) | "
-          f"encoder matmul limit {limit:,.0f} tok/s ({probe.x.dtype}) | ratio {rate / limit:.2f} | "
+          f"encoder matmul limit {limit:,.0f} tok/s ({probe.x.dtype}; its 10 probes "
+          f"{cfg.train.batch_size / max(probes):,.0f}-{cfg.train.batch_size / min(probes):,.0f}) | "
+          f"ratio {rate / limit:.2f} | "
           f"{seconds:.1f} s = setup {spent.setup:.1f} + steps {spent.steps:.1f} ({steps_rate:,.0f} tok/s, "
           f"{steps_rate / limit:.2f} of the limit) + checkpoints {spent.checkpoints:.1f} + save "
           f"{spent.save:.1f} (+ {seconds - spent.total:.1f} outside train) | "
