@@ -4,6 +4,7 @@ to 2N ends with bit-identical weights to a run that went straight to 2N, in one 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -11,10 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
 
+import saeworks.activations.reader as reader_module
 from saeworks.activations.config import ReaderConfig
 from saeworks.activations.reader import ActivationReader
 from saeworks.activations.store import ActivationStore
@@ -22,6 +25,7 @@ from saeworks.api import train_saes
 from saeworks.cli import EXIT_INTERRUPTED
 from saeworks.sae.precision import autocast_dtype
 from saeworks.train.checkpoint import latest_checkpoint
+from saeworks.train.data import initial_sample
 from saeworks.train.errors import CheckpointError, TrainingInterrupted
 from tests.train_helpers import (
     HOOK,
@@ -170,3 +174,41 @@ def test_on_the_fly_model_source_trains_and_resumes_exactly(tmp_path: Path) -> N
     name = "topk-k8-256"
     assert_identical(sae_tensors(tmp_path / "halves" / "saes" / name),
                      sae_tensors(tmp_path / "straight" / "saes" / name))
+
+
+def test_the_initial_sample_is_handed_over_again_not_read_twice(store: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's first batches are the sample's, from the reader's one read of its first block;
+    the position reported among them is the reader's after as many batches."""
+    loads: list[tuple[int, int]] = []
+    load_block = reader_module._Loader._load_block
+
+    def counted(self: Any, epoch: int, block: int, chunks: Any) -> Any:
+        loads.append((epoch, block))
+        return load_block(self, epoch, block, chunks)
+
+    monkeypatch.setattr(reader_module._Loader, "_load_block", counted)
+    reader_cfg = ReaderConfig(batch_size=BATCH, buffer_chunks=4)  # ~3.9 batches a block
+    fresh = ActivationReader(ActivationStore.open(str(store)), HOOK, reader_cfg)
+    want_states = [fresh.state_dict()]
+    want = []
+    for batch in itertools.islice(iter(fresh), 9):
+        want.append(batch.activations.clone())
+        want_states.append(fresh.state_dict())
+    loads.clear()
+
+    reader = ActivationReader(ActivationStore.open(str(store)), HOOK, reader_cfg)
+    samples, replayed = initial_sample(reader, 5, torch.device("cpu"), [HOOK])  # blocks 0 and 1
+    assert torch.equal(samples[HOOK], torch.cat(want[:5]).float())
+    got, got_states = [], [replayed.state_dict()]
+    batches = iter(replayed)
+    for batch in itertools.islice(batches, 9):
+        got.append(batch.activations)
+        got_states.append(replayed.state_dict())
+    cast(Any, batches).close()
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert got_states == want_states
+    assert loads.count((0, 0)) == 1 and loads.count((0, 1)) == 1  # each block decoded once
+
+    replayed.load_state_dict(want_states[2])  # repositioned: the held batches are dropped
+    assert torch.equal(next(iter(replayed)).activations, want[2])

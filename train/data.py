@@ -129,27 +129,89 @@ def store_reader(store: ActivationStore, infos: list[SourceInfo], cfg: TrainJob,
 
 
 def initial_sample(source: BatchSource, n_batches: int, device: torch.device, hooks: list[str],
-                   group: Any = None) -> dict[str, torch.Tensor]:
+                   group: Any = None) -> tuple[dict[str, torch.Tensor], ReplayedStart]:
     """Per hook, [n_batches * batch_size, d_in] float32: the first global batches, gathered in rank
-    order so every rank holds the same rows; the source is rewound to where it was. `group`: the
-    ranks that read different rows (latent sharding: one rank of each replica)."""
-    state = source.state_dict()
+    order so every rank holds the same rows; and the source to train from, which hands this
+    rank's first `n_batches` batches over again before the rest (`ReplayedStart`: the start of the
+    stream is read once). `group`: the ranks that read different rows (latent sharding: one rank
+    of each replica)."""
+    states = [source.state_dict()]
     batches = iter(source)
+    held: list[ReaderBatch | HooksBatch] = []
     try:
-        parts = [batch_inputs(next(batches).activations, hooks) for _ in range(n_batches)]
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    source.load_state_dict(state)
-    samples = {}
-    for hook in hooks:  # every rank gathers every hook, in the same order
-        sample = all_gather_rows(torch.cat([part[hook].to(device).float() for part in parts]), group)
-        if not torch.isfinite(sample).all():
-            raise TrainingDivergedError(f"the first {len(sample)} training rows of {hook} hold "
-                                        "NaN/Inf activations; the data is corrupt")
-        samples[hook] = sample
-    return samples
+        for _ in range(n_batches):
+            held.append(next(batches))
+            states.append(source.state_dict())
+        samples = {}
+        for hook in hooks:  # every rank gathers every hook, in the same order
+            parts = [batch_inputs(batch.activations, hooks)[hook].to(device).float() for batch in held]
+            sample = all_gather_rows(torch.cat(parts), group)
+            if not torch.isfinite(sample).all():
+                raise TrainingDivergedError(f"the first {len(sample)} training rows of {hook} hold "
+                                            "NaN/Inf activations; the data is corrupt")
+            samples[hook] = sample
+    except BaseException:
+        _close(batches)
+        raise
+    return samples, ReplayedStart(source, batches, held, states)
+
+
+class ReplayedStart:
+    """A `BatchSource` whose first batches were already read (the initial sample), with the
+    iterator that read them still open: iterating it hands those batches over again, then goes on
+    with that iterator. Rewinding the source instead would read and decode the start of the stream
+    a second time (a whole shuffle block of the store reader: ~1 s on the demo's 2-core VM, waited
+    for before the first step). While the held batches are handed on, `state_dict()` is the state
+    the source reported after the same number of batches when they were first read, so a
+    checkpoint among them resumes exactly; after them it is the source's own. `load_state_dict`
+    drops the held batches and repositions the source itself."""
+
+    def __init__(self, source: BatchSource, batches: Iterator[ReaderBatch | HooksBatch],
+                 held: list[ReaderBatch | HooksBatch], states: list[dict[str, Any]]) -> None:
+        self.source = source
+        self._rest: Iterator[ReaderBatch | HooksBatch] | None = batches
+        self._held = held
+        self._states = states  # [len(held) + 1]: before the first held batch, after each
+        self._handed = 0
+
+    def __iter__(self) -> Iterator[ReaderBatch | HooksBatch]:
+        if self._rest is None:  # already handed on, or dropped: the source from where it is
+            return iter(self.source)
+        rest, self._rest = self._rest, None
+        return self._replay(rest)
+
+    def _replay(self, rest: Iterator[ReaderBatch | HooksBatch]) -> Iterator[ReaderBatch | HooksBatch]:
+        try:
+            while self._held:
+                batch = self._held.pop(0)
+                self._handed += 1
+                yield batch
+            self._states = []  # the source's own position is the stream's from here on
+            yield from rest
+        finally:
+            self._held, self._states = [], []
+            _close(rest)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._states[self._handed] if self._states else self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._rest is not None:
+            _close(self._rest)
+        self._rest, self._held, self._states = None, [], []
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the held iterator (its reading thread) without training from it."""
+        if self._rest is not None:
+            _close(self._rest)
+        self._rest, self._held, self._states = None, [], []
+
+
+def _close(batches: Iterator[Any]) -> None:
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 def input_scale(sample: torch.Tensor) -> float:

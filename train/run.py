@@ -160,7 +160,7 @@ def _train(cfg: TrainJob, source: BatchSource | None, rank: RankInfo) -> TrainRe
     else:  # every rank draws the whole SAE in host memory (one process's init), keeps its slice
         saes = [shard_of(create_sae(sae_cfg), mesh).to(rank.device) for sae_cfg in plan.saes]
     if resume_from is None:
-        trainer = _fresh_trainer(cfg, held, saes, source, rank, mesh, dynamo)
+        trainer, source = _fresh_trainer(cfg, held, saes, source, rank, mesh, dynamo)
     else:
         dynamo.join()
         trainer = _resumed_trainer(cfg, held, saes, source, rank, resume_from, mesh)
@@ -274,25 +274,33 @@ def _import_dynamo_aside() -> threading.Thread:
 
 
 def _fresh_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: BatchSource,
-                   rank: RankInfo, mesh: LatentMesh | None, dynamo: threading.Thread) -> Trainer:
-    """Input scale and b_dec from the first global batches (the same rows on every rank)."""
+                   rank: RankInfo, mesh: LatentMesh | None, dynamo: threading.Thread
+                   ) -> tuple[Trainer, BatchSource]:
+    """Input scale and b_dec from the first global batches (the same rows on every rank); and the
+    source to train from (the same stream, its first batches not read twice: `ReplayedStart`)."""
     needs_sample = cfg.train.normalize_inputs or cfg.train.b_dec_init != "zeros"
+    if not needs_sample:
+        dynamo.join()
+        return Trainer(saes, plan, cfg.train, {hook: 1.0 for hook in plan.hooks}, rank.device, mesh), source
     group = None if mesh is None else mesh.data_group  # one copy of each replica's rows
-    samples = initial_sample(source, plan.sample_batches, rank.device, plan.hooks, group) \
-        if needs_sample else None  # per hook, every hook on every rank
-    scales = {hook: input_scale(samples[hook]) if samples is not None and cfg.train.normalize_inputs
-              else 1.0 for hook in plan.hooks}
-    if samples is not None and cfg.train.b_dec_init != "zeros":
-        for hook in dict.fromkeys(plan.sae_hooks):  # the hooks of the SAEs this rank holds
-            b_dec = initial_b_dec(samples[hook] * scales[hook], cfg.train.b_dec_init)
-            with torch.no_grad():
-                for sae, sae_hook in zip(saes, plan.sae_hooks, strict=True):
-                    if sae_hook == hook:
-                        sae.b_dec.copy_(b_dec)
-    del samples
-    return_free_heap()  # what glibc would keep of the sample and the first batches (41 MB, demo)
-    dynamo.join()
-    return Trainer(saes, plan, cfg.train, scales, rank.device, mesh)
+    samples, replayed = initial_sample(source, plan.sample_batches, rank.device, plan.hooks, group)
+    try:  # per hook, every hook on every rank
+        scales = {hook: input_scale(samples[hook]) if cfg.train.normalize_inputs else 1.0
+                  for hook in plan.hooks}
+        if cfg.train.b_dec_init != "zeros":
+            for hook in dict.fromkeys(plan.sae_hooks):  # the hooks of the SAEs this rank holds
+                b_dec = initial_b_dec(samples[hook] * scales[hook], cfg.train.b_dec_init)
+                with torch.no_grad():
+                    for sae, sae_hook in zip(saes, plan.sae_hooks, strict=True):
+                        if sae_hook == hook:
+                            sae.b_dec.copy_(b_dec)
+        del samples
+        return_free_heap()  # what glibc would keep of the sample (38 MB, demo)
+        dynamo.join()
+        return Trainer(saes, plan, cfg.train, scales, rank.device, mesh), replayed
+    except BaseException:
+        replayed.close()
+        raise
 
 
 def _resumed_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: BatchSource,
