@@ -212,3 +212,11 @@ def test_the_initial_sample_is_handed_over_again_not_read_twice(store: Path,
 
     replayed.load_state_dict(want_states[2])  # repositioned: the held batches are dropped
     assert torch.equal(next(iter(replayed)).activations, want[2])
+
+    _, stopped = initial_sample(ActivationReader(ActivationStore.open(str(store)), HOOK, reader_cfg), 5,
+                                torch.device("cpu"), [HOOK])
+    batches = iter(stopped)
+    next(batches), next(batches)
+    cast(Any, batches).close()  # stopped among the held batches: the source continues after two
+    assert stopped.state_dict() == want_states[2]
+    assert torch.equal(next(iter(stopped)).activations, want[2])

@@ -189,8 +189,15 @@ class ReplayedStart:
             self._states = []  # the source's own position is the stream's from here on
             yield from rest
         finally:
-            self._held, self._states = [], []
             _close(rest)
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the held batches; stopped among them, the source (which read past them) is put
+        back at the position after those handed on, so it reports and continues from there."""
+        if self._states:
+            self.source.load_state_dict(self._states[self._handed])
+        self._held, self._states = [], []
 
     def state_dict(self) -> dict[str, Any]:
         return self._states[self._handed] if self._states else self.source.state_dict()
@@ -202,10 +209,12 @@ class ReplayedStart:
         self.source.load_state_dict(state)
 
     def close(self) -> None:
-        """Stop the held iterator (its reading thread) without training from it."""
+        """Stop the held iterator (its reading thread) without training from it: the source is
+        left at the position before the held batches."""
         if self._rest is not None:
             _close(self._rest)
-        self._rest, self._held, self._states = None, [], []
+            self._rest = None
+            self._release()
 
 
 def _close(batches: Iterator[Any]) -> None:
