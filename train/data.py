@@ -151,7 +151,7 @@ def initial_sample(source: BatchSource, n_batches: int, device: torch.device, ho
                                             "NaN/Inf activations; the data is corrupt")
             samples[hook] = sample
     except BaseException:
-        _close(batches)
+        close_batches(batches)
         raise
     return samples, ReplayedStart(source, batches, held, states)
 
@@ -189,7 +189,7 @@ class ReplayedStart:
             self._states = []  # the source's own position is the stream's from here on
             yield from rest
         finally:
-            _close(rest)
+            close_batches(rest)
             self._release()
 
     def _release(self) -> None:
@@ -204,7 +204,7 @@ class ReplayedStart:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._rest is not None:
-            _close(self._rest)
+            close_batches(self._rest)
         self._rest, self._held, self._states = None, [], []
         self.source.load_state_dict(state)
 
@@ -212,12 +212,13 @@ class ReplayedStart:
         """Stop the held iterator (its reading thread) without training from it: the source is
         left at the position before the held batches."""
         if self._rest is not None:
-            _close(self._rest)
+            close_batches(self._rest)
             self._rest = None
             self._release()
 
 
-def _close(batches: Iterator[Any]) -> None:
+def close_batches(batches: Iterator[Any]) -> None:
+    """Stop an iterator of batches that can be stopped (a reader's: its loading thread)."""
     close = getattr(batches, "close", None)
     if close is not None:
         close()

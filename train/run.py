@@ -283,8 +283,9 @@ def _fresh_trainer(cfg: TrainJob, plan: TrainPlan, saes: list[Any], source: Batc
         dynamo.join()
         return Trainer(saes, plan, cfg.train, {hook: 1.0 for hook in plan.hooks}, rank.device, mesh), source
     group = None if mesh is None else mesh.data_group  # one copy of each replica's rows
-    samples, replayed = initial_sample(source, plan.sample_batches, rank.device, plan.hooks, group)
-    try:  # per hook, every hook on every rank
+    samples, replayed = initial_sample(source, plan.sample_batches, rank.device, plan.hooks,
+                                       group)  # per hook, every hook on every rank
+    try:
         scales = {hook: input_scale(samples[hook]) if cfg.train.normalize_inputs else 1.0
                   for hook in plan.hooks}
         if cfg.train.b_dec_init != "zeros":

@@ -40,7 +40,7 @@ from saeworks.sae.sharded import (
 )
 from saeworks.sae.sparse import release_workspace
 from saeworks.train.config import TrainConfig
-from saeworks.train.data import BatchSource, batch_inputs
+from saeworks.train.data import BatchSource, batch_inputs, close_batches
 from saeworks.train.dead import DeadLatents
 from saeworks.train.errors import TrainingDivergedError, TrainingInterrupted
 from saeworks.train.native_step import native_sae_step, native_step_applies
@@ -121,9 +121,7 @@ class Trainer:
             with keep_freed_heap():  # a step's temporaries reused, not page-faulted anew (sae/heap.py)
                 self._steps(batches, source, log, checkpoint, stop)
         finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+            close_batches(batches)
             release_workspace()  # the pre-activation buffer of the training forwards
 
     def _steps(self, batches: Iterator[ReaderBatch | HooksBatch], source: BatchSource, log: MetricsSink,
