@@ -74,10 +74,7 @@ def _train(cfg: RunConfig) -> None:
     for sae in result.saes:
         if sae.path is not None:
             print(f"saved SAE {sae.name} to {sae.path} (FVU {sae.fvu:.4f}, L0 {sae.l0:.1f})")
-    spent = result.seconds
-    logging.getLogger(__name__).info(
-        "trained to %d tokens in %.1f s: setup %.1f s, steps %.1f s, checkpoints %.1f s, saving %.1f s",
-        result.tokens, spent.total, spent.setup, spent.steps, spent.checkpoints, spent.save)
+    logging.getLogger(__name__).info("trained to %d tokens in %s", result.tokens, result.seconds.describe())
     if not result.finished:
         print(f"stopped after {result.tokens} tokens (train.stop_after_tokens); checkpoint "
               f"{result.checkpoint}; rerun with train.resume=true to continue")

@@ -163,6 +163,7 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
     lap("harvest")
     trained = train(cfg.train_job())
     lap("train")
+    log.info("trained to %d tokens in %s", trained.tokens, trained.seconds.describe())
     saes = [result.path for result in trained.saes if result.path is not None]
     if trained.rank != 0:
         return RunSummary(harvested.store_url, saes, {}, [], None, times, is_main=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def test_run_goes_from_text_to_an_open_dictionary(tmp_path: Path) -> None:
                  f"run report: {run / 'report.md'}"):
         assert line in done.stdout
     assert "CE recovered" in done.stdout and "times: harvest" in done.stdout
+    assert re.search(r"trained to 15360 tokens in [\d.]+ s: setup [\d.]+ s, steps [\d.]+ s", done.stderr)
     with FeatureDictionary.open(dictionary) as opened:
         assert len(opened) == 256
         assert opened.metrics is not None and opened.metrics["metrics"]["fvu"] == metrics["metrics"]["fvu"]

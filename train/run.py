@@ -105,6 +105,11 @@ class TrainSeconds(NamedTuple):
     def total(self) -> float:
         return self.setup + self.steps + self.checkpoints + self.save
 
+    def describe(self) -> str:
+        """One line for a log: the whole and its parts."""
+        return (f"{self.total:.1f} s: setup {self.setup:.1f} s, steps {self.steps:.1f} s, "
+                f"checkpoints {self.checkpoints:.1f} s, saving {self.save:.1f} s")
+
 
 class TrainResult(NamedTuple):
     """What a call to `train` did (the same on every rank, but `rank`, `held` and `seconds`)."""
