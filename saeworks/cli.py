@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -317,11 +318,23 @@ def _add_print_config(sub: argparse.ArgumentParser) -> None:
                      help="print the resolved config (file and overrides) as YAML and exit")
 
 
+OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+"""The key of a `key=value` override: a dotted field name."""
+
+
+def is_override(text: str) -> bool:
+    """Whether a positional argument is a `key=value` override rather than a config file or store:
+    a path or URL holding `=` (a Hive-style `s3://bucket/date=2026-12-01/acts.zarr`) has `/` before
+    it, and a file that exists is a file."""
+    key, sep, _ = text.partition("=")
+    return bool(sep) and OVERRIDE_KEY.match(key) is not None and not Path(text).exists()
+
+
 def split_target(target: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:
     """(config file, store URL, overrides) from the optional TARGET argument of evaluate/analyze."""
     if target is None:
         return None, None, overrides
-    if "=" in target and not Path(target).exists():
+    if is_override(target):
         return None, None, [target, *overrides]
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         return target, None, overrides
@@ -435,7 +448,7 @@ def _run_command(argv: Sequence[str] | None) -> int:
     if args.stage in cli_browse.COMMANDS:
         return _user_errors(args.stage, lambda: cli_browse.COMMANDS[args.stage](args))
     overrides = list(args.overrides)
-    if getattr(args, "config", None) is not None and "=" in args.config:  # only overrides were given
+    if getattr(args, "config", None) is not None and is_override(args.config):  # only overrides given
         overrides.insert(0, args.config)
         args.config = None
     is_main = int(os.environ.get("RANK", "0")) == 0

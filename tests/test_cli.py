@@ -103,6 +103,33 @@ def test_print_config_with_only_overrides_starts_from_the_defaults(
     assert printed == to_dict(load_config(RunConfig, None, ["train.total_tokens=8192"]))
 
 
+@pytest.mark.parametrize("stage", sorted(cli.SAE_STAGES))
+def test_a_store_url_holding_an_equals_sign_is_the_target_not_an_override(
+        stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = "s3://activations/date=2026-12-01/acts.zarr"  # a Hive-style prefix
+    argv = [stage, str(tmp_path / "sae"), url, "evaluate.held_out_tokens=4096", "--print-config"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == f"# store: {url}"
+    assert yaml.safe_load(printed)["evaluate"]["held_out_tokens"] == 4096
+    # a dotted key is still an override, in the target's place
+    assert cli.main([stage, str(tmp_path / "sae"), "evaluate.held_out_tokens=4096", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert not printed.startswith("# store")
+    assert yaml.safe_load(printed)["evaluate"]["held_out_tokens"] == 4096
+
+
+def test_a_config_path_holding_an_equals_sign_is_the_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "sweep=3" / "run.yaml"
+    config.parent.mkdir()
+    config.write_text("train:\n  total_tokens: 8192\n")
+    assert cli.main(["train", str(config), "train.lr=0.002", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config(RunConfig, config, ["train.lr=0.002"]))
+    assert printed["train"]["total_tokens"] == 8192
+
+
 @pytest.mark.parametrize("stage", ALL_STAGES)
 def test_print_config_with_a_bad_override_exits_2_naming_the_field(
         stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
