@@ -327,7 +327,12 @@ def is_override(text: str) -> bool:
     a path or URL holding `=` (a Hive-style `s3://bucket/date=2026-12-01/acts.zarr`) has `/` before
     it, and a file that exists is a file."""
     key, sep, _ = text.partition("=")
-    return bool(sep) and OVERRIDE_KEY.match(key) is not None and not Path(text).exists()
+    if not sep or OVERRIDE_KEY.match(key) is None:
+        return False
+    try:
+        return not Path(text).exists()
+    except OSError:  # e.g. a long `train.saes=[...]`: too long for a file name, so no file
+        return True
 
 
 def split_target(target: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:

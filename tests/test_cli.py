@@ -119,6 +119,13 @@ def test_a_store_url_holding_an_equals_sign_is_the_target_not_an_override(
     assert yaml.safe_load(printed)["evaluate"]["held_out_tokens"] == 4096
 
 
+def test_an_override_too_long_for_a_file_name_is_an_override(capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = "x" * 300  # an argument of 308 characters: no file can have that name
+    for argv in (["train", f"run_dir={run_dir}"], ["analyze", "sae", f"run_dir={run_dir}"]):
+        assert cli.main([*argv, "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["run_dir"] == run_dir
+
+
 def test_a_config_path_holding_an_equals_sign_is_the_config(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "sweep=3" / "run.yaml"
