@@ -99,12 +99,24 @@ def window_batches(store: ActivationStore, hook: str, selection: RowSelection, w
     context, n_windows = store.context_size, store.n_tokens // store.context_size
     special = torch.tensor(selection.special_token_ids, dtype=torch.int64)
     limit = selection.max_rows if selection.max_rows is not None else store.n_tokens
+    shard_rows = store.geometry.shard_rows
+    held_start, held_ids = 0, torch.empty(0, dtype=torch.int64)  # the last token ids read
+
+    def token_ids(start: int, stop: int) -> torch.Tensor:
+        """[stop - start] int64 token ids of rows [start, stop), read up to the end of the shard that
+        holds `start`: one read of 16 KB per batch cost 2.8 ms (zarr's per-call overhead), a fifth
+        of a batch's read (demo store, 4,096 rows)."""
+        nonlocal held_start, held_ids
+        if not (held_start <= start and stop <= held_start + held_ids.shape[0]):
+            end = max(stop, min((start // shard_rows + 1) * shard_rows, store.n_tokens))
+            held_start, held_ids = start, torch.from_numpy(store.read(TOKEN_IDS, start, end).astype(np.int64))
+        return held_ids[start - held_start: stop - held_start]
 
     def read(first_window: int, kept: int) -> tuple[WindowBatch, int]:
         """The batch at `first_window` after `kept` kept rows, and the kept rows after it."""
         start = first_window * context
         stop = min(first_window + windows_per_batch, n_windows) * context
-        tokens = torch.from_numpy(store.read(TOKEN_IDS, start, stop).astype(np.int64))
+        tokens = token_ids(start, stop)
         positions = torch.arange(stop - start) % context
         keep = (positions >= selection.first_positions) & ~torch.isin(tokens, special)
         keep &= keep.cumsum(0) <= limit - kept

@@ -191,6 +191,25 @@ def test_kept_rows_are_those_iter_kept_rows_reads(tiny: Tiny) -> None:
         assert torch.equal(ours, theirs)
 
 
+def test_batches_hold_the_store_rows_across_shards(tiny: Tiny) -> None:
+    """Token ids are read a shard at a time: every batch still holds its own rows' ids and
+    activations, for batches that straddle shard boundaries and when resuming mid-shard."""
+    store, context = tiny.store, tiny.store.context_size
+    assert store.geometry.n_windows > store.geometry.windows_per_shard  # more than one shard
+    token_ids = torch.from_numpy(store.array("token_ids")[:]).long()
+    windows = store.geometry.windows_per_shard // 2 + 1  # not a divisor of the shard
+    selection = RowSelection.of_store(store)
+    for first_window in (0, windows + 1):
+        row = first_window * context
+        for batch in window_batches(store, TINY_HOOK, selection, windows, first_window=first_window):
+            assert batch.start == row
+            rows = batch.tokens.shape[0]
+            assert torch.equal(batch.tokens, token_ids[row: row + rows])
+            assert torch.equal(batch.x, store.read_rows(TINY_HOOK, row, row + rows))
+            row += rows
+        assert row == store.n_tokens
+
+
 def test_batches_end_with_the_window_of_the_last_kept_row(tiny: Tiny) -> None:
     """The last batch is cut after the window holding the last kept row wanted; encoded while the
     next one is read in a thread, each batch gives the entries it gives alone, and stopping early
