@@ -38,7 +38,7 @@ def threads() -> int:
 
 def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """pre [rows, width] += bias in place (bit for bit as `pre.add_(bias.to(pre.dtype))`), then
-    (values, indices) [rows, k] of each row's k largest entries, in no order; None where the kernel
+    (values, indices) [rows, k] of each row's k largest entries, by ascending index; None where the kernel
     does not apply (it needs float32 or bfloat16 rows on a CPU, a width of 16 blocks of at least 4k
     columns). Rows holding NaN: torch.topk answers for the batch (NaN counts as the largest)."""
     if pre.dim() != 2 or pre.device.type != "cpu" or not pre.is_contiguous() or bias.device.type != "cpu":
@@ -58,9 +58,15 @@ def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Te
                        indices.data_ptr(), threads()))
     if found < 0:
         raise MemoryError(f"bias_top_k: no memory for the per-thread scratch of {width}-wide rows")
-    if found:
-        return pre.topk(k, dim=-1, sorted=False)  # NaN somewhere (the bias is already in)
+    if found:  # NaN somewhere (the bias is already in)
+        return by_ascending_index(*pre.topk(k, dim=-1, sorted=False))
     return values, indices
+
+
+def by_ascending_index(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [rows, k] with each row's entries reordered by ascending index."""
+    indices, order = indices.sort(dim=-1)
+    return values.gather(-1, order), indices
 
 
 class LatentOrder(NamedTuple):

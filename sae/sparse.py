@@ -73,19 +73,24 @@ def top_k(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values.view(shape), columns.gather(1, position).view(shape)
 
 
-def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int, ascending: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add `bias` [width] to every row of `pre` [rows, width] in place, then (values, indices)
-    [rows, k]: the k largest entries of each row, in no order, as `top_k` finds them.
+    [rows, k]: the k largest entries of each row, as `top_k` finds them, in no order, or by
+    ascending index where `ascending`.
 
     On a CPU, for float32 or bfloat16 rows, one native pass does both (sae/kernels/bias_top_k.c):
-    measured 20 ms against 49 ms for add_ + `top_k` ([4096, 9216] float32, k 32, 2 threads). The
-    bias is added as `pre.add_(bias.to(pre.dtype))` adds it, bit for bit. Elsewhere, or without a
-    C compiler, those two torch ops."""
+    measured 20 ms against 49 ms for add_ + `top_k` ([4096, 9216] float32, k 32, 2 threads), its
+    entries ascending at no cost. The bias is added as `pre.add_(bias.to(pre.dtype))` adds it, bit
+    for bit. Elsewhere, or without a C compiler, those two torch ops (and a sort where `ascending`)."""
     selected = native_sparse.bias_top_k_(pre, bias, k)
-    if selected is not None:
-        return selected
-    pre.add_(bias.detach().to(pre.dtype))
-    return top_k(pre, k)
+    if selected is None:
+        pre.add_(bias.detach().to(pre.dtype))
+        selected = top_k(pre, k)
+        if ascending:
+            selected = native_sparse.by_ascending_index(*selected)
+    return selected
+
 
 
 def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,

@@ -35,12 +35,14 @@ class TopKSAE(SparseAutoencoder):
         return top_k(pre, self.cfg.k)
 
     @torch.no_grad()
-    def selected_dense(self, x_centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def selected_dense(self, x_centred: torch.Tensor, ascending: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pre [rows, d_sae], values [rows, k], indices [rows, k]): the pre-activations in the
         reused buffer (`dense_pre_activations`) and their top k, b_enc added in the selection's pass
-        (`bias_top_k_`). `select` of the same pre-activations gives the same entries."""
+        (`bias_top_k_`; `ascending`: each row's entries by ascending latent). `select` of the same
+        pre-activations gives the same entries."""
         pre = dense_pre_activations(self, x_centred, bias=False)  # [rows, d_sae], b_enc not yet in
-        values, indices = bias_top_k_(pre, self.b_enc, self.cfg.k)
+        values, indices = bias_top_k_(pre, self.b_enc, self.cfg.k, ascending)
         return pre, values, indices
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,9 +53,10 @@ class TopKSAE(SparseAutoencoder):
     @torch.no_grad()
     def encode_active(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode` as its k entries per row: (values, indices) [rows, k], values ReLU'd (zeros are
-        inactive), never a dense [rows, d_sae] result; the pre-activations go into the buffer
-        `dense_pre_activations` reuses (valid until its next call). No autograd."""
-        _, values, indices = self.selected_dense(self.centred(x))
+        inactive), each row's entries by ascending latent, never a dense [rows, d_sae] result; the
+        pre-activations go into the buffer `dense_pre_activations` reuses (valid until its next
+        call). No autograd."""
+        _, values, indices = self.selected_dense(self.centred(x), ascending=True)
         return values.relu(), indices
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:

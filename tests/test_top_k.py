@@ -47,8 +47,9 @@ def _reference(pre: torch.Tensor, bias: torch.Tensor,
 
 def _check(pre: torch.Tensor, bias: torch.Tensor, k: int) -> None:
     added, want_values, want_indices = _reference(pre, bias, k)
-    values, indices = bias_top_k_(pre, bias, k)
+    values, indices = bias_top_k_(pre, bias, k, ascending=True)
     assert torch.equal(pre, added)  # the bias is in, bit for bit as add_ puts it
+    assert (indices.diff(dim=-1) > 0).all()  # each row's entries by ascending column
     assert values.dtype == pre.dtype and indices.shape == values.shape == (pre.shape[0], k)
     assert torch.equal(values.sort(-1).values, want_values.sort(-1).values)
     assert torch.equal(pre.gather(-1, indices), values)
@@ -99,11 +100,11 @@ def test_bias_top_k_with_ties_at_the_threshold(width: int) -> None:
     pre[1, 5 + torch.arange(300) * 5] = 1.0  # 300 tied: more than are ranked by counting
     pre[2] = -1.0  # every column tied, every block maximum equal
     pre[3, 11] = 5.0  # one winner, then all tied
-    values, indices = bias_top_k_(pre.clone(), torch.zeros(width), k)
+    values, indices = bias_top_k_(pre.clone(), torch.zeros(width), k, ascending=True)
     want = pre.topk(k, dim=-1).values
     assert torch.equal(values.sort(-1).values, want.sort(-1).values)
     assert torch.equal(pre.gather(-1, indices), values)
-    assert all(row.unique().numel() == k for row in indices)
+    assert (indices.diff(dim=-1) > 0).all()  # k distinct columns, ascending (the heap's too)
 
 
 def test_bias_top_k_with_nan_rows_answers_as_torch() -> None:
@@ -111,9 +112,10 @@ def test_bias_top_k_with_nan_rows_answers_as_torch() -> None:
     pre, bias = torch.randn(6, 2048), torch.randn(2048)
     pre[3, 100] = float("nan")
     added, _, want_indices = _reference(pre, bias, 8)
-    values, indices = bias_top_k_(pre, bias, 8)
+    values, indices = bias_top_k_(pre, bias, 8, ascending=True)
     assert torch.equal(pre.nan_to_num(), added.nan_to_num())
-    assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)  # NaN counts as largest
+    assert torch.equal(indices, want_indices.sort(-1).values)  # NaN counts as largest; ascending
+    assert torch.equal(pre.gather(-1, indices).nan_to_num(), values.nan_to_num())
     assert values[3].isnan().any()
 
 

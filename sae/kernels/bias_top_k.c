@@ -1,7 +1,9 @@
 /* Fused bias add and top-k selection over the rows of an SAE's pre-activations.
  *
- * pre[r, :] += bias, in place, then the k largest entries of the row (values and column indices,
- * in no order). One pass over memory instead of torch's three (bias add, block maxima, gathers):
+ * pre[r, :] += bias, in place, then the k largest entries of the row (values and column indices),
+ * by ascending column: what a caller wanting the entries in (row, column) order would sort for (the
+ * analysis: 1.5 ms a batch of 4,096 rows, k 32, 2 threads). One pass over memory instead of
+ * torch's three (bias add, block maxima, gathers):
  *
  * Pass 1 (vectorised by the compiler, plain C): the row's width = 16 * nb columns form nb
  *   interleaved blocks (block b: columns b, b + nb, ..., b + 15 nb); while the bias is added and
@@ -97,6 +99,21 @@ static void offer(Heap *h, float v, int64_t id) {
     } else if (v > h->value[0]) {
         h->value[0] = v; h->index[0] = id;
         sift_down(h, 0);
+    }
+}
+
+/* values, indices [n] reordered by ascending index (insertion sort: only after the heap, rare). */
+static void sort_by_column(float *values, int64_t *indices, int64_t n) {
+    for (int64_t i = 1; i < n; i++) {
+        const float v = values[i];
+        const int64_t id = indices[i];
+        int64_t j = i;
+        for (; j > 0 && indices[j - 1] > id; j--) {
+            values[j] = values[j - 1];
+            indices[j] = indices[j - 1];
+        }
+        values[j] = v;
+        indices[j] = id;
     }
 }
 
@@ -196,8 +213,8 @@ static float kth_largest_maximum(const float *maxima, float *work, float *groups
 }
 
 /* values, indices [k] = the k largest of candidates (value [n], column [n]; k <= n <= COUNTING_MAX,
- * value with room for n rounded up to RANKED): those with fewer than k candidates above them, an equal
- * one counting as above where it comes first. */
+ * value with room for n rounded up to RANKED), in the candidates' order: those with fewer than k
+ * candidates above them, an equal one counting as above where it comes first. */
 static void keep_largest(float *value, const int64_t *column, int64_t n, int64_t k, float *values,
                          int64_t *indices) {
     const int64_t padded = pad_ranked(value, n);
@@ -245,8 +262,10 @@ static void select_row(const float *row, const float *maxima, Scratch *scratch, 
                                                 nb, k, &chosen);
     float *value = scratch->value;
     int64_t *column = scratch->column;
-    for (int64_t c = 0; c < chosen; c++)
-        for (int64_t s = 0, j = scratch->blocks[c]; s < 16; s++, j += nb) {
+    /* slice by slice, the chosen blocks (ascending) within each: the columns come out ascending */
+    for (int64_t s = 0; s < 16; s++)
+        for (int64_t c = 0; c < chosen; c++) {
+            const int64_t j = scratch->blocks[c] + s * nb;
             value[n] = row[j];
             column[n] = j;
             n += row[j] >= threshold;
@@ -259,6 +278,7 @@ static void select_row(const float *row, const float *maxima, Scratch *scratch, 
     } else {  /* many ties at the threshold */
         Heap heap = {values, indices, 0, k};
         for (int64_t i = 0; i < n; i++) offer(&heap, value[i], column[i]);
+        sort_by_column(values, indices, k);
     }
 }
 
