@@ -7,9 +7,10 @@ Two passes over the same rows, in store order, in batches of whole windows:
    and the quantiles come, and uniform samples from each activation band below the top.
 
 Pass 2 reuses pass 1's encoding: the non-zero (row, latent, value) entries of pass 1 are held,
-12 bytes each, up to `replay_bytes` (default 1 GiB: ~2.8M tokens at L0 32), and only the batches
-after those are read and encoded again. So a store that fits is encoded once, a larger one at most
-twice, and memory stays bounded whatever the number of tokens.
+12 bytes each (8 for a TopK SAE's), up to `replay_bytes` (default 1 GiB: ~2.7M tokens at L0 32,
+~4.0M for TopK k 32), and only the batches after those are read and encoded again. So a store that
+fits is encoded once, a larger one at most twice, and memory stays bounded whatever the number of
+tokens.
 
 Batches hold whole windows and every window's rows are encoded, excluded ones too (positions before
 the store's `first_positions`, special tokens: they are not analysed, but they do appear in
@@ -138,10 +139,12 @@ class EncodedBatch:
     """A window batch's SAE activations as their non-zero entries, sorted by (row, latent)."""
 
     def __init__(self, batch: WindowBatch, local: torch.Tensor, features: torch.Tensor,
-                 values: torch.Tensor, d_sae: int, context_size: int) -> None:
+                 values: torch.Tensor, d_sae: int, context_size: int, per_row: int = 0) -> None:
         self.batch = batch
         self.local = local.long()
         """[nnz] int64: row within the batch."""
+        self.per_row = per_row
+        """k where every row has exactly k entries (local is each row's index k times), else 0."""
         self.features = features.long()
         """[nnz] int64: latent."""
         self.values = values
@@ -230,9 +233,9 @@ def encode_batch(sae: SparseAutoencoder, batch: WindowBatch, context_size: int) 
         local = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
         active = values > 0
         if bool(active.all()):  # the usual case: no compaction (2.7 ms a batch of 4,096 x 32 entries)
-            local, features, values = local.reshape(-1), indices.reshape(-1), values.reshape(-1)
-        else:
-            local, features, values = local[active], indices[active], values[active]
+            return EncodedBatch(batch, local.reshape(-1), indices.reshape(-1), values.reshape(-1).float(),
+                                sae.d_sae, context_size, per_row=values.shape[1])
+        local, features, values = local[active], indices[active], values[active]
     else:
         acts = sae.encode(x)  # [B, d_sae]
         local, features = acts.nonzero(as_tuple=True)
@@ -261,11 +264,13 @@ def encoded_reading_ahead(sae: SparseAutoencoder, batches: Iterator[WindowBatch]
 
 class Replay:
     """Pass 1's encoded batches, held compactly (int32 indices, no input rows) up to `budget` bytes,
-    so that pass 2 re-encodes only the batches after them: one encode pass when all fit."""
+    so that pass 2 re-encodes only the batches after them: one encode pass when all fit. A batch
+    with the same number of entries on every row (a TopK SAE's, all active) is held without its
+    rows, 8 bytes an entry instead of 12: its rows are rebuilt when it is replayed."""
 
     def __init__(self, budget: int, d_sae: int, context_size: int) -> None:
         self.budget, self.bytes, self.d_sae, self.context_size = budget, 0, d_sae, context_size
-        self.held: deque[tuple[WindowBatch, torch.Tensor, torch.Tensor, torch.Tensor]] = deque()
+        self.held: deque[tuple[WindowBatch, torch.Tensor | None, torch.Tensor, torch.Tensor, int]] = deque()
         self.complete = True
         """Every batch offered so far is held."""
         self.next_window = self.kept = 0
@@ -273,12 +278,13 @@ class Replay:
 
     def hold(self, encoded: EncodedBatch) -> None:
         batch = encoded.batch
-        size = encoded.values.numel() * 12 + batch.tokens.numel() * 9
+        size = encoded.values.numel() * (8 if encoded.per_row else 12) + batch.tokens.numel() * 9
         if not self.complete or self.bytes + size > self.budget:
             self.complete = False
             return
-        self.held.append((batch._replace(x=batch.x.new_empty(0)), encoded.local.int(), encoded.features.int(),
-                          encoded.values))
+        local = None if encoded.per_row else encoded.local.int()
+        self.held.append((batch._replace(x=batch.x.new_empty(0)), local, encoded.features.int(),
+                          encoded.values, encoded.per_row))
         self.bytes += size
         self.next_window = (batch.start + batch.tokens.shape[0]) // self.context_size
         self.kept += int(batch.keep.sum())
@@ -286,8 +292,10 @@ class Replay:
     def replay(self) -> Iterator[EncodedBatch]:
         """The held batches in order, each released as it is handed out."""
         while self.held:
-            batch, local, features, values = self.held.popleft()
-            yield EncodedBatch(batch, local, features, values, self.d_sae, self.context_size)
+            batch, local, features, values, per_row = self.held.popleft()
+            if local is None:
+                local = torch.arange(batch.tokens.shape[0], device=values.device).repeat_interleave(per_row)
+            yield EncodedBatch(batch, local, features, values, self.d_sae, self.context_size, per_row)
 
 
 def sample_keys(rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -591,7 +599,8 @@ def _run_pass(name: str, add: Callable[[EncodedBatch], None], batches: Iterator[
 
 
 REPLAY_BYTES = 1 << 30
-"""Default budget for holding pass 1's non-zero activations for pass 2 (12 bytes per entry)."""
+"""Default budget for holding pass 1's non-zero activations for pass 2 (12 bytes per entry, 8 for
+a TopK SAE's: `Replay`)."""
 
 
 @torch.no_grad()

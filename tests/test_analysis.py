@@ -19,6 +19,7 @@ from saeworks.eval.analysis import (
     SUB_BINS,
     DistributionPass,
     EncodedBatch,
+    Replay,
     SlotTable,
     TopPass,
     WindowBatch,
@@ -250,8 +251,33 @@ def test_sparse_encoding_equals_dense_encode(tiny: Tiny) -> None:
         torch.testing.assert_close(dense, sae.encode(batch.x).detach())
         assert (encoded.values > 0).all()
         assert (encoded.local.diff() >= 0).all() and encoded.row_start[-1] == encoded.values.shape[0]
+        assert ((encoded.local.diff() > 0) | (encoded.features.diff() > 0)).all()  # by (row, latent)
     assert encode_batch(tiny.sae, batch, tiny.store.context_size).values.shape[0] == rows * k
     assert 0 < encode_batch(sparse_top_k, batch, tiny.store.context_size).values.shape[0] < rows * k
+
+
+def test_replay_gives_back_the_entries_held(tiny: Tiny) -> None:
+    """A TopK batch with every entry active is held without its rows (8 bytes an entry), others
+    with them (12); either way the replay hands back the same entries, batch by batch."""
+    selection = RowSelection.of_store(tiny.store)
+    context = tiny.store.context_size
+    sparse_top_k = copy.deepcopy(tiny.sae)  # some of the k selected are not positive: inactive
+    batches = list(window_batches(tiny.store, TINY_HOOK, selection, 4))[:3]
+    with torch.no_grad():
+        sparse_top_k.b_enc -= sparse_top_k.pre_activations(batches[0].x).topk(2, dim=1).values[:, 1].median()
+    for sae, entry_bytes in ((tiny.sae, 8), (sparse_top_k, 12)):
+        replay = Replay(1 << 30, sae.d_sae, context)
+        encoded = [encode_batch(sae, batch, context) for batch in batches]
+        for batch in encoded:
+            replay.hold(batch)
+        sizes = [e.values.numel() * entry_bytes + e.batch.tokens.numel() * 9 for e in encoded]
+        assert replay.bytes == sum(sizes)
+        replayed = list(replay.replay())
+        assert len(replayed) == len(encoded) and not replay.held
+        for mine, theirs in zip(encoded, replayed, strict=True):
+            assert theirs.batch.start == mine.batch.start and theirs.per_row == mine.per_row
+            assert torch.equal(theirs.local, mine.local) and torch.equal(theirs.features, mine.features)
+            assert torch.equal(theirs.values, mine.values) and torch.equal(theirs.row_start, mine.row_start)
 
 
 def test_analysis_equals_dense_computation(tiny: Tiny) -> None:
