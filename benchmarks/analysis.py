@@ -14,7 +14,8 @@ batch of rows, timed after every batch of both passes (the median; the probes' t
 of the analysis' time: a shared VM's speed drifts by 30% within minutes, so a limit taken before
 and after is not the limit the batches ran under; the next batch's read, which starts after each
 encode, may overlap a probe's first milliseconds): the analysis cannot beat rows / matmul time /
-encode passes. Prints one line.
+encode passes. Prints one line per run; with `--repeat N`, then the median ratio of the N runs
+(a shared VM's runs differ by several percent, more than most changes to the analysis).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import argparse
 import dataclasses
 import statistics
 import time
+
+import torch
 
 from saeworks.activations.model import load_model, model_config_of_store
 from saeworks.activations.rows import RowSelection
@@ -60,7 +63,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--replay-bytes", type=int, default=REPLAY_BYTES,
                         help="pass 1 activations held for pass 2 (0: encode every row twice)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs, then their median ratio")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     store = ActivationStore.open(args.store)
     hook = args.hook or read_cfg(args.sae).get("metadata", {}).get("hook_name") or store.hooks[0]
     sae = load_sae(args.sae, args.device)
@@ -73,6 +79,16 @@ def main() -> None:
         model = load_model(model_cfg, args.device)
     batch = max(1, cfg.batch_size // store.context_size) * store.context_size
     probe = MatmulProbe(batch, sae.d_in, sae.d_sae, sae.W_enc.dtype)
+    ratios = [run_once(sae, store, hook, cfg, model, args, batch, probe) for _ in range(args.repeat)]
+    if args.repeat > 1:
+        print(f"analysis: median ratio {statistics.median(ratios):.2f} of the encoder matmul limit over "
+              f"{args.repeat} runs ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+
+
+def run_once(sae: SparseAutoencoder, store: ActivationStore, hook: str, cfg: AnalyzeConfig,
+             model: torch.nn.Module | None, args: argparse.Namespace, batch: int, probe: MatmulProbe
+             ) -> float:
+    """One analysis with its limit probed between the batches; prints its line, returns its ratio."""
     probes: list[float] = []  # each probe's matmul time
     probing: list[float] = []  # and the wall time of each call
 
@@ -92,15 +108,18 @@ def main() -> None:
     per_pass = [info["n_tokens"] / (info["pass1_seconds"] - sum(probing[:half])),
                 info["n_tokens"] / (info["pass2_seconds"] - sum(probing[half:]))]
     seconds = info["seconds"] - sum(probing)
+    ratio = tokens_per_s / (limit / passes)
     print(f"analysis: {tokens_per_s:,.0f} tok/s, {sae.d_sae / seconds:,.1f} features/s over "
           f"{info['n_tokens']:,} tokens (d_in {sae.d_in}, d_sae {sae.d_sae}, batch {batch}; "
           f"{info['rows_per_pass']:,} rows per pass, {passes:.2f} encode passes) | encoder matmul limit "
           f"{limit:,.0f} tok/s per encode, {limit / passes:,.0f} for {passes:.2f} | ratio "
-          f"{tokens_per_s / (limit / passes):.2f} of that limit | pass 1 {per_pass[0]:,.0f} tok/s "
+          f"{ratio:.2f} of that limit | pass 1 {per_pass[0]:,.0f} tok/s "
           f"({per_pass[0] / limit:.2f} of one matmul; its encode alone {encode_rate:,.0f} tok/s, "
           f"{encode_rate / limit:.2f}), pass 2 {per_pass[1]:,.0f} tok/s | neighbours "
           f"{info['neighbour_seconds']:.1f} s, logit effects {info['logit_seconds']:.1f} s "
           f"({info['logit_effects']})", flush=True)
+    return ratio
+
 
 if __name__ == "__main__":
     main()
