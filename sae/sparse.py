@@ -92,7 +92,6 @@ def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int, ascending: bool =
     return selected
 
 
-
 def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,
                             d_sae: int, transposed: bool = False) -> torch.Tensor:
     """[d_sae, d] = M^T @ dense, M the sparse [batch, d_sae] matrix with `values` (flat, row-major)
