@@ -51,17 +51,23 @@ TOP_K_BLOCK = 16
 
 def top_k(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [..., k]: the k largest entries of each row of `pre` [..., width], in no
-    order; the same set torch.topk finds, about twice as fast on a CPU when k is small.
-
-    The row's columns form width/16 interleaved blocks (block j: columns j, j + width/16, ...; an
-    elementwise max over 16 contiguous slices finds every block's maximum). A block holding one of
-    the k largest entries has its maximum among them too, so at most k blocks hold them all, and
-    they are among the k blocks with the largest maxima: only those k x 16 candidates are ranked.
-    Elsewhere (GPUs, narrow rows, widths not a multiple of 16) torch.topk itself."""
+    order; the same set torch.topk finds, faster when k is small (`block_top_k`). Where the blocks
+    do not apply (narrow rows, widths not a multiple of 16, non-contiguous rows) torch.topk itself."""
     width = pre.shape[-1]
-    if pre.device.type != "cpu" or width % TOP_K_BLOCK or 4 * k * TOP_K_BLOCK > width \
-            or not pre.is_contiguous():
+    if width % TOP_K_BLOCK or 4 * k * TOP_K_BLOCK > width or not pre.is_contiguous():
         return pre.topk(k, dim=-1, sorted=False)
+    return block_top_k(pre, k)
+
+
+def block_top_k(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_k` by blocks: the row's columns form width/16 interleaved blocks (block j: columns j,
+    j + width/16, ...; an elementwise max over 16 contiguous slices finds every block's maximum). A
+    block holding one of the k largest entries has its maximum among them too, so at most k blocks
+    hold them all, and they are among the k blocks with the largest maxima: only those k x 16
+    candidates are ranked. Measured against torch.topk: 35 against 47 ms on a CPU ([4096, 9216]
+    float32, k 32, 2 threads); on a GPU see benchmarks/sparse_backward.py. `pre` must be contiguous
+    with a width that is a multiple of 16."""
+    width = pre.shape[-1]
     rows = pre.reshape(-1, width)  # [rows, width]
     n_blocks = width // TOP_K_BLOCK
     maxima = rows.view(-1, TOP_K_BLOCK, n_blocks).amax(dim=1)  # [rows, n_blocks]
@@ -99,8 +105,9 @@ def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: 
 
     On a CPU, for float32, the native kernel (sae/kernels/sparse_grad.c): a counting sort by
     latent and one accumulator per latent, written once in the layout asked for (contiguous either
-    way). Elsewhere a CSR product (3x faster on a CPU than the COO product it replaced: 16 ms
-    against 49 ms, batch 4096, k 32, d_sae 9216, d 576, 2 threads), transposed as a view."""
+    way). Elsewhere a CSR product, transposed as a view: 3x faster on a CPU than the COO product it
+    replaced (16 ms against 49 ms, batch 4096, k 32, d_sae 9216, d 576, 2 threads), and 6x on an
+    H200 (1.1 ms against 6.9 ms, batch 8192, k 32, d_sae 65536, d 2304: cuSPARSE's SpMM)."""
     result = native_sparse.sparse_outer(indices, values, dense, d_sae, transposed)
     if result is not None:
         return result
@@ -110,16 +117,11 @@ def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: 
     rows = torch.div(order, k, rounding_mode="floor")  # each sorted entry's batch row
     crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
-    if dense.device.type == "cpu":
-        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state", each process
-            warnings.simplefilter("ignore", UserWarning)
-            m_t = torch.sparse_csr_tensor(crow, rows, values[order], (d_sae, batch),
-                                          check_invariants=False)
-        product = m_t @ dense
-    else:
-        m_t_coo = torch.sparse_coo_tensor(torch.stack([flat[order], rows]), values[order], (d_sae, batch),
-                                          check_invariants=False, is_coalesced=False)
-        product = torch.sparse.mm(m_t_coo, dense)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state", each process
+        warnings.simplefilter("ignore", UserWarning)
+        m_t = torch.sparse_csr_tensor(crow, rows, values.reshape(-1)[order].to(dense.dtype), (d_sae, batch),
+                                      check_invariants=False)
+    product = m_t @ dense
     return product.T if transposed else product
 
 
@@ -211,34 +213,71 @@ def encoder_b_dec_grad(values: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.T
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j values[b, j] * W_dec[indices[b, j]]: [batch, d_in] from k active latents per row.
 
-    An embedding bag. Under autograd on a CPU its backward is native (`_SparseDecode`): W_dec's
-    gradient written once per latent and the values' gradient as k dot products a row, instead of
-    embedding_bag's zero-filled scatter and per-sample backward (measured 14-17 against 22-23 ms
-    and 17-25 against 22-33 ms, [4096, 32] of [9216, 576], 2 threads)."""
+    An embedding bag, with a sparse backward (`_SparseDecode`): W_dec's gradient as one product
+    with the sparse matrix (`sparse_transpose_matmul`) instead of embedding_bag's zero-filled
+    scatter, and the values' gradient as k dot products a row. Measured against embedding_bag's own
+    backward: 14-17 against 22-23 ms and 17-25 against 22-33 ms on a CPU ([4096, 32] of [9216, 576],
+    2 threads, native kernels); W_dec's gradient 1.4 against 5.7 ms on an H200 ([8192, 32] of
+    [65536, 2304], benchmarks/sparse_backward.py)."""
     weights = values.to(W_dec.dtype)
-    if torch.is_grad_enabled() and (weights.requires_grad or W_dec.requires_grad) \
-            and native_sparse.decoder_backward_applies(indices, weights, W_dec):
+    if torch.is_grad_enabled() and (weights.requires_grad or W_dec.requires_grad):
         return _SparseDecode.apply(indices, weights, W_dec)
     return F.embedding_bag(indices, W_dec, per_sample_weights=weights, mode="sum")
 
 
+ROW_DOTS_CHUNK_ELEMENTS = 1 << 26
+"""`row_dots` without its native kernel gathers the decoder rows of this many entries x d_in
+elements at a time (256 MB of float32), so that its temporary stays bounded at any batch size."""
+
+
+def row_dots(indices: torch.Tensor, table: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """[batch, k]: dense[b] . table[indices[b, j]] (indices [batch, k], table [n, d], dense [batch, d],
+    both of one dtype, which the result has). The native kernel on a CPU (float32); elsewhere the
+    gathered rows' dot products, a chunk of rows at a time."""
+    dots = native_sparse.sparse_row_dots(indices, table, dense)
+    if dots is not None:
+        return dots
+    batch, k = indices.shape
+    step = max(1, ROW_DOTS_CHUNK_ELEMENTS // max(1, k * table.shape[1]))
+    out = torch.empty(batch, k, dtype=dense.dtype, device=dense.device)
+    for start in range(0, batch, step):
+        rows = slice(start, start + step)
+        torch.linalg.vecdot(table[indices[rows]], dense[rows].unsqueeze(1), out=out[rows])
+    return out
+
+
 class _SparseDecode(torch.autograd.Function):
-    """x_hat[b] = sum_j values[b, j] * W_dec[indices[b, j]], with the native sparse backward."""
+    """x_hat[b] = sum_j values[b, j] * W_dec[indices[b, j]], with the sparse backward.
+
+    The values' gradient: where the native kernels apply (a CPU, float32), `sparse_row_dots`;
+    elsewhere embedding_bag's own per-sample-weights backward, which reads each decoder row in
+    place (1.0 ms against 4.1 ms for gathered rows' dots on an H200, [8192, 32] of [65536, 2304]):
+    the forward runs the bag on a detached decoder under autograd and keeps that small graph (it
+    holds the indices and offsets, no copy of W_dec) for the backward."""
 
     @staticmethod
     def forward(ctx: Any, indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(indices, values, W_dec)
+        ctx.bag = None
+        if ctx.needs_input_grad[1] and not native_sparse.decoder_backward_applies(indices, values, W_dec):
+            with torch.enable_grad():
+                weights = values.detach().requires_grad_(True)
+                decoded = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=weights, mode="sum")
+            ctx.bag = (weights, decoded)
+            return decoded.detach()
         return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx: Any, grad_x_hat: torch.Tensor) -> tuple[Any, ...]:
         indices, values, W_dec = ctx.saved_tensors
-        grad = grad_x_hat.float().contiguous()  # [batch, d_in]
+        grad = grad_x_hat.to(W_dec.dtype).contiguous()  # [batch, d_in]
         grad_values = grad_W_dec = None
-        if ctx.needs_input_grad[1]:
-            grad_values = native_sparse.sparse_row_dots(indices, W_dec.detach(), grad)
-            if grad_values is None:  # SAEWORKS_NATIVE turned off between the forward and now
-                grad_values = torch.linalg.vecdot(W_dec.detach()[indices], grad.unsqueeze(1))
+        if ctx.needs_input_grad[1] and ctx.bag is not None:
+            weights, decoded = ctx.bag
+            (grad_values,) = torch.autograd.grad(decoded, weights, grad)
+        elif ctx.needs_input_grad[1]:
+            grad_values = row_dots(indices, W_dec.detach(), grad).to(values.dtype)
+        ctx.bag = None
         if ctx.needs_input_grad[2]:
             grad_W_dec = sparse_transpose_matmul(indices, values.detach(), grad, W_dec.shape[0])
         return None, grad_values, grad_W_dec
@@ -310,9 +349,7 @@ class _TopKReconstruction(torch.autograd.Function):
             dense = grad_x_hat.float() if scale is None else torch.addcmul(grad_x_hat.float(), error, scale)
             dense = dense.contiguous()  # [batch, d_in] the reconstruction's whole gradient
             decode_weights, grad_b_dec = weights, dense.sum(dim=0)
-            grad_values = native_sparse.sparse_row_dots(indices, W_dec.detach(), dense)  # [batch, k]
-            if grad_values is None:  # SAEWORKS_NATIVE turned off between the forward and now
-                grad_values = torch.linalg.vecdot(W_dec.detach()[indices], dense.unsqueeze(1))
+            grad_values = row_dots(indices, W_dec.detach(), dense)  # [batch, k]
         # ReLU's gradient in the values' dtype, as autograd takes it through the chain's casts
         grad_pre = torch.where(values > 0, grad_values.to(values.dtype), 0).float()  # [batch, k]
         d_sae = W_dec.shape[0]
