@@ -257,12 +257,14 @@ class Trainer:
             elif self.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
         self.optimizer.step()
-        # zeros, not None, on this path: the same gradient tensors every step. With None, backward
-        # hands each gradient over (no fill, no add) but allocates them afresh, and autograd's
-        # W_enc gradient (x^T @ grad) is copied into layout: measured no faster (0.63-0.67 against
-        # 0.67-0.69 of the limit). The native step drops them (train/native_step.py): the sparse
-        # TopK backward writes W_enc's gradient in W_enc's layout, and there None is faster.
-        self.optimizer.zero_grad(set_to_none=False)
+        # On a CPU zeros, not None, on this path: the same gradient tensors every step. With None,
+        # backward hands each gradient over (no fill, no add) but allocates them afresh, and
+        # autograd's W_enc gradient (x^T @ grad) is copied into layout: measured no faster (0.63-0.67
+        # against 0.67-0.69 of the limit). The native step drops them (train/native_step.py): the
+        # sparse TopK backward writes W_enc's gradient in W_enc's layout, and there None is faster.
+        # On a GPU, where allocation is the caching allocator's, None: the TopK step 423k against
+        # 402k tok/s (H200, bf16, batch 8192, d_in 2304, d_sae 65536; 125k against 123k in fp32).
+        self.optimizer.zero_grad(set_to_none=self.device.type != "cpu")
         for sae in self.saes:
             sae.normalize_decoder()
 
