@@ -58,6 +58,7 @@ SIGNATURES: dict[str, list[Any]] = {  # the last argument of each but sort_by_la
     "row_squares": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _I64],
     "adam_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_double, ctypes.c_double, ctypes.c_double,
                   ctypes.c_double, ctypes.c_double, ctypes.c_double, _I64, _I64],
+    "logit_scores": [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64],
 }
 
 _lock = threading.Lock()

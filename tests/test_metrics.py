@@ -7,16 +7,20 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from saeworks.eval import native_scores
 from saeworks.eval.head import OutputHead
 from saeworks.eval.metrics import (
     DOWNSTREAM_KEYS,
     RECONSTRUCTION_KEYS,
+    VARIANTS,
     DownstreamAccumulator,
     ReconstructionAccumulator,
     kl_per_prediction,
     recovered,
 )
+from saeworks.sae import native
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.interventions import ablate_mean, ablate_zero, splice_sae
 from saeworks.sae.topk import TopKSAE
@@ -309,3 +313,75 @@ def test_the_head_is_used_only_where_it_is_the_models_whole_head() -> None:
     assert head.matches(hidden["clean"], logits)
     assert not head.matches(hidden["clean"], 30 * torch.tanh(logits / 30))  # a softcap the config hid
     assert not head.matches(hidden["clean"], logits[..., :-1])
+
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler: torch ops only")
+
+
+def _log_softmax_scores(x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE of x, CE of y, KL(p_x || p_y)) per row by the log-softmax formulas, in float64."""
+    log_p, log_q = F.log_softmax(x.double(), dim=-1), F.log_softmax(y.double(), dim=-1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
+    return -log_p.gather(1, targets[:, None]).squeeze(1), -log_q.gather(1, targets[:, None]).squeeze(1), kl
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1003, 4096])
+def test_native_logit_scores_equal_the_log_softmax_formulas(dtype: torch.dtype, vocab: int) -> None:
+    """The kernel's CE and KL per row = the log-softmax forms, for float32 and bfloat16 rows, a
+    vocabulary that is not a multiple of the vector width, rows of a strided view, a -inf logit
+    (p = 0: adds nothing to the KL) and one where only the second row has -inf (KL infinite)."""
+    generator = torch.Generator().manual_seed(5)
+    base = (3 * torch.randn(40, vocab, generator=generator)).to(dtype)
+    other = (base.float() + torch.randn(40, vocab, generator=generator)).to(dtype)
+    base[0, 7] = other[0, 7] = float("-inf")
+    base[2, 11] = float("-inf")
+    other[4, int(base[4].float().argmax())] = float("-inf")  # row 2 of the view: its KL is infinite
+    x, y = base[::2], other[::2]  # [20, vocab], row stride 2 * vocab
+    targets = torch.randint(0, vocab, (20,), generator=generator)
+    targets[1] = 11  # row 1 is base[2]: its target's logit is -inf
+    scores = native_scores.logit_scores(x, targets, y)
+    assert scores is not None and scores.other_ce is not None and scores.kl is not None
+    ce, other_ce, kl = _log_softmax_scores(x.float(), y.float(), targets)
+    assert math.isinf(float(scores.ce[1])) and math.isinf(float(ce[1]))
+    finite = torch.arange(20) != 1
+    torch.testing.assert_close(scores.ce[finite], ce[finite], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(scores.other_ce, other_ce, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(scores.kl, kl, rtol=1e-5, atol=1e-5)
+    assert math.isinf(float(scores.kl[2])) and scores.kl[finite & (torch.arange(20) != 2)].min() > 0
+    alone = native_scores.logit_scores(x, targets)
+    assert alone is not None and alone.other_ce is None and torch.equal(alone.ce, scores.ce)
+
+
+@needs_compiler
+def test_native_logit_scores_take_the_kl_to_infinity_where_the_other_rules_a_token_out() -> None:
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0] * 8])
+    y = x.clone()
+    y[0, 3] = float("-inf")  # p(3) > 0 under x, 0 under y
+    scores = native_scores.logit_scores(x, torch.tensor([0]), y)
+    assert scores is not None and scores.kl is not None and math.isinf(float(scores.kl[0]))
+
+
+@needs_compiler
+def test_native_logit_scores_name_a_target_outside_the_vocabulary() -> None:
+    with pytest.raises(IndexError, match="outside the vocabulary of 32"):
+        native_scores.logit_scores(torch.randn(3, 32), torch.tensor([0, 32, 1]))
+
+
+@needs_compiler
+def test_downstream_figures_are_the_same_native_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 300, (4, 12), generator=generator)
+    logits = {name: (4 * torch.randn(4, 12, 300, generator=generator)).bfloat16()
+              for name in ("clean", "spliced", "zero", "mean")}
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("SAEWORKS_NATIVE", setting)
+        down = DownstreamAccumulator(first_kept=2)
+        down.update(input_ids, logits["clean"], [(name, logits[name]) for name in VARIANTS])
+        results.append(down.result())
+    for key in DOWNSTREAM_KEYS:
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-6), key
