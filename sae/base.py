@@ -90,6 +90,12 @@ class SparseAutoencoder(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_in]: `forward`'s reconstruction, by the fastest way the
+        architecture has where no gradient is asked for (a TopK SAE's k active latents); the same
+        numbers to float rounding."""
+        return self(x)
+
     @abstractmethod
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         """Reconstruction and losses of one batch `[batch, d_in]`."""

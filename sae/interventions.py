@@ -32,11 +32,12 @@ def replace_from(first_kept: int, replacement: Callable[[torch.Tensor], torch.Te
 
 def splice_sae(sae: SparseAutoencoder, first_kept: int) -> HookFn:
     """Replace positions >= first_kept by the SAE's reconstruction (run in float32 on the SAE's
-    device, cast back to the activation's dtype and device)."""
+    device, cast back to the activation's dtype and device; `SparseAutoencoder.reconstruct`, so
+    without autograd a TopK SAE decodes its k active latents only)."""
     sae_device = sae.W_dec.device
 
     def reconstruct(kept: torch.Tensor) -> torch.Tensor:  # [batch, pos - first_kept, d]
-        return sae(kept.to(sae_device, torch.float32)).to(kept.device, kept.dtype)
+        return sae.reconstruct(kept.to(sae_device, torch.float32)).to(kept.device, kept.dtype)
 
     return replace_from(first_kept, reconstruct)
 

@@ -76,6 +76,17 @@ class TopKSAE(SparseAutoencoder):
         return TrainOutput(x_hat, mse + self.cfg.aux_coefficient * aux, mse, x.new_zeros(()), aux,
                            active.sum(dim=1).float().mean(), fired)
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """`decode(encode(x))` through the k active latents when no gradient is asked for: the
+        pre-activations into the reused buffer, the top k and a sparse decode, without the dense
+        [rows, d_sae] latents and the dense decoder product (75 against 211 ms for [16, 127, 576]
+        rows of the demo SAE, 2 threads: the spliced forward of every evaluation batch)."""
+        if torch.is_grad_enabled() or type(self).encode is not TopKSAE.encode:
+            return super().reconstruct(x)
+        values, indices = self.encode_active(x.reshape(-1, x.shape[-1]))  # [rows, k]
+        x_hat = sparse_decode(indices, values, self.W_dec.detach()) + self.b_dec.detach()
+        return x_hat.view(x.shape)
+
     def active_values(self, pre: torch.Tensor, x_centred: torch.Tensor, indices: torch.Tensor,
                       selected: torch.Tensor | None = None) -> torch.Tensor:
         """ReLU of the selected pre-activations, differentiable through sparse kernels (`selected`:

@@ -402,3 +402,19 @@ def test_sparse_step_under_bfloat16_autocast_follows_the_float32_step(architectu
     for name, grad in grads.items():
         assert grads_bf16[name].dtype == torch.float32
         assert float((grads_bf16[name] - grad).norm() / grad.norm()) < 5e-2, name
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+def test_reconstruct_gives_the_forwards_reconstruction(architecture: str) -> None:
+    """`reconstruct` (the spliced forward's SAE) = `forward` to float rounding, for rows with a
+    leading batch shape; with autograd on it is `forward` itself, gradients included."""
+    sae = make_sae(architecture)
+    x = sparse_data(60).view(4, 15, D_IN)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)  # a reconstruction that leaves b_dec out differs
+        fast, dense = sae.reconstruct(x), sae(x)
+    assert fast.shape == x.shape
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, torch.zeros_like(fast))
+    graded = sae.reconstruct(x)
+    assert graded.requires_grad and torch.equal(graded, sae(x))
