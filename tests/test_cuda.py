@@ -85,3 +85,13 @@ def test_trainer_steps_on_a_gpu_equal_the_same_steps_on_the_cpu(architecture: st
         weights[device.type] = {name: p.detach().cpu() for name, p in sae.named_parameters()}
     for name, cpu in weights["cpu"].items():
         torch.testing.assert_close(weights["cuda"][name], cpu, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_topk_reconstruction_on_a_gpu_equals_the_dense_forward() -> None:
+    """`reconstruct` (the evaluation's spliced forward) through the k active latents on the GPU."""
+    torch.manual_seed(4)
+    sae = TopKSAE(SAEConfig(d_in=96, d_sae=1024, architecture="topk", k=16)).to(CUDA)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+        x = torch.randn(3, 50, 96, device=CUDA)
+        torch.testing.assert_close(sae.reconstruct(x), sae(x), rtol=1e-5, atol=1e-5)
