@@ -332,18 +332,28 @@ static int64_t bias_top_k_bf16_rows(void *rows_in, const float *bias, int64_t ro
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *row = pre + r * width;
         int bad = 0;
-        for (int64_t j = 0; j < width; j++) {
-            uint16_t h = float_to_bf16(bf16_to_float(row[j]) + bias[j]);
-            row[j] = h;
-            wide[j] = bf16_to_float(h);
-            bad |= wide[j] != wide[j];
+        for (int64_t b = 0; b < nb; b++) {  /* slice 0, then the others as the float32 rows do */
+            uint16_t h = float_to_bf16(bf16_to_float(row[b]) + bias[b]);
+            row[b] = h;
+            float v = bf16_to_float(h);
+            wide[b] = v;
+            maxima[b] = v;
+            bad |= v != v;
+        }
+        for (int64_t s = 1; s < 16; s++) {
+            uint16_t *slice = row + s * nb;
+            const float *bias_slice = bias + s * nb;
+            float *wide_slice = wide + s * nb;
+            for (int64_t b = 0; b < nb; b++) {
+                uint16_t h = float_to_bf16(bf16_to_float(slice[b]) + bias_slice[b]);
+                slice[b] = h;
+                float v = bf16_to_float(h);
+                wide_slice[b] = v;
+                maxima[b] = maxima[b] > v ? maxima[b] : v;
+                bad |= v != v;
+            }
         }
         if (bad) { nan_rows++; continue; }
-        memcpy(maxima, wide, (size_t)nb * sizeof(float));
-        for (int64_t s = 1; s < 16; s++) {
-            const float *slice = wide + s * nb;
-            for (int64_t b = 0; b < nb; b++) maxima[b] = maxima[b] > slice[b] ? maxima[b] : slice[b];
-        }
         select_row(wide, maxima, &select, nb, k, kept, indices + r * k);
         for (int64_t j = 0; j < k; j++) values[r * k + j] = float_to_bf16(kept[j]);
     }
