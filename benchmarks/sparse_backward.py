@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from saeworks.sae.limits import MatmulProbe, synchronize
-from saeworks.sae.sparse import block_top_k, row_dots, sparse_transpose_matmul
+from saeworks.sae.sparse import block_top_k, csr_transpose_matmul, row_dots, sparse_transpose_matmul
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
@@ -44,21 +43,6 @@ def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     """||result - reference|| / ||reference||, in float64."""
     result = result.double()
     return float((result - reference).norm() / reference.norm())
-
-
-def csr_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,
-                         d_sae: int) -> torch.Tensor:
-    """[d_sae, d] = M^T @ dense through a CSR matrix (cuSPARSE SpMM on a GPU)."""
-    batch, k = indices.shape
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    rows = torch.div(order, k, rounding_mode="floor")
-    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        m_t = torch.sparse_csr_tensor(crow, rows, values[order], (d_sae, batch), check_invariants=False)
-    return m_t @ dense
 
 
 def dense_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,

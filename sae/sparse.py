@@ -112,6 +112,13 @@ def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: 
     result = native_sparse.sparse_outer(indices, values, dense, d_sae, transposed)
     if result is not None:
         return result
+    product = csr_transpose_matmul(indices, values, dense, d_sae)
+    return product.T if transposed else product
+
+
+def csr_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,
+                         d_sae: int) -> torch.Tensor:
+    """`sparse_transpose_matmul`'s torch path: [d_sae, d] = M^T @ dense through a CSR matrix."""
     batch, k = indices.shape
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
@@ -122,8 +129,7 @@ def sparse_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: 
         warnings.simplefilter("ignore", UserWarning)
         m_t = torch.sparse_csr_tensor(crow, rows, values.reshape(-1)[order].to(dense.dtype), (d_sae, batch),
                                       check_invariants=False)
-    product = m_t @ dense
-    return product.T if transposed else product
+    return m_t @ dense
 
 
 def dense_pre_activations(sae: Any, x_centred: torch.Tensor, bias: bool = True) -> torch.Tensor:
