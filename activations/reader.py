@@ -56,6 +56,7 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
 import queue
 import threading
 import time
@@ -89,6 +90,8 @@ REMOTE_READS = 8
 ranged request per chunk, and one after another the reader would wait out every round trip (see
 benchmarks/reader_s3.py --remote-reads). Local stores read runs one by one."""
 _KEPT_SCAN_ROWS = 1 << 22  # token ids read per step when counting kept rows
+MAPPED_BATCH_BYTES = 1 << 20
+"""Batches from this size up get a memory mapping of their own (`_mapped_empty`)."""
 _POLL_S = 0.1  # how often a blocked thread checks whether the other side is gone
 STREAM_POLL_S = 0.2
 """How often a streaming reader looks for new done flags in a local store (remote: `_REMOTE_POLL_S`,
@@ -250,6 +253,8 @@ class ActivationReader:
         self._epoch, self._rows, self._generation = 0, 0, 0
         self.pace: _Pace | None = None
         """The latest iteration's read-ahead: its queue depth follows decode and step times."""
+        self.back_to_back_reads = False
+        """Set by `back_to_back`: the consumer's times between batches are not its pace."""
         self.kept: KeptRows | ShardKept
         if cfg.stream:
             self._lock = threading.RLock()  # the loader thread and the consumer both count shards
@@ -335,6 +340,18 @@ class ActivationReader:
         self._epoch, self._rows = (epoch + 1, 0) if rows == usable else (epoch, rows)
         self._generation += 1
 
+    @contextlib.contextmanager
+    def back_to_back(self) -> Iterator[None]:
+        """Batches taken inside are read one after another without work between them (the
+        trainer's initial sample): the read-ahead does not take that for the consumer's pace. It
+        would otherwise queue a whole block's worth of batches for a consumer that looks
+        infinitely fast (151 MB on the demo, held into training)."""
+        self.back_to_back_reads = True
+        try:
+            yield
+        finally:
+            self.back_to_back_reads = False
+
     def __iter__(self) -> Iterator[ReaderBatch]:
         self._generation += 1
         return self._stream(self._generation)
@@ -343,6 +360,7 @@ class ActivationReader:
         """Start the loading thread, hand its batches on, stop it when the consumer stops."""
         if self.epochs is not None and self._epoch >= self.epochs:
             return
+        drain = _drain  # (a global may be None when this generator is closed at interpreter exit)
         per_block = max(1, self.cfg.buffer_chunks * self.kept.chunk_rows // self.cfg.batch_size)
         pace = _Pace(self.cfg.prefetch * per_block)
         self.pace = pace
@@ -366,10 +384,11 @@ class ActivationReader:
                     handed = time.perf_counter()
                     yield ReaderBatch(to_tensor(batch.activations, self.store.store_dtype),
                                       torch.from_numpy(batch.rows))
-                    pace.consumed(time.perf_counter() - handed)
+                    if not self.back_to_back_reads:
+                        pace.consumed(time.perf_counter() - handed)
         finally:
             stop.set()
-            _drain(blocks)
+            drain(blocks)
 
     def _identity(self) -> dict[str, Any]:
         """What decides the batch sequence: a state resumes only a reader with the same. (A
@@ -678,7 +697,7 @@ class _Loader:
             while position < end:
                 take = min(size - sum(len(r) for _, r in carry), end - position)
                 picked = sources[offset:offset + take]
-                carry.append((np.take(self.buffer, picked, axis=0), rows[offset:offset + take]))
+                carry.append((_take_rows(self.buffer, picked), rows[offset:offset + take]))
                 offset, position = offset + take, position + take
                 if sum(len(r) for _, r in carry) == size:
                     after = (plan.epoch + 1, 0) if position == plan.usable else (plan.epoch, position)
@@ -710,7 +729,7 @@ class _Loader:
                         return  # the epoch ends before this batch
                     bound, final = reader._stream_bound()
                 piece = slice(position - start, position - start + take)
-                carry.append((np.take(self.buffer, sources[piece], axis=0), rows[piece]))
+                carry.append((_take_rows(self.buffer, sources[piece]), rows[piece]))
                 position, carried = position + take, carried + take
                 if carried == size:
                     bound, final = reader._stream_bound()
@@ -733,6 +752,11 @@ class _Loader:
 
     def _load_block(self, epoch: int, index: int, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decode a block into the buffer; its kept rows, shuffled, as (buffer positions, global rows)."""
+        if len(self.buffer) == 0:  # first use: paged in outside the timed decode, whose time sizes the
+            # queue (faulting the demo's 151 MB took 0.35 s, a block's decode ~0.3 s: counted in, the
+            # first block queued twice the batches the later ones needed)
+            self.buffer = np.empty((self.buffer_rows, self.reader.d), dtype=self.buffer.dtype)
+            self.buffer.fill(0)
         started = time.perf_counter()
         try:
             return self._decode_block(epoch, index, chunks)
@@ -740,8 +764,6 @@ class _Loader:
             self.pace.decoded(time.perf_counter() - started)
 
     def _decode_block(self, epoch: int, index: int, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.buffer) == 0:
-            self.buffer = np.empty((self.buffer_rows, self.reader.d), dtype=self.buffer.dtype)
         kept, chunk_rows = self.reader.kept, self.reader.kept.chunk_rows
         sources, rows, offset = [], [], 0
         pending = []
@@ -775,9 +797,33 @@ def _batch(pieces: list[tuple[np.ndarray, np.ndarray]], position: tuple[int, int
     if len(pieces) == 1:
         activations, rows = pieces[0]
     else:
-        activations = np.concatenate([a for a, _ in pieces])
+        parts = [a for a, _ in pieces]
+        activations = _mapped_empty((sum(len(a) for a in parts), parts[0].shape[1]), parts[0].dtype)
+        np.concatenate(parts, out=activations)
         rows = np.concatenate([r for _, r in pieces])
     return _Batch(activations, rows, position)
+
+
+def _take_rows(buffer: np.ndarray, picked: np.ndarray) -> np.ndarray:
+    """buffer[picked] [len(picked), d], in memory of its own (`_mapped_empty`)."""
+    rows = _mapped_empty((len(picked), buffer.shape[1]), buffer.dtype)
+    np.take(buffer, picked, axis=0, out=rows, mode="clip")  # (in range: positions in the buffer)
+    return rows
+
+
+def _mapped_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array in an anonymous memory mapping of its own (from MAPPED_BATCH_BYTES
+    up; smaller ones from malloc, whose heap reuses them), unmapped when the array
+    (and any tensor sharing it) is freed. A batch is made in the loading thread and freed in the
+    consumer's; from malloc, glibc kept the consumed batches (4.7 MB each on the demo) in the heap
+    that the training loop keeps untrimmed for its own temporaries (sae/heap.py) until the next
+    trim: the demo training's RSS fell by ~250 MB at each trim, ~60 MB with mapped batches."""
+    count = int(np.prod(shape))
+    size = count * np.dtype(dtype).itemsize
+    if size < MAPPED_BATCH_BYTES:
+        return np.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(region, dtype=dtype, count=count).reshape(shape)
 
 
 def _runs(chunks: np.ndarray) -> Iterator[tuple[int, int]]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from saeworks.activations import reader as reader_module
 from saeworks.activations.config import ReaderConfig
 from saeworks.activations.reader import ActivationReader, ReaderBatch
 from saeworks.activations.store import (
@@ -317,3 +318,36 @@ def test_read_ahead_follows_the_consumers_pace(store: ActivationStore) -> None:
     assert slow_reader.pace is not None and slow_reader.pace.most == 8 * 64 // 4
     assert 0 < slow_reader.pace.peak <= slow_reader.pace.most // 16, slow_reader.pace.peak  # 8 of 128
     assert slow_reader.pace.depth() <= slow_reader.pace.most // 16
+
+
+def test_back_to_back_reads_do_not_set_the_pace(store: ActivationStore) -> None:
+    """Batches taken one after another inside `back_to_back` (the trainer's initial sample) leave the
+    consumer's pace unmeasured, so the read-ahead keeps its smallest queue instead of sizing it for
+    a consumer that looks infinitely fast; outside it, the time between batches counts again."""
+    settings = {"batch_size": 4, "buffer_chunks": 8, "prefetch": 1}
+    r = reader(store, **settings)  # type: ignore[arg-type]
+    batches = iter(r)
+    with r.back_to_back():
+        sample = take(batches, 6)
+    assert r.pace is not None and r.pace.step_s is None and r.pace.depth() == 2
+    time.sleep(0.2)  # the loader may run ahead now: it still holds at most the two batches
+    assert r.pace.peak <= 2
+    rest = take(batches, 3)  # training pace: measured from the first batch after the sample
+    assert r.pace.step_s is not None
+    assert_same_batches(sample + rest, take(iter(reader(store, **settings)), 9))  # type: ignore[arg-type]
+    batches.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mapped_from", [0, 1 << 20])
+def test_a_batch_owns_its_memory(store: ActivationStore, mapped_from: int,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch's rows are a copy of their own, in a memory mapping of its own or not (they stay
+    right while the loader overwrites its buffer with later blocks), and batches spanning two blocks
+    come out whole."""
+    monkeypatch.setattr(reader_module, "MAPPED_BATCH_BYTES", mapped_from)
+    settings = {"epochs": 1, "batch_size": 5, "buffer_chunks": 1, "prefetch": 1}  # 64-row blocks
+    batches = list(iter(reader(store, **settings)))  # type: ignore[arg-type]
+    values = values_of(store.n_tokens)
+    for batch in batches:  # read to the end: every block overwrote the buffer since
+        assert torch.equal(batch.activations, torch.from_numpy(values[batch.rows.numpy()]))
+    assert len({int(b.rows[0]) // 64 != int(b.rows[-1]) // 64 for b in batches}) == 2  # some span two

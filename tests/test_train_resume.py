@@ -200,6 +200,7 @@ def test_the_initial_sample_is_handed_over_again_not_read_twice(store: Path,
     reader = ActivationReader(ActivationStore.open(str(store)), HOOK, reader_cfg)
     samples, replayed = initial_sample(reader, 5, torch.device("cpu"), [HOOK])  # blocks 0 and 1
     assert torch.equal(samples[HOOK], torch.cat(want[:5]).float())
+    assert reader.pace is not None and reader.pace.step_s is None  # the sample's reads set no pace
     got, got_states = [], [replayed.state_dict()]
     batches = iter(replayed)
     for batch in itertools.islice(batches, 9):

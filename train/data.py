@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -139,9 +140,10 @@ def initial_sample(source: BatchSource, n_batches: int, device: torch.device, ho
     batches = iter(source)
     held: list[ReaderBatch | HooksBatch] = []
     try:
-        for _ in range(n_batches):
-            held.append(next(batches))
-            states.append(source.state_dict())
+        with _back_to_back(source):
+            for _ in range(n_batches):
+                held.append(next(batches))
+                states.append(source.state_dict())
         samples = {}
         for hook in hooks:  # every rank gathers every hook, in the same order
             parts = [batch_inputs(batch.activations, hooks)[hook].to(device).float() for batch in held]
@@ -154,6 +156,13 @@ def initial_sample(source: BatchSource, n_batches: int, device: torch.device, ho
         close_batches(batches)
         raise
     return samples, ReplayedStart(source, batches, held, states)
+
+
+def _back_to_back(source: BatchSource) -> AbstractContextManager[None]:
+    """The source's `back_to_back()` where it has one (a store reader: its read-ahead then does
+    not take the sample's quick reads for the training pace), else nothing."""
+    back_to_back = getattr(source, "back_to_back", None)
+    return back_to_back() if back_to_back is not None else nullcontext()
 
 
 class ReplayedStart:
