@@ -34,7 +34,7 @@ from saeworks.eval.analysis import REPLAY_BYTES, analyze_features, encode_batch,
 from saeworks.eval.config import AnalyzeConfig
 from saeworks.sae.base import SparseAutoencoder
 from saeworks.sae.io import load_sae, read_cfg
-from saeworks.sae.limits import MatmulProbe
+from saeworks.sae.limits import MatmulProbe, synchronize
 
 
 def encode_seconds(sae: SparseAutoencoder, store: ActivationStore, hook: str, rows: int) -> float:
@@ -46,8 +46,10 @@ def encode_seconds(sae: SparseAutoencoder, store: ActivationStore, hook: str, ro
     batch = next(window_batches(store, hook, selection, windows)).to(sae.W_enc.device)
     times = []
     for _ in range(8):
+        synchronize(sae.W_enc.device)
         start = time.perf_counter()
         encode_batch(sae, batch, store.context_size)
+        synchronize(sae.W_enc.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -78,7 +80,7 @@ def main() -> None:
                                         device=args.device)
         model = load_model(model_cfg, args.device)
     batch = max(1, cfg.batch_size // store.context_size) * store.context_size
-    probe = MatmulProbe(batch, sae.d_in, sae.d_sae, sae.W_enc.dtype)
+    probe = MatmulProbe(batch, sae.d_in, sae.d_sae, sae.W_enc.dtype, args.device)  # on the analysis' device
     ratios = [run_once(sae, store, hook, cfg, model, args, batch, probe) for _ in range(args.repeat)]
     if args.repeat > 1:
         print(f"analysis: median ratio {statistics.median(ratios):.2f} of the encoder matmul limit over "

@@ -10,8 +10,9 @@ allocates 64-byte aligned, and glibc 2.36 reuses such blocks from the heap's top
 free lists: keeping the top is what lets the next step reuse them.)
 `keep_freed_heap` raises the trim threshold while a loop runs: measured 0.67 -> 0.73 of the encoder
 matmul limit (benchmarks/train_step.py, three interleaved runs each), peak RSS of the demo training
-+40 MB. `return_free_heap` trims now and then (a training run's RSS would otherwise keep ~160 MB of
-the reader's consumed 4.7 MB batches).
++40 MB. `return_free_heap` trims now and then (what the loop's temporaries left in holes; the
+store reader's batches, which glibc kept here by the hundred MB between trims, now have mappings of
+their own: activations/reader.py `_mapped_empty`).
 """
 
 from __future__ import annotations
