@@ -12,6 +12,9 @@ those: a shared VM's speed drifts by 30% within minutes, so a limit taken once b
 limit the steps ran under); a TopK step can approach
 it because its backward and decode are sparse (k of d_sae latents), a ReLU step cannot (its
 backward is dense: about 3 such matmuls). `--profile` prints where the TopK step's time goes.
+Where the TopK step's top k comes from a bfloat16 product refined in float32 (sae/refined_selection.py,
+measured faster on CPUs with fast bfloat16 matmuls), the step can beat that float32 limit; a second
+line then gives its ratio to the bfloat16 product's limit too.
 
     python benchmarks/train_step.py --synthetic 2304 --d-sae 65536 --device cuda --autocast bfloat16
 
@@ -37,6 +40,7 @@ from saeworks.activations.store import ActivationStore
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.heap import keep_freed_heap
 from saeworks.sae.limits import MatmulProbe, synchronize
+from saeworks.sae.refined_selection import chosen_for
 from saeworks.sae.registry import ARCHITECTURES, create_sae
 from saeworks.train.config import TrainConfig
 from saeworks.train.data import SourceInfo
@@ -131,10 +135,17 @@ def main() -> None:
         cfg = SAEConfig(architecture=architecture, k=args.k, d_sae=args.d_sae).resolved(d_in)
         seconds, limit = step_seconds(cfg, batches, args.batch_size, hook, scale, args.steps, args.autocast,
                                       probe, args.profile and architecture == "topk")
+        refined = architecture == "topk" and chosen_for(args.batch_size, d_in, args.d_sae, args.k)
         print(f"train step {architecture}: {args.batch_size / seconds:,.0f} tok/s (d_in {cfg.d_in}, "
               f"d_sae {cfg.d_sae}, k {cfg.k}, batch {args.batch_size}, {args.autocast}, {device}) | "
               f"encoder matmul limit {args.batch_size / limit:,.0f} tok/s | "
               f"{limit / seconds:.2f} of the limit", flush=True)
+        if refined:  # the step's dense product ran in bfloat16 (sae/refined_selection.py): its own limit
+            product = MatmulProbe(args.batch_size, d_in, args.d_sae, torch.bfloat16, device)
+            product_limit = statistics.median(product() for _ in range(5))
+            print(f"  refined selection: the dense product in bfloat16, limit "
+                  f"{args.batch_size / product_limit:,.0f} tok/s | "
+                  f"{product_limit / seconds:.2f} of that limit", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES: dict[str, list[Any]] = {  # the last argument of each but sort_by_latent: the number of threads
     "bias_top_k_f32": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64],
     "bias_top_k_bf16": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64],
+    "encoder_copies": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64],
+    "refined_top_k": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR,
+                      _I64],
     "sort_by_latent": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "sparse_lookup": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64],
     "sparse_window_lookup": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR,

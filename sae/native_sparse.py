@@ -63,6 +63,86 @@ def bias_top_k_(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Te
     return values, indices
 
 
+class EncoderCopies(NamedTuple):
+    """What the refined selection reads of an encoder W_enc [d_in, d_sae] (`encoder_copies`)."""
+
+    transposed: torch.Tensor
+    """[d_sae, d_in] float32: W_enc's columns as contiguous rows."""
+    rounded: torch.Tensor
+    """[d_in, d_sae] bfloat16: W_enc rounded to nearest even."""
+    largest_norm: float
+    """The largest Euclidean norm of a column of W_enc."""
+    largest_rounding: float
+    """The largest Euclidean norm of a column of W_enc - rounded."""
+
+
+def encoder_copies_applies() -> bool:
+    """Whether `encoder_copies` and `refined_top_k` have their kernels here."""
+    return native.library("bias_top_k") is not None
+
+
+def encoder_copies(W_enc: torch.Tensor) -> EncoderCopies | None:
+    """W_enc's transposed float32 and rounded bfloat16 copies with their norms in one pass
+    (sae/kernels/bias_top_k.c); None where the kernel does not apply (a float32 CPU matrix)."""
+    if W_enc.dim() != 2 or W_enc.device.type != "cpu" or W_enc.dtype != torch.float32:
+        return None
+    lib = native.library("bias_top_k")
+    if lib is None:
+        return None
+    W = W_enc.detach().contiguous()
+    d_in, d_sae = W.shape
+    transposed = torch.empty(d_sae, d_in)
+    rounded = torch.empty(d_in, d_sae, dtype=torch.bfloat16)
+    stats = torch.empty(2, dtype=torch.float64)
+    lib.encoder_copies(W.data_ptr(), d_in, d_sae, transposed.data_ptr(), rounded.data_ptr(), stats.data_ptr(),
+                       threads())
+    return EncoderCopies(transposed, rounded, float(stats[0]), float(stats[1]))
+
+
+class RefinedSelection(NamedTuple):
+    """`refined_top_k`'s answer."""
+
+    values: torch.Tensor
+    """[rows, k] float32 pre-activations (bias in) of the selected latents."""
+    indices: torch.Tensor
+    """[rows, k] int64 each row's k latents, ascending."""
+    uncertified: torch.Tensor
+    """[n] int64 the rows whose entries are not valid: not certified, or not finite."""
+
+
+def refined_top_k(products: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, x_rounded: torch.Tensor,
+                  copies: EncoderCopies, k: int, candidates: int) -> RefinedSelection | None:
+    """Each row's k largest of x @ W_enc + bias in float32, chosen among the `candidates` largest
+    of `products` (x_rounded @ copies.rounded, bfloat16 [rows, d_sae], no bias) and certified
+    (sae/kernels/bias_top_k.c, "Refined selection"); None where the kernel does not apply (CPU,
+    contiguous, a width of 16 blocks of at least 4 * candidates columns, k <= candidates <= 256)."""
+    rows, width = products.shape
+    d = x.shape[1] if x.dim() == 2 else -1
+    if products.dtype != torch.bfloat16 or x.dtype != torch.float32 or x_rounded.dtype != torch.bfloat16 \
+            or x.shape != (rows, d) or x_rounded.shape != x.shape or copies.transposed.shape != (width, d) \
+            or bias.shape != (width,) or width % 16 or 64 * candidates > width or not 1 <= k <= candidates \
+            or candidates > 256 or rows == 0 \
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (products, x, x_rounded)):
+        return None
+    lib = native.library("bias_top_k")
+    if lib is None:
+        return None
+    bias = bias.detach().float().contiguous()
+    bounds = torch.tensor([copies.largest_norm, copies.largest_rounding, float(bias.abs().max())],
+                          dtype=torch.float64)
+    values = torch.empty(rows, k)
+    indices = torch.empty(rows, k, dtype=torch.int64)
+    status = torch.empty(rows, dtype=torch.int64)
+    found = int(lib.refined_top_k(products.data_ptr(), bias.data_ptr(), x.data_ptr(), x_rounded.data_ptr(),
+                                  copies.transposed.data_ptr(), bounds.data_ptr(), rows, width, d, k,
+                                  candidates, values.data_ptr(), indices.data_ptr(), status.data_ptr(),
+                                  threads()))
+    if found < 0:
+        raise MemoryError(f"refined_top_k: no memory for the per-thread scratch of {width}-wide rows")
+    uncertified = status.nonzero().squeeze(1) if found else status.new_empty(0)
+    return RefinedSelection(values, indices, uncertified)
+
+
 def by_ascending_index(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [rows, k] with each row's entries reordered by ascending index."""
     indices, order = indices.sort(dim=-1)

@@ -151,13 +151,13 @@ def dense_pre_activations(sae: Any, x_centred: torch.Tensor, bias: bool = True) 
     dtype = torch.get_autocast_dtype(device) if autocast else W_enc.dtype
     if not autocast and x_centred.dtype != W_enc.dtype:
         return torch.addmm(b_enc, x_centred, W_enc) if bias else torch.mm(x_centred, W_enc)
-    buffer = _workspace_buffer((x_centred.shape[0], W_enc.shape[1]), dtype, W_enc.device)
+    buffer = workspace_buffer((x_centred.shape[0], W_enc.shape[1]), dtype, W_enc.device)
     with torch.autocast(device, enabled=False):
         torch.mm(x_centred.detach().to(dtype), W_enc.to(dtype), out=buffer)
         return buffer.add_(b_enc.to(dtype)) if bias else buffer
 
 
-def _workspace_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def workspace_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """This thread's pre-activation buffer, reallocated only when the shape, dtype or device changes."""
     buffer: torch.Tensor | None = getattr(_workspace, "pre", None)
     if buffer is None or buffer.shape != shape or buffer.device != device or buffer.dtype != dtype:
@@ -174,7 +174,7 @@ def release_workspace() -> None:
     _workspace.pre = None
 
 
-def selected_pre_activations(pre: torch.Tensor, x_centred: torch.Tensor, W_enc: torch.Tensor,
+def selected_pre_activations(pre: torch.Tensor | None, x_centred: torch.Tensor, W_enc: torch.Tensor,
                              b_enc: torch.Tensor, indices: torch.Tensor,
                              selected: torch.Tensor | None = None) -> torch.Tensor:
     """Gather `pre` [batch, d_sae] at `indices` [batch, k], differentiable in W_enc and b_enc.
@@ -185,7 +185,11 @@ def selected_pre_activations(pre: torch.Tensor, x_centred: torch.Tensor, W_enc: 
     gathered values where the caller has them (a top-k gives them: the gather's 131k scattered
     reads of the 151 MB `pre` took 1.2 ms a training step, batch 4096, k 32, d_sae 9216).
     """
-    values = pre.gather(1, indices) if selected is None else selected
+    if selected is None:
+        if pre is None:
+            raise ValueError("selected_pre_activations needs the pre-activations or the selected values")
+        selected = pre.gather(1, indices)
+    values = selected  # [batch, k]
     return _SelectedPreActivations.apply(values, x_centred.detach(), W_enc, b_enc, indices)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from saeworks.sae.auxk import auxk_loss
 from saeworks.sae.base import SparseAutoencoder, TrainContext, TrainOutput, mse_per_row
+from saeworks.sae.refined_selection import refined_top_k
 from saeworks.sae.sparse import (
     active_latent_counts,
     bias_top_k_,
@@ -36,11 +37,22 @@ class TopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def selected_dense(self, x_centred: torch.Tensor, ascending: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pre [rows, d_sae], values [rows, k], indices [rows, k]): the pre-activations in the
-        reused buffer (`dense_pre_activations`) and their top k, b_enc added in the selection's pass
-        (`bias_top_k_`; `ascending`: each row's entries by ascending latent). `select` of the same
-        pre-activations gives the same entries."""
+                       ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(pre [rows, d_sae] or None, values [rows, k], indices [rows, k]): the top k of the
+        pre-activations x_centred @ W_enc + b_enc, float32 values (`ascending`: each row's entries by
+        ascending latent). Where the refined selection runs (sae/refined_selection.py: a bfloat16
+        product chooses, float32 decides; measured faster here) there are no dense pre-activations
+        and pre is None; else pre is the reused buffer (`dense_pre_activations`) with b_enc added in
+        the selection's pass (`bias_top_k_`). `select` of the dense pre-activations gives the same
+        entries (up to float32 rounding where the refined selection ran)."""
+        refined = refined_top_k(self.W_enc, self.b_enc, x_centred, self.cfg.k,
+                                dense=lambda: self._dense_selection(x_centred, True)[1:])
+        if refined is not None:
+            return None, *refined
+        return self._dense_selection(x_centred, ascending)
+
+    def _dense_selection(self, x_centred: torch.Tensor, ascending: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pre = dense_pre_activations(self, x_centred, bias=False)  # [rows, d_sae], b_enc not yet in
         values, indices = bias_top_k_(pre, self.b_enc, self.cfg.k, ascending)
         return pre, values, indices
@@ -61,7 +73,7 @@ class TopKSAE(SparseAutoencoder):
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         x_centred = self.centred(x)
-        pre, selected, indices = self.selected_dense(x_centred)  # [batch, d_sae], no graph
+        pre, selected, indices = self.selected_dense(x_centred)  # [batch, d_sae] or None, no graph
         fused = topk_reconstruction(selected, x, x_centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
                                     indices, self.cfg.apply_b_dec_to_input)
         if fused is not None:
@@ -87,10 +99,10 @@ class TopKSAE(SparseAutoencoder):
         x_hat = sparse_decode(indices, values, self.W_dec.detach()) + self.b_dec.detach()
         return x_hat.view(x.shape)
 
-    def active_values(self, pre: torch.Tensor, x_centred: torch.Tensor, indices: torch.Tensor,
+    def active_values(self, pre: torch.Tensor | None, x_centred: torch.Tensor, indices: torch.Tensor,
                       selected: torch.Tensor | None = None) -> torch.Tensor:
         """ReLU of the selected pre-activations, differentiable through sparse kernels (`selected`:
-        pre at indices where the selection already has them)."""
+        pre at indices where the selection already has them; pre may then be None)."""
         values = selected_pre_activations(pre, x_centred, self.W_enc, self.b_enc, indices, selected)
         if self.cfg.apply_b_dec_to_input:
             values = encoder_b_dec_grad(values, self.b_dec, self.W_enc, indices)

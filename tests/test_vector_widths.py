@@ -18,7 +18,7 @@ import torch
 
 from saeworks.sae import native
 from saeworks.sae.sparse import bias_top_k_
-from tests import test_native_step, test_sparse_grad, test_top_k
+from tests import test_native_step, test_refined_selection, test_sparse_grad, test_top_k
 
 pytestmark = [
     pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector extensions"),
@@ -54,6 +54,13 @@ def test_bias_top_k_selects_as_torch(narrower_build: str) -> None:
     assert torch.equal(values.sort(-1).values, ties.topk(8, dim=-1).values.sort(-1).values)
     assert torch.equal(ties.gather(-1, indices), values)
     assert all(row.unique().numel() == 8 for row in indices)
+
+
+def test_the_refined_selection_certifies_the_float32_top_k(narrower_build: str) -> None:
+    assert native.library("bias_top_k") is not None
+    test_refined_selection.test_encoder_copies_are_the_transpose_the_rounding_and_their_norms()
+    test_refined_selection.test_the_kernel_certifies_only_the_float32_top_k(300, 200, 4096, 32)
+    test_refined_selection.test_the_kernel_certifies_only_the_float32_top_k(7, 33, 1024, 1)
 
 
 def test_sparse_products_and_the_fused_step_match_torch(narrower_build: str) -> None:

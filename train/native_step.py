@@ -62,6 +62,7 @@ def native_sae_step(sae: SparseAutoencoder, group: dict[str, Any], optimizer: to
                       state["exp_avg_sq"].data_ptr(), rows, cols, factor, beta1, beta2,
                       group["lr"] / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step), group["eps"],
                       int(project and name == "W_dec"), threads())
+        torch.autograd.graph.increment_version(p)  # written through its pointer: say so, as an in-place op
         p.grad = None
     if project and not steps_W_dec:  # no step of W_dec's; its rows still get their norm
         sae.normalize_decoder()

@@ -22,6 +22,9 @@
  * bfloat16 rows are widened to float, the bias added in float and the sum rounded to the nearest
  * even bfloat16 (torch's own bfloat16 add); the bias arrives as float (the bfloat16 bias widened).
  * A row holding NaN makes the call return nonzero, and the caller uses torch.topk for the batch.
+ *
+ * The refined selection at the end of the file (refined_top_k, encoder_copies) takes the top k of
+ * float32 pre-activations from a bfloat16 product's candidates, certified by an error bound.
  * Built and loaded by sae/native.py; rows are split over a team of threads (team.h). */
 
 #include <math.h>
@@ -403,4 +406,200 @@ int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t 
     const int64_t nb = width / 16;
     return on_team(bias_top_k_bf16_rows, sizeof(uint16_t), pre, bias, rows, width, k, values, indices,
                    width + nb + k + scratch_bytes(nb, k) / (int64_t)sizeof(float) + 1, threads);
+}
+
+/* ---- Refined selection: a bfloat16 product chooses, float32 decides -------------------------
+ *
+ * On a CPU whose bfloat16 matmuls are much faster than float32 (AMX: [4096 x 576] @ [576 x 9216]
+ * in 16 against 133 ms), the top k of x @ W + b can come from the bfloat16 product without its
+ * rounding reaching the answer: each row's kp > k largest bfloat16 pre-activations are the
+ * candidates; their float32 pre-activations are computed exactly as dot products (row_dot) and
+ * the k largest of those kept; and a bound on the bfloat16 product's error certifies that no
+ * other latent could have come above them. A row the bound does not certify is reported, and
+ * the caller computes it densely in float32. The answer is the top k of float32 dot products:
+ * the float32 path's up to its rounding (which already differs between BLAS builds).
+ *
+ * The bound, for a latent j outside the candidates (bfloat16 value a_j + b_j <= v, the smallest
+ * candidate's, no rounding after the float add of the bias): with x~, w~ the bfloat16 roundings
+ * of x and w_j (unit roundoff u = 2^-8), s the product accumulated in float32 and rounded once,
+ *   |x.w - x~.w~| <= |x - x~| |w_j| + |x~| |w_j - w~_j|  (Cauchy-Schwarz),
+ *   |s~ - s| <= u |s~| / (1 - u),  |s - x~.w~| <= gamma |x~| |w~_j|,
+ * and the refined float32 dot differs from x.w by at most gamma |x| |w_j|, gamma = 2 d 2^-24.
+ * So its pre-activation is at most v + u' (|v| + max |b|) + |x - x~| W + |x~| E + gamma (|x~| +
+ * |x|) (W + E) with W, E the largest |w_j|, |w_j - w~_j| over j (`encoder_copies`), u' = u/(1-u)
+ * (v + u'|v| grows with v, so the smallest candidate bounds every other latent). A row is
+ * certified when its k-th refined value is above that. On the demo SAE (SmolLM2 layer 15, 9,216
+ * latents, k 32) kp = 2k certified 97.4% of rows; every row's set was the float32 one. */
+
+/* W [d_in, d_sae] float32 -> WT [d_sae, d_in] (its transpose, for contiguous dot products) and
+ * Wb [d_in, d_sae] bfloat16 (round to nearest even, as torch's .bfloat16()), with
+ * stats[0] = max_j |W[:, j]| and stats[1] = max_j |W[:, j] - Wb[:, j]| (Euclidean norms).
+ * Columns in blocks of 16, split over `threads` threads. */
+int64_t encoder_copies(const float *W, int64_t d_in, int64_t d_sae, float *WT, uint16_t *Wb,
+                       double *stats, int64_t threads) {
+    const int64_t blocks = (d_sae + 15) / 16;
+    double largest = 0.0, largest_error = 0.0;
+    TEAM_PARALLEL(threads)
+    {
+        int64_t begin, end;
+        team_share(blocks, &begin, &end);
+        double mine = 0.0, mine_error = 0.0;
+        for (int64_t block = begin; block < end; block++) {
+            const int64_t j0 = block * 16, width = d_sae - j0 < 16 ? d_sae - j0 : 16;
+            float squares[16] = {0}, errors[16] = {0};  /* float sums: relative error < d_in 2^-24 */
+            for (int64_t i0 = 0; i0 < d_in; i0 += 16) {  /* 16 x 16 tiles: each WT store a 64-byte line */
+                const int64_t height = d_in - i0 < 16 ? d_in - i0 : 16;
+                float tile[16][16];
+                for (int64_t i = i0; i < i0 + height; i++) {
+                    const float *from = W + i * d_sae + j0;
+                    uint16_t *to = Wb + i * d_sae + j0;
+                    for (int64_t c = 0; c < width; c++) {
+                        const float w = from[c];
+                        const uint16_t h = float_to_bf16(w);
+                        const float e = w - bf16_to_float(h);
+                        to[c] = h;
+                        squares[c] += w * w;
+                        errors[c] += e * e;
+                        tile[c][i - i0] = w;
+                    }
+                }
+                for (int64_t c = 0; c < width; c++)
+                    memcpy(WT + (j0 + c) * d_in + i0, tile[c], (size_t)height * sizeof(float));
+            }
+            for (int64_t c = 0; c < width; c++) {
+                mine = squares[c] > mine ? squares[c] : mine;
+                mine_error = errors[c] > mine_error ? errors[c] : mine_error;
+            }
+        }
+        _Pragma("omp critical")
+        {
+            largest = mine > largest ? mine : largest;
+            largest_error = mine_error > largest_error ? mine_error : largest_error;
+        }
+    }
+    stats[0] = sqrt(largest);
+    stats[1] = sqrt(largest_error);
+    return 0;
+}
+
+/* Rows [rows) of the refined selection (see above): pre [rows, width] the bfloat16 products
+ * x~ @ W~ (no bias), bias [width] float32, x [rows, d] float32, xb [rows, d] its bfloat16
+ * rounding, WT [width, d]; bounds = {W, E, max |b|}. values, indices [rows, k] (by ascending
+ * column) and status [rows]: 0 certified, 1 not certified, 2 NaN or inf in the row. Returns the
+ * number of rows not certified. */
+#define PREFETCH_AHEAD 4  /* candidate rows of WT requested ahead of their dot product */
+
+static inline void prefetch_row(const float *row, int64_t d) {
+    for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(row + c, 0, 3);
+}
+
+static int64_t refined_rows(const uint16_t *pre, const float *bias, const float *x, const uint16_t *xb,
+                            const float *WT, const double *bounds, int64_t rows, int64_t width,
+                            int64_t d, int64_t k, int64_t kp, float *values, int64_t *indices,
+                            int64_t *status, float *scratch) {
+    const int64_t nb = width / 16;
+    Scratch select = scratch_at(scratch, nb, kp);
+    float *wide = scratch + scratch_bytes(nb, kp) / (int64_t)sizeof(float);
+    float *maxima = wide + width, *chosen = maxima + nb, *exact = chosen + kp + RANKED;
+    int64_t *columns = (int64_t *)(void *)(exact + kp + RANKED + 2);  /* 8-byte aligned: see the sizes */
+    columns = (int64_t *)(((uintptr_t)columns + 7) & ~(uintptr_t)7);
+    const double u = 1.0 / 256.0, u1 = u / (1.0 - u), gamma = 2.0 * (double)d / 16777216.0;
+    int64_t uncertified = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = pre + r * width;
+        int bad = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            const float v = bf16_to_float(row[b]) + bias[b];
+            wide[b] = v;
+            maxima[b] = v;
+            bad |= v != v;
+        }
+        for (int64_t s = 1; s < 16; s++) {
+            const uint16_t *slice = row + s * nb;
+            const float *bias_slice = bias + s * nb;
+            float *wide_slice = wide + s * nb;
+            for (int64_t b = 0; b < nb; b++) {
+                const float v = bf16_to_float(slice[b]) + bias_slice[b];
+                wide_slice[b] = v;
+                maxima[b] = maxima[b] > v ? maxima[b] : v;
+                bad |= v != v;
+            }
+        }
+        const float *x_row = x + r * d;
+        const uint16_t *xb_row = xb + r * d;
+        FloatsN sums_x = {0}, sums_xb = {0}, sums_error = {0};  /* float sums: see `gamma` */
+        int64_t i = 0;
+        for (; i + LANES <= d; i += LANES) {
+            const FloatsN a = load_lanes(x_row + i);
+            IntsN bits = {0};
+            for (int lane = 0; lane < LANES; lane++) bits[lane] = (int32_t)((uint32_t)xb_row[i + lane] << 16);
+            const FloatsN ab = (FloatsN)bits, e = a - ab;
+            sums_x += a * a;
+            sums_xb += ab * ab;
+            sums_error += e * e;
+        }
+        double norm_x = total_lanes(sums_x), norm_xb = total_lanes(sums_xb), norm_error = total_lanes(sums_error);
+        for (; i < d; i++) {
+            const double a = x_row[i], ab = bf16_to_float(xb_row[i]);
+            norm_x += a * a;
+            norm_xb += ab * ab;
+            norm_error += (a - ab) * (a - ab);
+        }
+        if (bad || !isfinite(norm_x)) {
+            status[r] = 2;
+            uncertified++;
+            continue;
+        }
+        select_row(wide, maxima, &select, nb, kp, chosen, columns);
+        float floor = chosen[0];
+        for (int64_t j = 1; j < kp; j++) floor = chosen[j] < floor ? chosen[j] : floor;
+        for (int64_t j = 0; j < kp; j++) {  /* the next rows' lines requested while this one is summed */
+            if (j + PREFETCH_AHEAD < kp) prefetch_row(WT + columns[j + PREFETCH_AHEAD] * d, d);
+            exact[j] = row_dot(x_row, WT + columns[j] * d, d) + bias[columns[j]];
+        }
+        float *row_values = values + r * k;
+        keep_largest(exact, columns, kp, k, row_values, indices + r * k);
+        float kth = row_values[0];
+        for (int64_t j = 1; j < k; j++) kth = row_values[j] < kth ? row_values[j] : kth;
+        norm_x = sqrt(norm_x);
+        norm_xb = sqrt(norm_xb);
+        const double reach = (double)floor + u1 * (fabs((double)floor) + bounds[2])
+            + (sqrt(norm_error) * bounds[0] + norm_xb * bounds[1]) * (1.0 + gamma)  /* float norms */
+            + gamma * (norm_xb + norm_x) * (bounds[0] + bounds[1]);
+        const int certified = (double)kth > reach + 1e-6 * fabs(reach) + 1e-30 && kth == kth;
+        status[r] = certified ? 0 : 1;
+        uncertified += !certified;
+    }
+    return uncertified;
+}
+
+/* The refined selection over all rows, split over `threads` threads (see refined_rows; k <= kp,
+ * kp <= width / 64, kp <= 256). Returns the number of rows not certified, or -1 where scratch
+ * memory could not be allocated. */
+int64_t refined_top_k(const uint16_t *pre, const float *bias, const float *x, const uint16_t *xb,
+                      const float *WT, const double *bounds, int64_t rows, int64_t width, int64_t d,
+                      int64_t k, int64_t kp, float *values, int64_t *indices, int64_t *status,
+                      int64_t threads) {
+    const int64_t nb = width / 16;
+    const int64_t floats = scratch_bytes(nb, kp) / (int64_t)sizeof(float) + width + nb
+        + 2 * (kp + RANKED) + 4 + 2 * kp;
+    int64_t uncertified = 0, failed = 0;
+    TEAM_PARALLEL(threads)
+    {
+        int64_t begin, end;
+        team_share(rows, &begin, &end);
+        float *scratch = malloc((size_t)floats * sizeof(float));
+        if (scratch == NULL) {
+            TEAM_ATOMIC
+            failed += 1;
+        } else {
+            const int64_t found = refined_rows(pre + begin * width, bias, x + begin * d, xb + begin * d, WT,
+                                               bounds, end - begin, width, d, k, kp, values + begin * k,
+                                               indices + begin * k, status + begin, scratch);
+            TEAM_ATOMIC
+            uncertified += found;
+        }
+        free(scratch);
+    }
+    return failed ? -1 : uncertified;
 }

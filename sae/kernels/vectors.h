@@ -60,4 +60,22 @@ static inline FloatsN pairwise_total(FloatsN *sums, int count) {
     return sums[0];
 }
 
+#define DOT_VECTORS (64 / LANES)
+
+/* a . b over d floats, 64 at a time in DOT_VECTORS running sums: one would wait on its own adds (a
+ * chain of d / LANES of them); as vector types they stay in registers (as float arrays:
+ * 10.5-12.6 -> 8.2-10.1 ms for sparse_row_dots over [4096, 576], k 32). */
+static inline float row_dot(const float *restrict a, const float *restrict b, int64_t d) {
+    FloatsN sums[DOT_VECTORS];
+    for (int v = 0; v < DOT_VECTORS; v++) sums[v] = (FloatsN){0};
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64)
+        for (int v = 0; v < DOT_VECTORS; v++)
+            sums[v] += load_lanes(a + c + LANES * v) * load_lanes(b + c + LANES * v);
+    for (; c + LANES <= d; c += LANES) sums[0] += load_lanes(a + c) * load_lanes(b + c);
+    float sum = 0.0f;
+    for (; c < d; c++) sum += a[c] * b[c];
+    return sum + total_lanes(pairwise_total(sums, DOT_VECTORS));
+}
+
 #endif

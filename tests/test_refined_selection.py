@@ -1,0 +1,184 @@
+"""The refined selection (sae/refined_selection.py): a bfloat16 encoder product picks candidates,
+float32 decides, a bound certifies; every answer is the float32 top k, whichever path ran."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saeworks.sae import native, native_sparse, refined_selection
+from saeworks.sae.base import TrainContext
+from saeworks.sae.config import SAEConfig
+from saeworks.sae.topk import TopKSAE
+from saeworks.train.native_step import native_sae_step, native_step_applies
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler: no refined selection")
+
+
+def _float32_top_k(x_centred: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [rows, k] of the dense float32 pre-activations, each row by ascending latent."""
+    values, indices = (x_centred.double() @ W_enc.double() + b_enc.double()).topk(k, dim=1)
+    indices, order = indices.sort(dim=1)
+    return values.gather(1, order).float(), indices
+
+
+def _sae(d_in: int, d_sae: int, k: int, seed: int = 0) -> TopKSAE:
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k))
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in) * 0.2)
+    return sae
+
+
+def _inputs(rows: int, d_in: int, seed: int = 1) -> torch.Tensor:
+    """Activations with a decaying spectrum and a spread of norms, as a residual stream has."""
+    generator = torch.Generator().manual_seed(seed)
+    spectrum = torch.linspace(1.0, 0.05, d_in)
+    scale = torch.rand(rows, 1, generator=generator) * 20 + 1
+    return torch.randn(rows, d_in, generator=generator) * spectrum * scale
+
+
+def test_encoder_copies_are_the_transpose_the_rounding_and_their_norms() -> None:
+    torch.manual_seed(0)
+    W = torch.randn(37, 1040) * torch.linspace(0.1, 3.0, 1040)  # a width that is not a multiple of 16
+    copies = native_sparse.encoder_copies(W)
+    assert copies is not None
+    assert torch.equal(copies.transposed, W.T) and copies.transposed.is_contiguous()
+    assert torch.equal(copies.rounded, W.to(torch.bfloat16))
+    assert copies.largest_norm == pytest.approx(float(W.norm(dim=0).max()), rel=1e-5)
+    rounding = (W - copies.rounded.float()).norm(dim=0).max()
+    assert copies.largest_rounding == pytest.approx(float(rounding), rel=1e-5) and copies.largest_rounding > 0
+
+
+@pytest.mark.parametrize(("rows", "d_in", "d_sae", "k"), [(512, 64, 2048, 8), (300, 200, 4096, 32),
+                                                          (7, 33, 1024, 1)])
+def test_the_kernel_certifies_only_the_float32_top_k(rows: int, d_in: int, d_sae: int, k: int) -> None:
+    sae = _sae(d_in, d_sae, k)
+    x = sae.centred(_inputs(rows, d_in)).detach().contiguous()
+    copies = native_sparse.encoder_copies(sae.W_enc.detach())
+    assert copies is not None
+    x_rounded = x.to(torch.bfloat16)
+    products = x_rounded @ copies.rounded
+    selection = native_sparse.refined_top_k(products, sae.b_enc.detach(), x, x_rounded, copies, k, 2 * k)
+    assert selection is not None
+    want_values, want_indices = _float32_top_k(x, sae.W_enc.detach(), sae.b_enc.detach(), k)
+    certified = torch.ones(rows, dtype=torch.bool)
+    certified[selection.uncertified] = False
+    assert certified.float().mean() > 0.5  # the bound is not vacuous
+    assert torch.equal(selection.indices[certified], want_indices[certified])
+    torch.testing.assert_close(selection.values[certified], want_values[certified], rtol=1e-5, atol=1e-5)
+
+
+def test_a_latent_the_bfloat16_product_hides_is_found() -> None:
+    """bfloat16 rounds x0 = 1.0035 to 1.0: latent T (x0 alone) ranks below 2k latents of value 1.001
+    in bfloat16 and above them in float32. The bound must refuse the row and the float32 path find T."""
+    k, d_sae, d_in = 4, 512, 16
+    sae = TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, apply_b_dec_to_input=False))
+    T, hidden_by, high = 0, list(range(1, 2 * k + 2)), list(range(100, 100 + k - 1))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)
+        sae.W_enc[0, T], sae.b_enc[T] = 1.0, 0.0
+        sae.W_enc[1, hidden_by], sae.b_enc[hidden_by] = 1.0, 0.001
+        sae.W_enc[2, high], sae.b_enc[high] = 1.0, 0.0
+    x = torch.zeros(3, d_in)
+    x[:, 0], x[:, 1], x[:, 2] = 1.0035, 1.0, 4.0
+    assert float(x[0, 0].to(torch.bfloat16)) == 1.0
+    copies = native_sparse.encoder_copies(sae.W_enc.detach())
+    assert copies is not None
+    rounded = x.to(torch.bfloat16)
+    kernel = native_sparse.refined_top_k(rounded @ copies.rounded, sae.b_enc.detach(), x, rounded, copies,
+                                         k, 2 * k)
+    assert kernel is not None and torch.equal(kernel.uncertified, torch.arange(3))  # T is not a candidate
+    assert not (kernel.indices == T).any()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAEWORKS_REFINED_SELECTION", "on")
+        values, indices = sae.encode_active(x)
+    assert torch.equal(indices, torch.tensor([[T, *high]] * 3))
+    torch.testing.assert_close(values[:, 0], torch.full((3,), 1.0035))
+
+
+@pytest.mark.parametrize("setting", ["on", "auto"])
+def test_encode_active_is_the_float32_top_k_with_every_path(monkeypatch: pytest.MonkeyPatch,
+                                                             setting: str) -> None:
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", setting)
+    refined_selection.forget_measurements()
+    sae = _sae(96, 4096, 16)
+    x = _inputs(1000, 96)
+    values, indices = sae.encode_active(x)
+    want_values, want_indices = _float32_top_k(sae.centred(x).detach(), sae.W_enc.detach(),
+                                               sae.b_enc.detach(), 16)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values.relu(), rtol=1e-5, atol=1e-5)
+    if setting == "auto":  # measured once for this shape, then kept
+        assert list(refined_selection._faster) == [(1000, 96, 4096, 16, torch.get_num_threads())]
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "off")
+    off_values, off_indices = sae.encode_active(x)
+    assert torch.equal(off_indices, indices)
+    torch.testing.assert_close(off_values, values, rtol=1e-5, atol=1e-5)
+
+
+def test_where_it_cannot_run_it_declines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "on")
+    W = torch.randn(32, 4096)
+    x = torch.randn(10, 32)
+    assert refined_selection.applies(W, x, 8)
+    assert not refined_selection.applies(W, x, 64)  # 2k candidates need a width of 128 k
+    assert not refined_selection.applies(W.double(), x.double(), 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not refined_selection.applies(W, x, 8)
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "off")
+    assert not refined_selection.applies(W, x, 8)
+
+
+@pytest.mark.parametrize("dead_fraction", [0.0, 0.3])
+def test_a_training_step_has_the_same_loss_and_gradients(monkeypatch: pytest.MonkeyPatch,
+                                                          dead_fraction: float) -> None:
+    """With dead latents the AuxK loss computes their pre-activations itself (no dense ones exist)."""
+    sae = _sae(64, 2048, 8)
+    x = _inputs(384, 64)
+    dead = torch.rand(2048, generator=torch.Generator().manual_seed(5)) < dead_fraction
+    results = {}
+    for setting in ("on", "off"):
+        monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", setting)
+        sae.zero_grad(set_to_none=True)
+        out = sae.training_forward(x, TrainContext(0.0, dead))
+        out.loss.backward()
+        results[setting] = (out, {name: p.grad.clone() for name, p in sae.named_parameters()})
+    (on, on_grads), (off, off_grads) = results["on"], results["off"]
+    torch.testing.assert_close(on.loss, off.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(on.aux, off.aux, rtol=1e-5, atol=0)
+    assert (float(on.aux.detach()) > 0) == (dead_fraction > 0)
+    assert torch.equal(on.fired, off.fired)
+    for name, grad in on_grads.items():
+        torch.testing.assert_close(grad, off_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_copies_follow_every_update_of_the_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept copies of W_enc are used only while W_enc is unchanged: after an in-place torch update
+    and after the native Adam step (which writes through a pointer), the selection is the new one."""
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "on")
+    sae = _sae(64, 2048, 8)
+    x = _inputs(256, 64)
+
+    def check() -> None:
+        _, indices = sae.encode_active(x)
+        _, want = _float32_top_k(sae.centred(x).detach(), sae.W_enc.detach(), sae.b_enc.detach(), 8)
+        assert torch.equal(indices, want)
+
+    check()
+    first = refined_selection.encoder_copies(sae.W_enc)
+    assert refined_selection.encoder_copies(sae.W_enc) is first  # kept while nothing changed
+    with torch.no_grad():
+        sae.W_enc[:, :1024].mul_(-1.0)
+    check()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.05)
+    group = optimizer.param_groups[0]
+    sae.training_forward(x, TrainContext(0.0, None)).loss.backward()
+    assert native_step_applies(sae, group, optimizer)
+    before = refined_selection.encoder_copies(sae.W_enc)
+    native_sae_step(sae, group, optimizer, clip_norm=None)
+    assert refined_selection.encoder_copies(sae.W_enc) is not before
+    check()
