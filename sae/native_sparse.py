@@ -81,9 +81,11 @@ def encoder_copies_applies() -> bool:
     return native.library("bias_top_k") is not None
 
 
-def encoder_copies(W_enc: torch.Tensor) -> EncoderCopies | None:
+def encoder_copies(W_enc: torch.Tensor, into: EncoderCopies | None = None) -> EncoderCopies | None:
     """W_enc's transposed float32 and rounded bfloat16 copies with their norms in one pass
-    (sae/kernels/bias_top_k.c); None where the kernel does not apply (a float32 CPU matrix)."""
+    (sae/kernels/bias_top_k.c), written into `into`'s tensors where their shapes fit (a training
+    step's copies replace the last step's: 32 MB of fresh pages at the demo's shapes took longer to
+    fault in than the pass); None where the kernel does not apply (a float32 CPU matrix)."""
     if W_enc.dim() != 2 or W_enc.device.type != "cpu" or W_enc.dtype != torch.float32:
         return None
     lib = native.library("bias_top_k")
@@ -91,8 +93,9 @@ def encoder_copies(W_enc: torch.Tensor) -> EncoderCopies | None:
         return None
     W = W_enc.detach().contiguous()
     d_in, d_sae = W.shape
-    transposed = torch.empty(d_sae, d_in)
-    rounded = torch.empty(d_in, d_sae, dtype=torch.bfloat16)
+    fits = into is not None and into.transposed.shape == (d_sae, d_in) and into.rounded.shape == (d_in, d_sae)
+    transposed = into.transposed if into is not None and fits else torch.empty(d_sae, d_in)
+    rounded = into.rounded if into is not None and fits else torch.empty(d_in, d_sae, dtype=torch.bfloat16)
     stats = torch.empty(2, dtype=torch.float64)
     lib.encoder_copies(W.data_ptr(), d_in, d_sae, transposed.data_ptr(), rounded.data_ptr(), stats.data_ptr(),
                        threads())

@@ -71,7 +71,7 @@ def refined_top_k(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Ten
         return None
     if mode() == "on":
         return _select(W_enc, b_enc, x_centred, k)
-    key = (x_centred.shape[0], *W_enc.shape, k, torch.get_num_threads())
+    key = _shape_key(x_centred.shape[0], W_enc.shape[0], W_enc.shape[1], k)
     faster = _faster.get(key)
     if faster is None:
         faster, answer = _measure(W_enc, b_enc, x_centred, k, dense)
@@ -84,7 +84,8 @@ def _measure(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, 
              dense: Callable[[], tuple[torch.Tensor, torch.Tensor]]
              ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor] | None]:
     """Both paths twice (the first call of each builds kernels and buffers), timed the second
-    time: (whether the refined one was faster, its answer, or None to have the caller's)."""
+    time: (whether the refined one was faster, its answer, or None to have the caller's). Once per
+    shape (`_shape_key`) and process."""
     seconds: list[float] = []
     for path in (lambda: _select(W_enc, b_enc, x_centred, k), dense):
         path()
@@ -118,13 +119,15 @@ def _select(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, k
 
 def encoder_copies(W_enc: torch.Tensor) -> native_sparse.EncoderCopies:
     """W_enc's copies for the refined selection, kept while W_enc's storage and version are the
-    same (an in-place update bumps the version: torch's ops, and the native Adam step)."""
+    same (an in-place update bumps the version: torch's ops, and the native Adam step); after an
+    update they are written again into the same memory."""
     stamp = (W_enc.data_ptr(), W_enc._version)
     with _lock:
         kept = _copies.get(id(W_enc))
-    if kept is not None and kept[0]() is W_enc and kept[1:3] == stamp:
+    mine = kept is not None and kept[0]() is W_enc
+    if kept is not None and mine and kept[1:3] == stamp:
         return kept[3]
-    copies = native_sparse.encoder_copies(W_enc)
+    copies = native_sparse.encoder_copies(W_enc, into=kept[3] if kept is not None and mine else None)
     if copies is None:
         raise RuntimeError("encoder_copies did not apply after `applies` said it would")
     key = id(W_enc)
@@ -142,7 +145,13 @@ def chosen_for(rows: int, d_in: int, d_sae: int, k: int) -> bool:
     """Whether the refined selection ran (or would run: mode "on") for this shape in this process."""
     if mode() == "off":
         return False
-    return mode() == "on" or _faster.get((rows, d_in, d_sae, k, torch.get_num_threads()), False)
+    return mode() == "on" or _faster.get(_shape_key(rows, d_in, d_sae, k), False)
+
+
+def _shape_key(rows: int, d_in: int, d_sae: int, k: int) -> tuple[int, ...]:
+    """What a measurement holds for: the rows rounded up to a power of two (an evaluation's batches
+    differ in length; each would be measured again), the encoder's shape, k and the threads."""
+    return (1 << max(rows - 1, 0).bit_length(), d_in, d_sae, k, torch.get_num_threads())
 
 
 def forget_measurements() -> None:

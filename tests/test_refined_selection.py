@@ -113,7 +113,9 @@ def test_encode_active_is_the_float32_top_k_with_every_path(monkeypatch: pytest.
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values.relu(), rtol=1e-5, atol=1e-5)
     if setting == "auto":  # measured once for this shape, then kept
-        assert list(refined_selection._faster) == [(1000, 96, 4096, 16, torch.get_num_threads())]
+        assert list(refined_selection._faster) == [(1024, 96, 4096, 16, torch.get_num_threads())]
+        assert refined_selection.chosen_for(1000, 96, 4096, 16) == refined_selection._faster[
+            (1024, 96, 4096, 16, torch.get_num_threads())]
     monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "off")
     off_values, off_indices = sae.encode_active(x)
     assert torch.equal(off_indices, indices)

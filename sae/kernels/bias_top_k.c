@@ -487,119 +487,186 @@ int64_t encoder_copies(const float *W, int64_t d_in, int64_t d_sae, float *WT, u
  * rounding, WT [width, d]; bounds = {W, E, max |b|}. values, indices [rows, k] (by ascending
  * column) and status [rows]: 0 certified, 1 not certified, 2 NaN or inf in the row. Returns the
  * number of rows not certified. */
-#define PREFETCH_AHEAD 4  /* candidate rows of WT requested ahead of their dot product */
+#define REFINED_BLOCK 512  /* rows whose candidates are refined together, latent by latent */
 
-static inline void prefetch_row(const float *row, int64_t d) {
-    for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(row + c, 0, 3);
+/* How far above a row's smallest candidate's bfloat16 value `floor` another latent's float32
+ * pre-activation can reach (see above): from the row x [d] and its rounding xb, bounds = {W, E,
+ * max |b|}. The norms are float sums (relative error below d 2^-24, inside gamma). */
+static double reach_of(float floor, const float *x, const uint16_t *xb, int64_t d, const double *bounds) {
+    const double u = 1.0 / 256.0, u1 = u / (1.0 - u), gamma = 2.0 * (double)d / 16777216.0;
+    FloatsN sums_x = {0}, sums_xb = {0}, sums_error = {0};
+    int64_t i = 0;
+    for (; i + LANES <= d; i += LANES) {
+        const FloatsN a = load_lanes(x + i);
+        IntsN bits = {0};
+        for (int lane = 0; lane < LANES; lane++) bits[lane] = (int32_t)((uint32_t)xb[i + lane] << 16);
+        const FloatsN ab = (FloatsN)bits, e = a - ab;
+        sums_x += a * a;
+        sums_xb += ab * ab;
+        sums_error += e * e;
+    }
+    double norm_x = total_lanes(sums_x), norm_xb = total_lanes(sums_xb), norm_error = total_lanes(sums_error);
+    for (; i < d; i++) {
+        const double a = x[i], ab = bf16_to_float(xb[i]);
+        norm_x += a * a;
+        norm_xb += ab * ab;
+        norm_error += (a - ab) * (a - ab);
+    }
+    if (!isfinite(norm_x) || !isfinite(norm_xb)) return INFINITY;
+    norm_x = sqrt(norm_x);
+    norm_xb = sqrt(norm_xb);
+    const double reach = (double)floor + u1 * (fabs((double)floor) + bounds[2])
+        + (sqrt(norm_error) * bounds[0] + norm_xb * bounds[1]) * (1.0 + gamma)
+        + gamma * (norm_xb + norm_x) * (bounds[0] + bounds[1]);
+    return reach + 1e-6 * fabs(reach) + 1e-30;
 }
 
+/* Per-thread memory of refined_rows (one malloc each; NULL members where one failed). */
+typedef struct {
+    void *select_memory;  /* Scratch for kp */
+    float *wide, *maxima, *chosen;  /* [width], [nb], [kp + RANKED] */
+    double *reach;  /* [REFINED_BLOCK] */
+    float *exact;  /* [REFINED_BLOCK][kp + RANKED] */
+    int64_t *columns;  /* [REFINED_BLOCK][kp] */
+    int32_t *starts;  /* [width + 1] */
+    int32_t *order;  /* [REFINED_BLOCK * kp] */
+} RefineMemory;
+
+static int refine_memory(RefineMemory *m, int64_t width, int64_t kp) {
+    const int64_t nb = width / 16;
+    m->select_memory = malloc((size_t)scratch_bytes(nb, kp));
+    m->wide = malloc((size_t)(width + nb + kp + RANKED) * sizeof(float));
+    m->maxima = m->wide ? m->wide + width : NULL;
+    m->chosen = m->wide ? m->maxima + nb : NULL;
+    m->reach = malloc(REFINED_BLOCK * sizeof(double));
+    m->exact = malloc((size_t)(REFINED_BLOCK * (kp + RANKED)) * sizeof(float));
+    m->columns = malloc((size_t)(REFINED_BLOCK * kp) * sizeof(int64_t));
+    m->starts = malloc((size_t)(width + 1) * sizeof(int32_t));
+    m->order = malloc((size_t)(REFINED_BLOCK * kp) * sizeof(int32_t));
+    return m->select_memory && m->wide && m->reach && m->exact && m->columns && m->starts && m->order;
+}
+
+static void free_refine_memory(RefineMemory *m) {
+    free(m->select_memory);
+    free(m->wide);
+    free(m->reach);
+    free(m->exact);
+    free(m->columns);
+    free(m->starts);
+    free(m->order);
+}
+
+/* Rows [rows) of the refined selection (see above): pre [rows, width] the bfloat16 products
+ * x~ @ W~ (no bias), bias [width] float32, x [rows, d] float32, xb [rows, d] its bfloat16
+ * rounding, WT [width, d]; bounds = {W, E, max |b|}. values, indices [rows, k] (by ascending
+ * column) and status [rows]: 0 certified, 1 not certified, 2 NaN or inf in the row. Returns the
+ * number of rows not certified.
+ *
+ * REFINED_BLOCK rows at a time, in three passes: each row's candidates and bound; every
+ * candidate's dot product, latent by latent (a counting sort of the block's entries), so that a
+ * row of WT is read from memory once for all the block's rows that chose it and the block's rows
+ * of x (1.2 MB at d 576) stay in cache; each row's k largest and its certificate. Row by row, each
+ * dot read its own row of WT from memory: the whole call 30.6 against 25.3 ms, of which the dots
+ * about 15 against 6 (demo SAE, [4096, 9216], k 32, 2 threads; blocks of 256 to 1024 rows alike). */
 static int64_t refined_rows(const uint16_t *pre, const float *bias, const float *x, const uint16_t *xb,
                             const float *WT, const double *bounds, int64_t rows, int64_t width,
                             int64_t d, int64_t k, int64_t kp, float *values, int64_t *indices,
-                            int64_t *status, float *scratch) {
-    const int64_t nb = width / 16;
-    Scratch select = scratch_at(scratch, nb, kp);
-    float *wide = scratch + scratch_bytes(nb, kp) / (int64_t)sizeof(float);
-    float *maxima = wide + width, *chosen = maxima + nb, *exact = chosen + kp + RANKED;
-    int64_t *columns = (int64_t *)(void *)(exact + kp + RANKED + 2);  /* 8-byte aligned: see the sizes */
-    columns = (int64_t *)(((uintptr_t)columns + 7) & ~(uintptr_t)7);
-    const double u = 1.0 / 256.0, u1 = u / (1.0 - u), gamma = 2.0 * (double)d / 16777216.0;
+                            int64_t *status, RefineMemory *m) {
+    const int64_t nb = width / 16, stride = kp + RANKED;
+    Scratch select = scratch_at(m->select_memory, nb, kp);
+    float *wide = m->wide, *maxima = m->maxima;
     int64_t uncertified = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *row = pre + r * width;
-        int bad = 0;
-        for (int64_t b = 0; b < nb; b++) {
-            const float v = bf16_to_float(row[b]) + bias[b];
-            wide[b] = v;
-            maxima[b] = v;
-            bad |= v != v;
-        }
-        for (int64_t s = 1; s < 16; s++) {
-            const uint16_t *slice = row + s * nb;
-            const float *bias_slice = bias + s * nb;
-            float *wide_slice = wide + s * nb;
+    for (int64_t r0 = 0; r0 < rows; r0 += REFINED_BLOCK) {
+        const int64_t block = rows - r0 < REFINED_BLOCK ? rows - r0 : REFINED_BLOCK;
+        for (int64_t i = 0; i < block; i++) {  /* 1: candidates and bound */
+            const uint16_t *row = pre + (r0 + i) * width;
+            int bad = 0;
             for (int64_t b = 0; b < nb; b++) {
-                const float v = bf16_to_float(slice[b]) + bias_slice[b];
-                wide_slice[b] = v;
-                maxima[b] = maxima[b] > v ? maxima[b] : v;
+                const float v = bf16_to_float(row[b]) + bias[b];
+                wide[b] = v;
+                maxima[b] = v;
                 bad |= v != v;
             }
+            for (int64_t s = 1; s < 16; s++) {
+                const uint16_t *slice = row + s * nb;
+                const float *bias_slice = bias + s * nb;
+                float *wide_slice = wide + s * nb;
+                for (int64_t b = 0; b < nb; b++) {
+                    const float v = bf16_to_float(slice[b]) + bias_slice[b];
+                    wide_slice[b] = v;
+                    maxima[b] = maxima[b] > v ? maxima[b] : v;
+                    bad |= v != v;
+                }
+            }
+            m->reach[i] = INFINITY;
+            status[r0 + i] = 2;
+            if (bad) continue;
+            int64_t *columns = m->columns + i * kp;
+            select_row(wide, maxima, &select, nb, kp, m->chosen, columns);
+            float floor = m->chosen[0];
+            for (int64_t j = 1; j < kp; j++) floor = m->chosen[j] < floor ? m->chosen[j] : floor;
+            m->reach[i] = reach_of(floor, x + (r0 + i) * d, xb + (r0 + i) * d, d, bounds);
+            status[r0 + i] = isfinite(m->reach[i]) ? 0 : 2;
         }
-        const float *x_row = x + r * d;
-        const uint16_t *xb_row = xb + r * d;
-        FloatsN sums_x = {0}, sums_xb = {0}, sums_error = {0};  /* float sums: see `gamma` */
-        int64_t i = 0;
-        for (; i + LANES <= d; i += LANES) {
-            const FloatsN a = load_lanes(x_row + i);
-            IntsN bits = {0};
-            for (int lane = 0; lane < LANES; lane++) bits[lane] = (int32_t)((uint32_t)xb_row[i + lane] << 16);
-            const FloatsN ab = (FloatsN)bits, e = a - ab;
-            sums_x += a * a;
-            sums_xb += ab * ab;
-            sums_error += e * e;
+        memset(m->starts, 0, (size_t)(width + 1) * sizeof(int32_t));  /* 2: the dots, by latent */
+        for (int64_t i = 0; i < block; i++)
+            if (status[r0 + i] == 0)
+                for (int64_t j = 0; j < kp; j++) m->starts[m->columns[i * kp + j] + 1]++;
+        for (int64_t c = 0; c < width; c++) m->starts[c + 1] += m->starts[c];
+        const int64_t entries = m->starts[width];
+        for (int64_t i = 0; i < block; i++)
+            if (status[r0 + i] == 0)
+                for (int64_t j = 0; j < kp; j++) m->order[m->starts[m->columns[i * kp + j]]++] = (int32_t)(i * kp + j);
+        for (int64_t e = 0; e < entries; e++) {
+            const int64_t entry = m->order[e], i = entry / kp, j = entry % kp, c = m->columns[entry];
+            if (e + 8 < entries) {  /* the row of WT a later entry reads, if it is another latent's */
+                const int64_t later = m->columns[m->order[e + 8]];
+                if (later != m->columns[m->order[e + 7]])
+                    for (int64_t at = 0; at < d; at += 16) __builtin_prefetch(WT + later * d + at, 0, 3);
+            }
+            m->exact[i * stride + j] = row_dot(x + (r0 + i) * d, WT + c * d, d) + bias[c];
         }
-        double norm_x = total_lanes(sums_x), norm_xb = total_lanes(sums_xb), norm_error = total_lanes(sums_error);
-        for (; i < d; i++) {
-            const double a = x_row[i], ab = bf16_to_float(xb_row[i]);
-            norm_x += a * a;
-            norm_xb += ab * ab;
-            norm_error += (a - ab) * (a - ab);
+        for (int64_t i = 0; i < block; i++) {  /* 3: the k largest and the certificate */
+            if (status[r0 + i] != 0) {
+                uncertified++;
+                continue;
+            }
+            float *row_values = values + (r0 + i) * k;
+            keep_largest(m->exact + i * stride, m->columns + i * kp, kp, k, row_values, indices + (r0 + i) * k);
+            float kth = row_values[0];
+            for (int64_t j = 1; j < k; j++) kth = row_values[j] < kth ? row_values[j] : kth;
+            const int certified = (double)kth > m->reach[i] && kth == kth;
+            status[r0 + i] = certified ? 0 : 1;
+            uncertified += !certified;
         }
-        if (bad || !isfinite(norm_x)) {
-            status[r] = 2;
-            uncertified++;
-            continue;
-        }
-        select_row(wide, maxima, &select, nb, kp, chosen, columns);
-        float floor = chosen[0];
-        for (int64_t j = 1; j < kp; j++) floor = chosen[j] < floor ? chosen[j] : floor;
-        for (int64_t j = 0; j < kp; j++) {  /* the next rows' lines requested while this one is summed */
-            if (j + PREFETCH_AHEAD < kp) prefetch_row(WT + columns[j + PREFETCH_AHEAD] * d, d);
-            exact[j] = row_dot(x_row, WT + columns[j] * d, d) + bias[columns[j]];
-        }
-        float *row_values = values + r * k;
-        keep_largest(exact, columns, kp, k, row_values, indices + r * k);
-        float kth = row_values[0];
-        for (int64_t j = 1; j < k; j++) kth = row_values[j] < kth ? row_values[j] : kth;
-        norm_x = sqrt(norm_x);
-        norm_xb = sqrt(norm_xb);
-        const double reach = (double)floor + u1 * (fabs((double)floor) + bounds[2])
-            + (sqrt(norm_error) * bounds[0] + norm_xb * bounds[1]) * (1.0 + gamma)  /* float norms */
-            + gamma * (norm_xb + norm_x) * (bounds[0] + bounds[1]);
-        const int certified = (double)kth > reach + 1e-6 * fabs(reach) + 1e-30 && kth == kth;
-        status[r] = certified ? 0 : 1;
-        uncertified += !certified;
     }
     return uncertified;
 }
 
 /* The refined selection over all rows, split over `threads` threads (see refined_rows; k <= kp,
- * kp <= width / 64, kp <= 256). Returns the number of rows not certified, or -1 where scratch
- * memory could not be allocated. */
+ * kp <= width / 64, kp <= 256). Returns the number of rows not certified, or -1 where memory
+ * could not be allocated. */
 int64_t refined_top_k(const uint16_t *pre, const float *bias, const float *x, const uint16_t *xb,
                       const float *WT, const double *bounds, int64_t rows, int64_t width, int64_t d,
                       int64_t k, int64_t kp, float *values, int64_t *indices, int64_t *status,
                       int64_t threads) {
-    const int64_t nb = width / 16;
-    const int64_t floats = scratch_bytes(nb, kp) / (int64_t)sizeof(float) + width + nb
-        + 2 * (kp + RANKED) + 4 + 2 * kp;
     int64_t uncertified = 0, failed = 0;
     TEAM_PARALLEL(threads)
     {
         int64_t begin, end;
         team_share(rows, &begin, &end);
-        float *scratch = malloc((size_t)floats * sizeof(float));
-        if (scratch == NULL) {
+        RefineMemory memory;
+        if (!refine_memory(&memory, width, kp)) {
             TEAM_ATOMIC
             failed += 1;
         } else {
             const int64_t found = refined_rows(pre + begin * width, bias, x + begin * d, xb + begin * d, WT,
                                                bounds, end - begin, width, d, k, kp, values + begin * k,
-                                               indices + begin * k, status + begin, scratch);
+                                               indices + begin * k, status + begin, &memory);
             TEAM_ATOMIC
             uncertified += found;
         }
-        free(scratch);
+        free_refine_memory(&memory);
     }
     return failed ? -1 : uncertified;
 }
