@@ -19,7 +19,6 @@ once and keeps the faster. SAEWORKS_REFINED_SELECTION=1 uses it wherever it can 
 from __future__ import annotations
 
 import os
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -27,17 +26,13 @@ from collections.abc import Callable
 import torch
 
 from saeworks.sae import native_sparse
-from saeworks.sae.sparse import bias_top_k_, workspace_buffer
+from saeworks.sae.sparse import bias_top_k_, workspace, workspace_buffer
 
 CANDIDATES_PER_K = 2
 """Candidates per selected latent: at 2k, 97.4% of the demo SAE's rows were certified (1.5k: 53%;
 3k: 99.9%, but each candidate is a dot product of d_in)."""
 
-_copies: dict[int, tuple[weakref.ref[torch.Tensor], int, int, native_sparse.EncoderCopies]] = {}
-"""id(W_enc) -> (W_enc, its data pointer and version when copied, the copies); an entry goes when its
-W_enc does (a dict of ids: a WeakKeyDictionary compares tensors with ==, elementwise)."""
 _faster: dict[tuple[int, ...], bool] = {}
-_lock = threading.Lock()
 
 
 def mode() -> str:
@@ -85,14 +80,16 @@ def _measure(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, 
              ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor] | None]:
     """Both paths twice (the first call of each builds kernels and buffers), timed the second
     time: (whether the refined one was faster, its answer, or None to have the caller's). Once per
-    shape (`_shape_key`) and process."""
+    shape (`_shape_key`) and process. The dense path first: its float32 buffer is freed before the
+    refined path's bfloat16 one and the encoder copies are allocated, not while they are held
+    (the other order raised the demo training's peak RSS by their 32 MB)."""
     seconds: list[float] = []
-    for path in (lambda: _select(W_enc, b_enc, x_centred, k), dense):
+    for path in (dense, lambda: _select(W_enc, b_enc, x_centred, k)):
         path()
         start = time.perf_counter()
         path()
         seconds.append(time.perf_counter() - start)
-    faster = seconds[0] < seconds[1]
+    faster = seconds[1] < seconds[0]
     return faster, (_select(W_enc, b_enc, x_centred, k) if faster else None)
 
 
@@ -118,27 +115,23 @@ def _select(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, k
 
 
 def encoder_copies(W_enc: torch.Tensor) -> native_sparse.EncoderCopies:
-    """W_enc's copies for the refined selection, kept while W_enc's storage and version are the
-    same (an in-place update bumps the version: torch's ops, and the native Adam step); after an
-    update they are written again into the same memory."""
-    stamp = (W_enc.data_ptr(), W_enc._version)
-    with _lock:
-        kept = _copies.get(id(W_enc))
-    mine = kept is not None and kept[0]() is W_enc
-    if kept is not None and mine and kept[1:3] == stamp:
+    """W_enc's copies for the refined selection. One set per thread, in the workspace of
+    sae/sparse.py (the pre-activation buffer's): kept while W_enc is the same tensor with the same
+    storage and version (an in-place update bumps the version: torch's ops, and the native Adam
+    step), else written again into the same memory where the shapes fit (a training step, or the
+    next SAE of a sweep: fresh pages cost more than the pass). Per thread, not per SAE: a sweep's
+    SAEs would each hold 1.5x their W_enc."""
+    slot = workspace()
+    kept: tuple[weakref.ref[torch.Tensor], int, int, native_sparse.EncoderCopies] | None = \
+        getattr(slot, "encoder_copies", None)
+    if kept is not None and kept[0]() is W_enc and kept[1:3] == (W_enc.data_ptr(), W_enc._version):
         return kept[3]
-    copies = native_sparse.encoder_copies(W_enc, into=kept[3] if kept is not None and mine else None)
+    slot.encoder_copies = None
+    copies = native_sparse.encoder_copies(W_enc, into=kept[3] if kept is not None else None)
     if copies is None:
         raise RuntimeError("encoder_copies did not apply after `applies` said it would")
-    key = id(W_enc)
-    with _lock:
-        _copies[key] = (weakref.ref(W_enc, lambda _: _forget(key)), *stamp, copies)
+    slot.encoder_copies = (weakref.ref(W_enc), W_enc.data_ptr(), W_enc._version, copies)
     return copies
-
-
-def _forget(key: int) -> None:
-    with _lock:
-        _copies.pop(key, None)
 
 
 def chosen_for(rows: int, d_in: int, d_sae: int, k: int) -> bool:

@@ -169,9 +169,16 @@ def workspace_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.d
 _workspace = threading.local()
 
 
+def workspace() -> threading.local:
+    """This thread's workspace: the pre-activation buffer (`workspace_buffer`) and what else an
+    encode keeps between calls (the refined selection's encoder copies), all freed by
+    `release_workspace`."""
+    return _workspace
+
+
 def release_workspace() -> None:
-    """Free this thread's pre-activation buffer (training calls it when it ends)."""
-    _workspace.pre = None
+    """Free this thread's workspace (training, evaluation and analysis call it when they end)."""
+    _workspace.__dict__.clear()
 
 
 def selected_pre_activations(pre: torch.Tensor | None, x_centred: torch.Tensor, W_enc: torch.Tensor,

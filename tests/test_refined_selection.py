@@ -9,6 +9,7 @@ import torch
 from saeworks.sae import native, native_sparse, refined_selection
 from saeworks.sae.base import TrainContext
 from saeworks.sae.config import SAEConfig
+from saeworks.sae.sparse import release_workspace, workspace
 from saeworks.sae.topk import TopKSAE
 from saeworks.train.native_step import native_sae_step, native_step_applies
 
@@ -184,3 +185,20 @@ def test_the_copies_follow_every_update_of_the_encoder(monkeypatch: pytest.Monke
     native_sae_step(sae, group, optimizer, clip_norm=None)
     assert refined_selection.encoder_copies(sae.W_enc) is not before
     check()
+
+
+def test_saes_of_one_shape_share_the_copies_memory_and_keep_their_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's SAEs take turns with one thread's copies: each encode is still its own SAE's."""
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "on")
+    saes = [_sae(64, 2048, 8, seed=seed) for seed in (0, 1)]
+    x = _inputs(256, 64)
+    memory = set()
+    for sae in saes * 2:
+        _, indices = sae.encode_active(x)
+        _, want = _float32_top_k(sae.centred(x).detach(), sae.W_enc.detach(), sae.b_enc.detach(), 8)
+        assert torch.equal(indices, want)
+        memory.add(refined_selection.encoder_copies(sae.W_enc).transposed.data_ptr())
+    assert len(memory) == 1
+    release_workspace()
+    assert getattr(workspace(), "encoder_copies", None) is None
