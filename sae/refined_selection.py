@@ -13,7 +13,8 @@ float32 top k, values in float32 — what the dense float32 path gives, up to fl
 Where it runs: float32 weights and inputs on a CPU with the native kernels, no autocast, a width
 of at least 128k. Whether it is faster is measured, not assumed (bfloat16 matmuls have measured
 0.7x the speed of float32 on a CPU without AMX): the first call of each shape times both paths
-once and keeps the faster. SAEWORKS_REFINED_SELECTION=1 uses it wherever it can run, 0 never.
+once and keeps the faster (products of at least SMALLEST_MEASURED multiply-adds; smaller ones keep
+the dense path). SAEWORKS_REFINED_SELECTION=1 uses it wherever it can run, 0 never.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from saeworks.sae.sparse import bias_top_k_, workspace, workspace_buffer
 CANDIDATES_PER_K = 2
 """Candidates per selected latent: at 2k, 97.4% of the demo SAE's rows were certified (1.5k: 53%;
 3k: 99.9%, but each candidate is a dot product of d_in)."""
+
+SMALLEST_MEASURED = 1 << 30
+"""Multiply-adds of the dense product (rows x d_in x d_sae) below which "auto" does not measure
+and keeps the dense path: a product of under about 10 ms is too short to time fairly once, and the
+refined selection cannot save much of it (the demo's is 2^34.3, a test's often 2^25)."""
 
 _faster: dict[tuple[int, ...], bool] = {}
 
@@ -61,11 +67,14 @@ def refined_top_k(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Ten
     """(values [rows, k] float32 with b_enc in, indices [rows, k] ascending) of each row's k
     largest of x_centred @ W_enc + b_enc, or None where the refined selection does not run here
     (`applies`, or measured slower than `dense`: the caller's float32 path, which answers the same
-    (values, indices), each row ascending, and is timed against it once per shape)."""
+    (values, indices), each row ascending, and is timed against it once per shape; in "auto" mode
+    a product smaller than SMALLEST_MEASURED multiply-adds keeps the dense path unmeasured)."""
     if not applies(W_enc, x_centred, k):
         return None
     if mode() == "on":
         return _select(W_enc, b_enc, x_centred, k)
+    if x_centred.shape[0] * W_enc.shape[0] * W_enc.shape[1] < SMALLEST_MEASURED:
+        return None
     key = _shape_key(x_centred.shape[0], W_enc.shape[0], W_enc.shape[1], k)
     faster = _faster.get(key)
     if faster is None:

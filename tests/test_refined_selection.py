@@ -105,6 +105,7 @@ def test_a_latent_the_bfloat16_product_hides_is_found() -> None:
 def test_encode_active_is_the_float32_top_k_with_every_path(monkeypatch: pytest.MonkeyPatch,
                                                              setting: str) -> None:
     monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", setting)
+    monkeypatch.setattr(refined_selection, "SMALLEST_MEASURED", 0)  # measure this test's small product
     refined_selection.forget_measurements()
     sae = _sae(96, 4096, 16)
     x = _inputs(1000, 96)
@@ -113,14 +114,27 @@ def test_encode_active_is_the_float32_top_k_with_every_path(monkeypatch: pytest.
                                                sae.b_enc.detach(), 16)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values.relu(), rtol=1e-5, atol=1e-5)
-    if setting == "auto":  # measured once for this shape, then kept
-        assert list(refined_selection._faster) == [(1024, 96, 4096, 16, torch.get_num_threads())]
-        assert refined_selection.chosen_for(1000, 96, 4096, 16) == refined_selection._faster[
-            (1024, 96, 4096, 16, torch.get_num_threads())]
+    if setting == "auto":  # measured once for this shape (rows to a power of two), then kept
+        key = (1024, 96, 4096, 16, torch.get_num_threads())
+        assert list(refined_selection._faster) == [key]
+        assert refined_selection.chosen_for(1000, 96, 4096, 16) == refined_selection._faster[key]
+        sae.encode_active(x[:600])
+        assert list(refined_selection._faster) == [key]
     monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "off")
     off_values, off_indices = sae.encode_active(x)
     assert torch.equal(off_indices, indices)
     torch.testing.assert_close(off_values, values, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_leaves_a_small_product_to_the_dense_path_unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "auto")
+    refined_selection.forget_measurements()
+    sae = _sae(96, 4096, 16)
+    x = _inputs(1000, 96)  # 2^28.6 multiply-adds
+    selection = refined_selection.refined_top_k(sae.W_enc, sae.b_enc, sae.centred(x), 16,
+                                                dense=lambda: (x, x))
+    assert selection is None
+    assert not refined_selection._faster and not refined_selection.chosen_for(1000, 96, 4096, 16)
 
 
 def test_where_it_cannot_run_it_declines(monkeypatch: pytest.MonkeyPatch) -> None:
