@@ -131,15 +131,17 @@ def encoder_copies(W_enc: torch.Tensor) -> native_sparse.EncoderCopies:
     next SAE of a sweep: fresh pages cost more than the pass). Per thread, not per SAE: a sweep's
     SAEs would each hold 1.5x their W_enc."""
     slot = workspace()
-    kept: tuple[weakref.ref[torch.Tensor], int, int, native_sparse.EncoderCopies] | None = \
+    kept: tuple[weakref.ref[torch.Tensor], int, int | None, native_sparse.EncoderCopies] | None = \
         getattr(slot, "encoder_copies", None)
-    if kept is not None and kept[0]() is W_enc and kept[1:3] == (W_enc.data_ptr(), W_enc._version):
+    version = None if W_enc.is_inference() else W_enc._version  # an inference tensor has none: no reuse
+    if kept is not None and version is not None and kept[0]() is W_enc \
+            and kept[1:3] == (W_enc.data_ptr(), version):
         return kept[3]
     slot.encoder_copies = None
     copies = native_sparse.encoder_copies(W_enc, into=kept[3] if kept is not None else None)
     if copies is None:
         raise RuntimeError("encoder_copies did not apply after `applies` said it would")
-    slot.encoder_copies = (weakref.ref(W_enc), W_enc.data_ptr(), W_enc._version, copies)
+    slot.encoder_copies = (weakref.ref(W_enc), W_enc.data_ptr(), version, copies)
     return copies
 
 

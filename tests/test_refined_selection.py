@@ -216,3 +216,35 @@ def test_saes_of_one_shape_share_the_copies_memory_and_keep_their_answers(
     assert len(memory) == 1
     release_workspace()
     assert getattr(workspace(), "encoder_copies", None) is None
+
+
+def test_rows_with_nan_or_inf_answer_as_the_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    sae = _sae(64, 2048, 8)
+    x = _inputs(64, 64)
+    x[3, 5] = float("nan")
+    x[7, 0] = float("inf")
+    answers = {}
+    for setting in ("on", "off"):
+        monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", setting)
+        answers[setting] = sae.encode_active(x)
+    (values, indices), (want_values, want_indices) = answers["on"], answers["off"]
+    finite = torch.ones(64, dtype=torch.bool)
+    finite[[3, 7]] = False
+    assert torch.equal(indices[finite], want_indices[finite])
+    torch.testing.assert_close(values[finite], want_values[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values[~finite], want_values[~finite], equal_nan=True)
+    assert torch.equal(indices[~finite], want_indices[~finite])
+
+
+def test_an_encoder_made_in_inference_mode_is_copied_at_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference tensors have no version counter, and change in place inside inference_mode without
+    one: their copies are never reused."""
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", "on")
+    x = _inputs(256, 64)
+    with torch.inference_mode():
+        sae = _sae(64, 2048, 8)
+        _, first = sae.encode_active(x)
+        sae.W_enc[:, :1024].mul_(-1.0)
+        _, second = sae.encode_active(x)
+        _, want = _float32_top_k(sae.centred(x), sae.W_enc, sae.b_enc, 8)
+    assert torch.equal(second, want) and not torch.equal(first, second)
