@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -39,6 +40,7 @@ and keeps the dense path: a product of under about 10 ms is too short to time fa
 refined selection cannot save much of it (the demo's is 2^34.3, a test's often 2^25)."""
 
 _faster: dict[tuple[int, ...], bool] = {}
+_product_checked: dict[tuple[int, ...], bool] = {}
 
 
 def mode() -> str:
@@ -68,7 +70,8 @@ def refined_top_k(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Ten
     largest of x_centred @ W_enc + b_enc, or None where the refined selection does not run here
     (`applies`, or measured slower than `dense`: the caller's float32 path, which answers the same
     (values, indices), each row ascending, and is timed against it once per shape; in "auto" mode
-    a product smaller than SMALLEST_MEASURED multiply-adds keeps the dense path unmeasured)."""
+    a product smaller than SMALLEST_MEASURED multiply-adds keeps the dense path unmeasured), or
+    where this machine's bfloat16 matmul is not what the bound assumes (a warning says so)."""
     if not applies(W_enc, x_centred, k):
         return None
     if mode() == "on":
@@ -89,12 +92,12 @@ def _measure(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, 
              ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor] | None]:
     """Both paths twice (the first call of each builds kernels and buffers), timed the second
     time: (whether the refined one was faster, its answer, or None to have the caller's). Once per
-    shape (`_shape_key`) and process. The dense path first: its float32 buffer is freed before the
-    refined path's bfloat16 one and the encoder copies are allocated, not while they are held
-    (the other order raised the demo training's peak RSS by their 32 MB)."""
+    shape (`_shape_key`) and process. The dense path first, so that its float32 buffer is freed
+    before the refined path's bfloat16 one and the encoder copies are allocated."""
     seconds: list[float] = []
     for path in (dense, lambda: _select(W_enc, b_enc, x_centred, k)):
-        path()
+        if path() is None:  # this machine's bfloat16 product is not as the bound assumes
+            return False, None
         start = time.perf_counter()
         path()
         seconds.append(time.perf_counter() - start)
@@ -103,12 +106,23 @@ def _measure(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, 
 
 
 def _select(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, k: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The refined selection's (values, indices); None where this machine's bfloat16 product is
+    not what the bound assumes (`_product_as_assumed`, checked once per shape)."""
     x = x_centred.detach().contiguous()
     copies = encoder_copies(W_enc)
     x_rounded = x.to(torch.bfloat16)  # [rows, d_in]
     products = workspace_buffer((x.shape[0], W_enc.shape[1]), torch.bfloat16, x.device)  # [rows, d_sae]
-    torch.mm(x_rounded, copies.rounded, out=products)
+    bfloat16_product(x_rounded, copies.rounded, products)
+    key = _shape_key(x.shape[0], W_enc.shape[0], W_enc.shape[1], k)
+    if key not in _product_checked:
+        _product_checked[key] = _product_as_assumed(x_rounded, copies.rounded, products)
+        if not _product_checked[key]:
+            warnings.warn("saeworks: this machine's bfloat16 matmul does not accumulate in float32 as the "
+                          "refined selection's bound assumes; TopK encodes use the dense float32 path "
+                          "(same results)", RuntimeWarning, stacklevel=4)
+    if not _product_checked[key]:
+        return None
     selection = native_sparse.refined_top_k(products, b_enc.detach(), x, x_rounded, copies, k,
                                             CANDIDATES_PER_K * k)
     if selection is None:
@@ -121,6 +135,26 @@ def _select(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, k
         values[rows] = row_values
         indices[rows] = row_indices
     return values, indices
+
+
+def bfloat16_product(x_rounded: torch.Tensor, W_rounded: torch.Tensor, out: torch.Tensor) -> None:
+    """out [rows, d_sae] = x_rounded @ W_rounded, both bfloat16, by torch's CPU BLAS (oneDNN)."""
+    torch.mm(x_rounded, W_rounded, out=out)
+
+
+def _product_as_assumed(x_rounded: torch.Tensor, W_rounded: torch.Tensor, products: torch.Tensor) -> bool:
+    """Whether `products` = x_rounded @ W_rounded summed in float32 and rounded once to bfloat16, as
+    the bound assumes (|error| <= u'|product| + gamma sum_i |x_i w_ij|), on up to 8 rows and 2,048
+    latents against a float64 product: a BLAS that kept partial sums in bfloat16 would fail it."""
+    rows, columns = min(8, x_rounded.shape[0]), min(2048, W_rounded.shape[1])
+    x = x_rounded[:rows].double()  # [rows, d_in]
+    W = W_rounded[:, :columns].double()  # [d_in, columns]
+    got = products[:rows, :columns].double()
+    u = 2.0 ** -8 / (1 - 2.0 ** -8)
+    gamma = 2.0 * x.shape[1] * 2.0 ** -24
+    exact = x @ W  # [rows, columns]
+    allowed = u * got.abs() + gamma * (x.abs() @ W.abs()) + 1e-30
+    return bool((((got - exact).abs() <= allowed) | ~exact.isfinite()).all())  # NaN, inf: no verdict
 
 
 def encoder_copies(W_enc: torch.Tensor) -> native_sparse.EncoderCopies:
@@ -159,5 +193,6 @@ def _shape_key(rows: int, d_in: int, d_sae: int, k: int) -> tuple[int, ...]:
 
 
 def forget_measurements() -> None:
-    """Drop the per-shape timings (tests, or a process whose load changed)."""
+    """Drop the per-shape timings and product checks (tests, or a process whose load changed)."""
     _faster.clear()
+    _product_checked.clear()

@@ -186,18 +186,18 @@ def selected_pre_activations(pre: torch.Tensor | None, x_centred: torch.Tensor, 
                              selected: torch.Tensor | None = None) -> torch.Tensor:
     """Gather `pre` [batch, d_sae] at `indices` [batch, k], differentiable in W_enc and b_enc.
 
-    `pre` must equal x_centred @ W_enc + b_enc (computed without autograd). When b_dec is
-    subtracted from the input, its encoder-side gradient is -W_enc @ (column sums of the sparse
-    gradient); it is added by `encoder_b_dec_grad` below rather than through x. `selected`: the
-    gathered values where the caller has them (a top-k gives them: the gather's 131k scattered
-    reads of the 151 MB `pre` took 1.2 ms a training step, batch 4096, k 32, d_sae 9216).
+    `pre` must equal x_centred @ W_enc + b_enc (computed without autograd); it may be None where
+    `selected` is given. When b_dec is subtracted from the input, its encoder-side gradient is
+    -W_enc @ (column sums of the sparse gradient); it is added by `encoder_b_dec_grad` below rather
+    than through x. `selected`: the gathered values where the caller has them (a top-k gives them:
+    the gather's 131k scattered reads of the 151 MB `pre` took 1.2 ms a training step, batch 4096,
+    k 32, d_sae 9216).
     """
     if selected is None:
         if pre is None:
             raise ValueError("selected_pre_activations needs the pre-activations or the selected values")
-        selected = pre.gather(1, indices)
-    values = selected  # [batch, k]
-    return _SelectedPreActivations.apply(values, x_centred.detach(), W_enc, b_enc, indices)
+        selected = pre.gather(1, indices)  # [batch, k]
+    return _SelectedPreActivations.apply(selected, x_centred.detach(), W_enc, b_enc, indices)
 
 
 class _BDecThroughEncoder(torch.autograd.Function):

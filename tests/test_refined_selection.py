@@ -219,6 +219,7 @@ def test_saes_of_one_shape_share_the_copies_memory_and_keep_their_answers(
 
 
 def test_rows_with_nan_or_inf_answer_as_the_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    refined_selection.forget_measurements()  # the product check sees the NaN rows first
     sae = _sae(64, 2048, 8)
     x = _inputs(64, 64)
     x[3, 5] = float("nan")
@@ -248,3 +249,32 @@ def test_an_encoder_made_in_inference_mode_is_copied_at_every_call(monkeypatch: 
         _, second = sae.encode_active(x)
         _, want = _float32_top_k(sae.centred(x), sae.W_enc, sae.b_enc, 8)
     assert torch.equal(second, want) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("setting", ["on", "auto"])
+def test_a_bfloat16_product_summed_in_bfloat16_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                          setting: str) -> None:
+    """The bound assumes float32 sums; a BLAS that rounds partial sums to bfloat16 (here every 64
+    terms) is caught by the check against a float64 product: a warning, and the dense answers."""
+    def summed_in_bfloat16(x_rounded: torch.Tensor, W_rounded: torch.Tensor, out: torch.Tensor) -> None:
+        total = torch.zeros(out.shape, dtype=torch.bfloat16)
+        for start in range(0, x_rounded.shape[1], 64):
+            part = x_rounded[:, start:start + 64].float() @ W_rounded[start:start + 64].float()
+            total = (total.float() + part).to(torch.bfloat16)
+        out.copy_(total)
+
+    monkeypatch.setenv("SAEWORKS_REFINED_SELECTION", setting)
+    monkeypatch.setattr(refined_selection, "SMALLEST_MEASURED", 0)
+    monkeypatch.setattr(refined_selection, "bfloat16_product", summed_in_bfloat16)
+    refined_selection.forget_measurements()
+    sae = _sae(256, 2048, 8)
+    x = _inputs(64, 256)
+    with pytest.warns(RuntimeWarning, match="does not accumulate in float32"):
+        values, indices = sae.encode_active(x)
+    assert list(refined_selection._product_checked.values()) == [False]
+    assert not refined_selection.chosen_for(64, 256, 2048, 8) or setting == "on"
+    want_values, want_indices = _float32_top_k(sae.centred(x).detach(), sae.W_enc.detach(),
+                                               sae.b_enc.detach(), 8)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values.relu(), rtol=1e-5, atol=1e-5)
+    refined_selection.forget_measurements()
