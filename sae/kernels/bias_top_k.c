@@ -429,7 +429,8 @@ int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t 
  * |x|) (W + E) with W, E the largest |w_j|, |w_j - w~_j| over j (`encoder_copies`), u' = u/(1-u)
  * (v + u'|v| grows with v, so the smallest candidate bounds every other latent). A row is
  * certified when its k-th refined value is above that. On the demo SAE (SmolLM2 layer 15, 9,216
- * latents, k 32) kp = 2k certified 97.4% of rows; every row's set was the float32 one. */
+ * latents, k 32) kp = 2k certified 98.3% of 16,384 rows (1.5k: 62.8%, 3k: 99.95%); every row's
+ * set was the float32 one. */
 
 /* W [d_in, d_sae] float32 -> WT [d_sae, d_in] (its transpose, for contiguous dot products) and
  * Wb [d_in, d_sae] bfloat16 (round to nearest even, as torch's .bfloat16()), with
