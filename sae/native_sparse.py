@@ -114,16 +114,17 @@ class RefinedSelection(NamedTuple):
 
 
 def refined_top_k(products: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, x_rounded: torch.Tensor,
-                  copies: EncoderCopies, k: int, candidates: int) -> RefinedSelection | None:
-    """Each row's k largest of x @ W_enc + bias in float32, chosen among the `candidates` largest
-    of `products` (x_rounded @ copies.rounded, bfloat16 [rows, d_sae], no bias) and certified
-    (sae/kernels/bias_top_k.c, "Refined selection"); None where the kernel does not apply (CPU,
-    contiguous, a width of 16 blocks of at least 4 * candidates columns, k <= candidates <= 256)."""
+                  copies: EncoderCopies, k: int, candidates: int = 256) -> RefinedSelection | None:
+    """Each row's k largest of x @ W_enc + bias in float32, chosen among the latents whose values in
+    `products` (x_rounded @ copies.rounded, bfloat16 [rows, d_sae], no bias) come close enough to
+    the k-th for the bound, and certified (sae/kernels/bias_top_k.c, "Refined selection"); a row
+    with more than `candidates` of them is left uncertified. None where the kernel does not apply
+    (CPU, contiguous, a width of 16 blocks of at least 4k columns, k <= candidates <= 256)."""
     rows, width = products.shape
     d = x.shape[1] if x.dim() == 2 else -1
     if products.dtype != torch.bfloat16 or x.dtype != torch.float32 or x_rounded.dtype != torch.bfloat16 \
             or x.shape != (rows, d) or x_rounded.shape != x.shape or copies.transposed.shape != (width, d) \
-            or bias.shape != (width,) or width % 16 or 64 * candidates > width or not 1 <= k <= candidates \
+            or bias.shape != (width,) or width % 16 or 64 * k > width or not 1 <= k <= candidates \
             or candidates > 256 or rows == 0 \
             or any(t.device.type != "cpu" or not t.is_contiguous() for t in (products, x, x_rounded)):
         return None

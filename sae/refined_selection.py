@@ -3,15 +3,17 @@
 The dense encoder product x @ W_enc [rows, d_sae] is the one cost of a TopK step or encode that
 grows with d_sae times d_in; every other part touches k latents per row. On a CPU whose bfloat16
 matmuls are much faster than float32 (AMX: [4096 x 576] @ [576 x 9216] in 16 against 133 ms),
-the product in bfloat16 picks 2k candidates per row, their float32 pre-activations are computed
-exactly (k-sparse dot products), and a bound on the bfloat16 product's error certifies that no
-other latent reaches the k-th of them (sae/kernels/bias_top_k.c, "Refined selection"). A row the
-bound does not certify (1.7% on the demo SAE) is computed densely in float32. So the answer is the
-float32 top k, values in float32 — what the dense float32 path gives, up to float32 rounding
-(the order of a dot product's sums) — and training's gradients and quality do not change.
+the product runs in bfloat16 and only chooses: every latent whose bfloat16 pre-activation comes
+within twice a bound on the bfloat16 error of the row's k-th is a candidate (about 2k on the demo
+SAE), their float32 pre-activations are computed exactly (k-sparse dot products), and the bound
+shows that no other latent reaches the k-th of them (sae/kernels/bias_top_k.c, "Refined
+selection"). A row with more than MOST_CANDIDATES candidates (13 of 16,384 on the demo SAE) is
+computed densely in float32. So the answer is the float32 top k, values in float32 — what the dense
+float32 path gives, up to float32 rounding (the order of a dot product's sums) — and training's
+gradients and quality do not change.
 
 Where it runs: float32 weights and inputs on a CPU with the native kernels, no autocast, a width
-of at least 128k. Whether it is faster is measured, not assumed (bfloat16 matmuls have measured
+of at least 64k. Whether it is faster is measured, not assumed (bfloat16 matmuls have measured
 0.7x the speed of float32 on a CPU without AMX): the first call of each shape times both paths
 once and keeps the faster (products of at least SMALLEST_MEASURED multiply-adds; smaller ones keep
 the dense path). SAEWORKS_REFINED_SELECTION=1 uses it wherever it can run, 0 never.
@@ -30,9 +32,9 @@ import torch
 from saeworks.sae import native_sparse
 from saeworks.sae.sparse import bias_top_k_, workspace, workspace_buffer
 
-CANDIDATES_PER_K = 2
-"""Candidates per selected latent: at 2k, 98.3% of the demo SAE's rows were certified (16,384 rows
-of its store; 1.5k: 62.8%; 3k: 99.95%, but each candidate is a dot product of d_in)."""
+MOST_CANDIDATES = 256
+"""A row whose bfloat16 values crowd so close to its k-th that more latents than this are
+candidates is computed densely instead (each candidate is a dot product of d_in)."""
 
 SMALLEST_MEASURED = 1 << 30
 """Multiply-adds of the dense product (rows x d_in x d_sae) below which "auto" does not measure
@@ -59,7 +61,7 @@ def applies(W_enc: torch.Tensor, x_centred: torch.Tensor, k: int) -> bool:
     return mode() != "off" and W_enc.device.type == "cpu" and W_enc.dtype == torch.float32 \
         and x_centred.dtype == torch.float32 and x_centred.dim() == 2 and x_centred.shape[0] > 0 \
         and not torch.is_autocast_enabled("cpu") and width % 16 == 0 \
-        and 64 * CANDIDATES_PER_K * k <= width and CANDIDATES_PER_K * k <= 256 \
+        and 64 * k <= width and 2 * k <= MOST_CANDIDATES \
         and native_sparse.encoder_copies_applies()
 
 
@@ -124,7 +126,7 @@ def _select(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, k
     if not _product_checked[key]:
         return None
     selection = native_sparse.refined_top_k(products, b_enc.detach(), x, x_rounded, copies, k,
-                                            CANDIDATES_PER_K * k)
+                                            MOST_CANDIDATES)
     if selection is None:
         raise RuntimeError("refined_top_k did not apply after `applies` said it would")
     values, indices = selection.values, selection.indices

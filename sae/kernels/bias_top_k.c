@@ -412,25 +412,25 @@ int64_t bias_top_k_bf16(uint16_t *pre, const float *bias, int64_t rows, int64_t 
  *
  * On a CPU whose bfloat16 matmuls are much faster than float32 (AMX: [4096 x 576] @ [576 x 9216]
  * in 16 against 133 ms), the top k of x @ W + b can come from the bfloat16 product without its
- * rounding reaching the answer: each row's kp > k largest bfloat16 pre-activations are the
- * candidates; their float32 pre-activations are computed exactly as dot products (row_dot) and
- * the k largest of those kept; and a bound on the bfloat16 product's error certifies that no
- * other latent could have come above them. A row the bound does not certify is reported, and
- * the caller computes it densely in float32. The answer is the top k of float32 dot products:
- * the float32 path's up to its rounding (which already differs between BLAS builds).
+ * rounding reaching the answer: every latent whose bfloat16 pre-activation comes within twice the
+ * error bound of the row's k-th is a candidate; their float32 pre-activations are computed exactly
+ * as dot products (row_dot) and the k largest kept; and the bound shows that no other latent could
+ * have come above them. A row with too many candidates is reported, and the caller computes it
+ * densely in float32. The answer is the top k of float32 dot products: the float32 path's up to
+ * its rounding (which already differs between BLAS builds).
  *
- * The bound, for a latent j outside the candidates (bfloat16 value a_j + b_j <= v, the smallest
- * candidate's, no rounding after the float add of the bias): with x~, w~ the bfloat16 roundings
- * of x and w_j (unit roundoff u = 2^-8), s the product accumulated in float32 and rounded once,
+ * The bound, for a latent j whose bfloat16 value (bias added in float, no rounding after) is v:
+ * with x~, w~ the bfloat16 roundings of x and w_j (unit roundoff u = 2^-8), s the product
+ * accumulated in float32 and rounded once,
  *   |x.w - x~.w~| <= |x - x~| |w_j| + |x~| |w_j - w~_j|  (Cauchy-Schwarz),
  *   |s~ - s| <= u |s~| / (1 - u),  |s - x~.w~| <= gamma |x~| |w~_j|,
  * and the refined float32 dot differs from x.w by at most gamma |x| |w_j|, gamma = 2 d 2^-24.
- * So its pre-activation is at most v + u' (|v| + max |b|) + |x - x~| W + |x~| E + gamma (|x~| +
- * |x|) (W + E) with W, E the largest |w_j|, |w_j - w~_j| over j (`encoder_copies`), u' = u/(1-u)
- * (v + u'|v| grows with v, so the smallest candidate bounds every other latent). A row is
- * certified when its k-th refined value is above that. On the demo SAE (SmolLM2 layer 15, 9,216
- * latents, k 32) kp = 2k certified 98.3% of 16,384 rows (1.5k: 62.8%, 3k: 99.95%); every row's
- * set was the float32 one. */
+ * So its float32 pre-activation lies within error(v) = u' (|v| + max |b|) + |x - x~| W + |x~| E +
+ * gamma (|x~| + |x|) (W + E) of v, with W, E the largest |w_j|, |w_j - w~_j| over j
+ * (`encoder_copies`) and u' = u/(1-u); v - error(v) and v + error(v) both grow with v, so bounds
+ * at a threshold hold for every latent on its side (`refined_rows` chooses the threshold). On the
+ * demo SAE (SmolLM2 layer 15, 9,216 latents, k 32) 13 of 16,384 rows had too many candidates, and
+ * every other row's set was the float64 top k's. */
 
 /* W [d_in, d_sae] float32 -> WT [d_sae, d_in] (its transpose, for contiguous dot products) and
  * Wb [d_in, d_sae] bfloat16 (round to nearest even, as torch's .bfloat16()), with
@@ -490,11 +490,11 @@ int64_t encoder_copies(const float *W, int64_t d_in, int64_t d_sae, float *WT, u
  * number of rows not certified. */
 #define REFINED_BLOCK 512  /* rows whose candidates are refined together, latent by latent */
 
-/* How far above a row's smallest candidate's bfloat16 value `floor` another latent's float32
- * pre-activation can reach (see above): from the row x [d] and its rounding xb, bounds = {W, E,
- * max |b|}. The norms are float sums (relative error below d 2^-24, inside gamma). */
-static double reach_of(float floor, const float *x, const uint16_t *xb, int64_t d, const double *bounds) {
-    const double u = 1.0 / 256.0, u1 = u / (1.0 - u), gamma = 2.0 * (double)d / 16777216.0;
+/* The part of a row's error bound that does not depend on the value (see above): from the row x
+ * [d] and its rounding xb, bounds = {W, E, max |b|}; INFINITY where the row is not finite. The
+ * norms are float sums (relative error below d 2^-24, inside gamma). */
+static double row_slack(const float *x, const uint16_t *xb, int64_t d, const double *bounds) {
+    const double gamma = 2.0 * (double)d / 16777216.0;
     FloatsN sums_x = {0}, sums_xb = {0}, sums_error = {0};
     int64_t i = 0;
     for (; i + LANES <= d; i += LANES) {
@@ -516,41 +516,50 @@ static double reach_of(float floor, const float *x, const uint16_t *xb, int64_t 
     if (!isfinite(norm_x) || !isfinite(norm_xb)) return INFINITY;
     norm_x = sqrt(norm_x);
     norm_xb = sqrt(norm_xb);
-    const double reach = (double)floor + u1 * (fabs((double)floor) + bounds[2])
-        + (sqrt(norm_error) * bounds[0] + norm_xb * bounds[1]) * (1.0 + gamma)
+    return (sqrt(norm_error) * bounds[0] + norm_xb * bounds[1]) * (1.0 + gamma)
         + gamma * (norm_xb + norm_x) * (bounds[0] + bounds[1]);
-    return reach + 1e-6 * fabs(reach) + 1e-30;
+}
+
+#define UNIT_ROUNDOFF (1.0 / 255.0)  /* u' = u / (1 - u), u = 2^-8: one bfloat16 rounding */
+
+/* How far a latent's float32 pre-activation can lie from its bfloat16 value v in a row of
+ * `slack` (row_slack): v +- error(v). v - error(v) and v + error(v) both grow with v. */
+static inline double error_at(double v, double slack, double largest_bias) {
+    return UNIT_ROUNDOFF * (fabs(v) + largest_bias) + slack;
 }
 
 /* Per-thread memory of refined_rows (one malloc each; NULL members where one failed). */
 typedef struct {
-    void *select_memory;  /* Scratch for kp */
-    float *wide, *maxima, *chosen;  /* [width], [nb], [kp + RANKED] */
+    void *select_memory;  /* Scratch for k */
+    float *wide, *maxima;  /* [width], [nb] */
     double *reach;  /* [REFINED_BLOCK] */
-    float *exact;  /* [REFINED_BLOCK][kp + RANKED] */
-    int64_t *columns;  /* [REFINED_BLOCK][kp] */
+    int64_t *count;  /* [REFINED_BLOCK] candidates per row */
+    float *exact;  /* [REFINED_BLOCK][cap + RANKED] */
+    int64_t *columns;  /* [REFINED_BLOCK][cap] */
     int32_t *starts;  /* [width + 1] */
-    int32_t *order;  /* [REFINED_BLOCK * kp] */
+    int32_t *order;  /* [REFINED_BLOCK * cap] */
 } RefineMemory;
 
-static int refine_memory(RefineMemory *m, int64_t width, int64_t kp) {
+static int refine_memory(RefineMemory *m, int64_t width, int64_t k, int64_t cap) {
     const int64_t nb = width / 16;
-    m->select_memory = malloc((size_t)scratch_bytes(nb, kp));
-    m->wide = malloc((size_t)(width + nb + kp + RANKED) * sizeof(float));
+    m->select_memory = malloc((size_t)scratch_bytes(nb, k));
+    m->wide = malloc((size_t)(width + nb) * sizeof(float));
     m->maxima = m->wide ? m->wide + width : NULL;
-    m->chosen = m->wide ? m->maxima + nb : NULL;
     m->reach = malloc(REFINED_BLOCK * sizeof(double));
-    m->exact = malloc((size_t)(REFINED_BLOCK * (kp + RANKED)) * sizeof(float));
-    m->columns = malloc((size_t)(REFINED_BLOCK * kp) * sizeof(int64_t));
+    m->count = malloc(REFINED_BLOCK * sizeof(int64_t));
+    m->exact = malloc((size_t)(REFINED_BLOCK * (cap + RANKED)) * sizeof(float));
+    m->columns = malloc((size_t)(REFINED_BLOCK * cap) * sizeof(int64_t));
     m->starts = malloc((size_t)(width + 1) * sizeof(int32_t));
-    m->order = malloc((size_t)(REFINED_BLOCK * kp) * sizeof(int32_t));
-    return m->select_memory && m->wide && m->reach && m->exact && m->columns && m->starts && m->order;
+    m->order = malloc((size_t)(REFINED_BLOCK * cap) * sizeof(int32_t));
+    return m->select_memory && m->wide && m->reach && m->count && m->exact && m->columns && m->starts
+        && m->order;
 }
 
 static void free_refine_memory(RefineMemory *m) {
     free(m->select_memory);
     free(m->wide);
     free(m->reach);
+    free(m->count);
     free(m->exact);
     free(m->columns);
     free(m->starts);
@@ -560,26 +569,35 @@ static void free_refine_memory(RefineMemory *m) {
 /* Rows [rows) of the refined selection (see above): pre [rows, width] the bfloat16 products
  * x~ @ W~ (no bias), bias [width] float32, x [rows, d] float32, xb [rows, d] its bfloat16
  * rounding, WT [width, d]; bounds = {W, E, max |b|}. values, indices [rows, k] (by ascending
- * column) and status [rows]: 0 certified, 1 not certified, 2 NaN or inf in the row. Returns the
- * number of rows not certified.
+ * column) and status [rows]: 0 certified, 1 not certified (more than `cap` candidates), 2 NaN or
+ * inf in the row. Returns the number of rows not certified.
  *
- * REFINED_BLOCK rows at a time, in three passes: each row's candidates and bound; every
- * candidate's dot product, latent by latent (a counting sort of the block's entries), so that a
- * row of WT is read from memory once for all the block's rows that chose it and the block's rows
- * of x (1.2 MB at d 576) stay in cache; each row's k largest and its certificate. Row by row, each
- * dot read its own row of WT from memory: the whole call 30.6 against 25.3 ms, of which the dots
- * about 15 against 6 (demo SAE, [4096, 9216], k 32, 2 threads; blocks of 256 to 1024 rows alike). */
+ * The candidates are chosen so that the bound holds by construction: with T the k-th largest
+ * block maximum (k bfloat16 values >= T, so the k-th float32 value >= T - error(T)), every latent
+ * whose bfloat16 value is at least floor = T - (2 + 3u') error(T) is a candidate, and any other
+ * one's float32 value is below floor + error(floor) < T - error(T). A row holds as many candidates
+ * as it has values that close to its k-th: ~2k on the demo SAE, more where values crowd. (A fixed
+ * 2k candidates, the 2k largest, left 1.7% of the demo rows uncertified, each then computed
+ * densely, and cost a larger selection, the 2k-th of the block maxima: the whole call 25.3 against
+ * 15.1-15.7 ms now, demo shapes, 2 threads.)
+ *
+ * REFINED_BLOCK rows at a time, in three passes: each row's candidates; every candidate's dot
+ * product, latent by latent (a counting sort of the block's entries), so that a row of WT is read
+ * from memory once for all the block's rows that chose it and the block's rows of x (1.2 MB at
+ * d 576) stay in cache; each row's k largest and the bound checked. Row by row, each dot read its
+ * own row of WT from memory: the whole call 30.6 against 25.3 ms, of which the dots about 15
+ * against 6 (demo SAE, [4096, 9216], k 32, 2 threads; blocks of 256 to 1024 rows alike). */
 static int64_t refined_rows(const uint16_t *pre, const float *bias, const float *x, const uint16_t *xb,
                             const float *WT, const double *bounds, int64_t rows, int64_t width,
-                            int64_t d, int64_t k, int64_t kp, float *values, int64_t *indices,
+                            int64_t d, int64_t k, int64_t cap, float *values, int64_t *indices,
                             int64_t *status, RefineMemory *m) {
-    const int64_t nb = width / 16, stride = kp + RANKED;
-    Scratch select = scratch_at(m->select_memory, nb, kp);
+    const int64_t nb = width / 16, stride = cap + RANKED;
+    Scratch select = scratch_at(m->select_memory, nb, k);
     float *wide = m->wide, *maxima = m->maxima;
     int64_t uncertified = 0;
     for (int64_t r0 = 0; r0 < rows; r0 += REFINED_BLOCK) {
         const int64_t block = rows - r0 < REFINED_BLOCK ? rows - r0 : REFINED_BLOCK;
-        for (int64_t i = 0; i < block; i++) {  /* 1: candidates and bound */
+        for (int64_t i = 0; i < block; i++) {  /* 1: candidates */
             const uint16_t *row = pre + (r0 + i) * width;
             int bad = 0;
             for (int64_t b = 0; b < nb; b++) {
@@ -599,27 +617,46 @@ static int64_t refined_rows(const uint16_t *pre, const float *bias, const float 
                     bad |= v != v;
                 }
             }
-            m->reach[i] = INFINITY;
+            m->count[i] = 0;
             status[r0 + i] = 2;
-            if (bad) continue;
-            int64_t *columns = m->columns + i * kp;
-            select_row(wide, maxima, &select, nb, kp, m->chosen, columns);
-            float floor = m->chosen[0];
-            for (int64_t j = 1; j < kp; j++) floor = m->chosen[j] < floor ? m->chosen[j] : floor;
-            m->reach[i] = reach_of(floor, x + (r0 + i) * d, xb + (r0 + i) * d, d, bounds);
-            status[r0 + i] = isfinite(m->reach[i]) ? 0 : 2;
+            const double slack = bad ? INFINITY : row_slack(x + (r0 + i) * d, xb + (r0 + i) * d, d, bounds);
+            if (!isfinite(slack)) continue;
+            int64_t ignored;
+            const double top = kth_largest_maximum(maxima, select.work, select.groups, select.blocks, nb, k,
+                                                   &ignored);
+            const double error_top = error_at(top, slack, bounds[2]);
+            const double floor_wanted = top - (2.0 + 3.0 * UNIT_ROUNDOFF) * error_top - 1e-6 * fabs(top) - 1e-30;
+            float floor = (float)floor_wanted;
+            if ((double)floor > floor_wanted) floor = nextafterf(floor, -INFINITY);
+            int64_t chosen = 0, n = 0;
+            for (int64_t b = 0; b < nb; b++) {  /* the blocks reaching floor, then their entries that do */
+                select.blocks[chosen] = b;
+                chosen += maxima[b] >= floor;
+            }
+            for (int64_t s = 0; s < 16 && n <= cap; s++)
+                for (int64_t c = 0; c < chosen; c++) {
+                    const int64_t j = select.blocks[c] + s * nb;
+                    select.column[n] = j;
+                    n += wide[j] >= floor;
+                }
+            status[r0 + i] = 1;
+            if (n > cap) continue;  /* values crowd near the k-th: the caller computes the row densely */
+            memcpy(m->columns + i * cap, select.column, (size_t)n * sizeof(int64_t));
+            m->count[i] = n;
+            m->reach[i] = (double)floor + error_at(floor, slack, bounds[2]);
+            m->reach[i] += 1e-6 * fabs(m->reach[i]) + 1e-30;
+            status[r0 + i] = 0;
         }
         memset(m->starts, 0, (size_t)(width + 1) * sizeof(int32_t));  /* 2: the dots, by latent */
         for (int64_t i = 0; i < block; i++)
-            if (status[r0 + i] == 0)
-                for (int64_t j = 0; j < kp; j++) m->starts[m->columns[i * kp + j] + 1]++;
+            for (int64_t j = 0; j < m->count[i]; j++) m->starts[m->columns[i * cap + j] + 1]++;
         for (int64_t c = 0; c < width; c++) m->starts[c + 1] += m->starts[c];
         const int64_t entries = m->starts[width];
         for (int64_t i = 0; i < block; i++)
-            if (status[r0 + i] == 0)
-                for (int64_t j = 0; j < kp; j++) m->order[m->starts[m->columns[i * kp + j]]++] = (int32_t)(i * kp + j);
+            for (int64_t j = 0; j < m->count[i]; j++)
+                m->order[m->starts[m->columns[i * cap + j]]++] = (int32_t)(i * cap + j);
         for (int64_t e = 0; e < entries; e++) {
-            const int64_t entry = m->order[e], i = entry / kp, j = entry % kp, c = m->columns[entry];
+            const int64_t entry = m->order[e], i = entry / cap, j = entry % cap, c = m->columns[entry];
             if (e + 8 < entries) {  /* the row of WT a later entry reads, if it is another latent's */
                 const int64_t later = m->columns[m->order[e + 8]];
                 if (later != m->columns[m->order[e + 7]])
@@ -627,16 +664,17 @@ static int64_t refined_rows(const uint16_t *pre, const float *bias, const float 
             }
             m->exact[i * stride + j] = row_dot(x + (r0 + i) * d, WT + c * d, d) + bias[c];
         }
-        for (int64_t i = 0; i < block; i++) {  /* 3: the k largest and the certificate */
+        for (int64_t i = 0; i < block; i++) {  /* 3: the k largest and the bound checked */
             if (status[r0 + i] != 0) {
                 uncertified++;
                 continue;
             }
             float *row_values = values + (r0 + i) * k;
-            keep_largest(m->exact + i * stride, m->columns + i * kp, kp, k, row_values, indices + (r0 + i) * k);
+            keep_largest(m->exact + i * stride, m->columns + i * cap, m->count[i], k, row_values,
+                         indices + (r0 + i) * k);
             float kth = row_values[0];
             for (int64_t j = 1; j < k; j++) kth = row_values[j] < kth ? row_values[j] : kth;
-            const int certified = (double)kth > m->reach[i] && kth == kth;
+            const int certified = (double)kth > m->reach[i] && kth == kth;  /* by construction; checked */
             status[r0 + i] = certified ? 0 : 1;
             uncertified += !certified;
         }
@@ -644,12 +682,12 @@ static int64_t refined_rows(const uint16_t *pre, const float *bias, const float 
     return uncertified;
 }
 
-/* The refined selection over all rows, split over `threads` threads (see refined_rows; k <= kp,
- * kp <= width / 64, kp <= 256). Returns the number of rows not certified, or -1 where memory
- * could not be allocated. */
+/* The refined selection over all rows, split over `threads` threads (see refined_rows; k <= width /
+ * 64, k <= cap <= COUNTING_MAX). Returns the number of rows not certified, or -1 where memory could
+ * not be allocated. */
 int64_t refined_top_k(const uint16_t *pre, const float *bias, const float *x, const uint16_t *xb,
                       const float *WT, const double *bounds, int64_t rows, int64_t width, int64_t d,
-                      int64_t k, int64_t kp, float *values, int64_t *indices, int64_t *status,
+                      int64_t k, int64_t cap, float *values, int64_t *indices, int64_t *status,
                       int64_t threads) {
     int64_t uncertified = 0, failed = 0;
     TEAM_PARALLEL(threads)
@@ -657,12 +695,12 @@ int64_t refined_top_k(const uint16_t *pre, const float *bias, const float *x, co
         int64_t begin, end;
         team_share(rows, &begin, &end);
         RefineMemory memory;
-        if (!refine_memory(&memory, width, kp)) {
+        if (!refine_memory(&memory, width, k, cap)) {
             TEAM_ATOMIC
             failed += 1;
         } else {
             const int64_t found = refined_rows(pre + begin * width, bias, x + begin * d, xb + begin * d, WT,
-                                               bounds, end - begin, width, d, k, kp, values + begin * k,
+                                               bounds, end - begin, width, d, k, cap, values + begin * k,
                                                indices + begin * k, status + begin, &memory);
             TEAM_ATOMIC
             uncertified += found;
