@@ -94,8 +94,9 @@ def encoder_copies(W_enc: torch.Tensor, into: EncoderCopies | None = None) -> En
     W = W_enc.detach().contiguous()
     d_in, d_sae = W.shape
     fits = into is not None and into.transposed.shape == (d_sae, d_in) and into.rounded.shape == (d_in, d_sae)
-    transposed = into.transposed if into is not None and fits else torch.empty(d_sae, d_in)
-    rounded = into.rounded if into is not None and fits else torch.empty(d_in, d_sae, dtype=torch.bfloat16)
+    reused = into if fits else None
+    transposed = reused.transposed if reused is not None else torch.empty(d_sae, d_in)
+    rounded = reused.rounded if reused is not None else torch.empty(d_in, d_sae, dtype=torch.bfloat16)
     stats = torch.empty(2, dtype=torch.float64)
     lib.encoder_copies(W.data_ptr(), d_in, d_sae, transposed.data_ptr(), rounded.data_ptr(), stats.data_ptr(),
                        threads())

@@ -483,11 +483,6 @@ int64_t encoder_copies(const float *W, int64_t d_in, int64_t d_sae, float *WT, u
     return 0;
 }
 
-/* Rows [rows) of the refined selection (see above): pre [rows, width] the bfloat16 products
- * x~ @ W~ (no bias), bias [width] float32, x [rows, d] float32, xb [rows, d] its bfloat16
- * rounding, WT [width, d]; bounds = {W, E, max |b|}. values, indices [rows, k] (by ascending
- * column) and status [rows]: 0 certified, 1 not certified, 2 NaN or inf in the row. Returns the
- * number of rows not certified. */
 #define REFINED_BLOCK 512  /* rows whose candidates are refined together, latent by latent */
 
 /* The part of a row's error bound that does not depend on the value (see above): from the row x
