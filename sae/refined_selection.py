@@ -111,12 +111,14 @@ def _select(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, k
             ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The refined selection's (values, indices); None where this machine's bfloat16 product is
     not what the bound assumes (`_product_as_assumed`, checked once per shape)."""
+    key = _shape_key(x_centred.shape[0], W_enc.shape[0], W_enc.shape[1], k)
+    if _product_checked.get(key) is False:
+        return None
     x = x_centred.detach().contiguous()
     copies = encoder_copies(W_enc)
     x_rounded = x.to(torch.bfloat16)  # [rows, d_in]
     products = workspace_buffer((x.shape[0], W_enc.shape[1]), torch.bfloat16, x.device)  # [rows, d_sae]
     bfloat16_product(x_rounded, copies.rounded, products)
-    key = _shape_key(x.shape[0], W_enc.shape[0], W_enc.shape[1], k)
     if key not in _product_checked:
         _product_checked[key] = _product_as_assumed(x_rounded, copies.rounded, products)
         if not _product_checked[key]:

@@ -276,9 +276,14 @@ def test_a_bfloat16_product_summed_in_bfloat16_is_refused(monkeypatch: pytest.Mo
     refined_selection.forget_measurements()
     sae = _sae(256, 2048, 8)
     x = _inputs(64, 256)
+    calls = []
+    monkeypatch.setattr(refined_selection, "bfloat16_product",
+                        lambda *args: calls.append(1) or summed_in_bfloat16(*args))
     with pytest.warns(RuntimeWarning, match="does not accumulate in float32"):
         values, indices = sae.encode_active(x)
     assert list(refined_selection._product_checked.values()) == [False]
+    sae.encode_active(x)
+    assert len(calls) == 1  # refused once, then not computed again
     assert not refined_selection.chosen_for(64, 256, 2048, 8) or setting == "on"
     want_values, want_indices = _float32_top_k(sae.centred(x).detach(), sae.W_enc.detach(),
                                                sae.b_enc.detach(), 8)
