@@ -115,9 +115,10 @@ def _select(W_enc: torch.Tensor, b_enc: torch.Tensor, x_centred: torch.Tensor, k
     if _product_checked.get(key) is False:
         return None
     x = x_centred.detach().contiguous()
+    # the buffer first: it replaces a dense path's float32 one before the copies are allocated
+    products = workspace_buffer((x.shape[0], W_enc.shape[1]), torch.bfloat16, x.device)  # [rows, d_sae]
     copies = encoder_copies(W_enc)
     x_rounded = x.to(torch.bfloat16)  # [rows, d_in]
-    products = workspace_buffer((x.shape[0], W_enc.shape[1]), torch.bfloat16, x.device)  # [rows, d_sae]
     bfloat16_product(x_rounded, copies.rounded, products)
     if key not in _product_checked:
         _product_checked[key] = _product_as_assumed(x_rounded, copies.rounded, products)
