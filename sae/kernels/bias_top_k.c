@@ -472,7 +472,7 @@ int64_t encoder_copies(const float *W, int64_t d_in, int64_t d_sae, float *WT, u
                 mine_error = errors[c] > mine_error ? errors[c] : mine_error;
             }
         }
-        _Pragma("omp critical")
+        TEAM_CRITICAL
         {
             largest = mine > largest ? mine : largest;
             largest_error = mine_error > largest_error ? mine_error : largest_error;

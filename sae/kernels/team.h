@@ -18,11 +18,13 @@
 static inline int64_t team_rank(void) { return omp_get_thread_num(); }
 static inline int64_t team_size(void) { return omp_get_num_threads(); }
 #define TEAM_ATOMIC _Pragma("omp atomic")
+#define TEAM_CRITICAL _Pragma("omp critical")
 #else
 #define TEAM_PARALLEL(threads) (void)(threads);
 static inline int64_t team_rank(void) { return 0; }
 static inline int64_t team_size(void) { return 1; }
 #define TEAM_ATOMIC
+#define TEAM_CRITICAL
 #endif
 
 /* [*begin, *end): this thread's share of n items, as even as can be. */
