@@ -14,8 +14,10 @@ batch of rows, timed after every batch of both passes (the median; the probes' t
 of the analysis' time: a shared VM's speed drifts by 30% within minutes, so a limit taken before
 and after is not the limit the batches ran under; the next batch's read, which starts after each
 encode, may overlap a probe's first milliseconds): the analysis cannot beat rows / matmul time /
-encode passes. Prints one line per run; with `--repeat N`, then the median ratio of the N runs
-(a shared VM's runs differ by several percent, more than most changes to the analysis). Where
+encode passes. On a GPU the probes run before and after instead (a probe between the batches
+would make the host wait for the device, which the analysis never does). Prints one line per run;
+with `--repeat N`, then the median ratio of the N runs (a shared VM's runs differ by several
+percent, more than most changes to the analysis). Where
 the encodes took the refined selection (sae/refined_selection.py: a TopK SAE's product in bfloat16,
 measured faster on CPUs with fast bfloat16 matmuls) the float32 limit can be beaten; a last line
 then gives the bfloat16 product's limit.
@@ -109,13 +111,19 @@ def run_once(sae: SparseAutoencoder, store: ActivationStore, hook: str, cfg: Ana
         probes.append(probe())
         probing.append(time.perf_counter() - start)
 
+    on_cpu = torch.device(args.device).type == "cpu"
+    if not on_cpu:  # a probe between the batches would wait for the device each time: before and after
+        probes.extend(probe() for _ in range(5))
     analysis = analyze_features(sae, store, hook, cfg, model, args.device, progress=False,
-                                replay_bytes=args.replay_bytes, after_batch=probe_after_batch)
+                                replay_bytes=args.replay_bytes,
+                                after_batch=probe_after_batch if on_cpu else None)
+    if not on_cpu:
+        probes.extend(probe() for _ in range(5))
     info = analysis.info
     limit = batch / statistics.median(probes)  # rows/s of one encode, measured between the batches
     encode_rate = batch / encode_seconds(sae, store, hook, batch)
     passes = info["encode_passes"]
-    half = len(probing) // 2  # both passes go through the same batches
+    half = len(probing) // 2  # both passes go through the same batches (none off the CPU)
     tokens_per_s = info["n_tokens"] / (info["seconds"] - sum(probing))  # the analysis' own time
     per_pass = [info["n_tokens"] / (info["pass1_seconds"] - sum(probing[:half])),
                 info["n_tokens"] / (info["pass2_seconds"] - sum(probing[half:]))]

@@ -24,6 +24,9 @@ only its non-zero entries); the bounded replay. Nothing is ever [n_tokens, d_sae
 work is batched over the batch's non-zero entries; no Python loop runs per latent. On a CPU the
 per-entry bookkeeping (counters, histogram, table candidates and merges, contexts) runs as native
 kernels (eval/native_analysis.py), the same result bit for bit as the torch ops used elsewhere.
+On a GPU those torch ops keep to fixed shapes (every entry masked rather than compacted, every
+table slot considered; `waits_for_nothing`), so that the host never waits for the device: it reads
+the next batches in threads and queues their work while the device runs the current one's.
 
 Tables (`SlotTable`) keep, per group, the entries with the smallest keys: top-N uses the negated
 activation (ties: the earlier row wins), bands use a seed-free hash of (row, latent), i.e. priority
@@ -37,10 +40,11 @@ rule within them and are within max / (SUB_BINS x histogram_bins) of the exact v
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
@@ -66,8 +70,13 @@ EMPTY_KEY = 1 << 32
 _KEY_BITS = 33
 _MASK32 = 0xFFFFFFFF
 _FLOAT_KEY_BASE = 0x7FFFFFFF
+_PAIR_BASE = 1 << 40
+"""latent * _PAIR_BASE + store row: one int64 per (latent, row) for stores of up to 2^40 rows."""
 _CONTEXT_QUERIES = 1 << 20
-"""Context look-ups done at once (bounds the temporaries of a large first batch)."""
+"""Context look-ups done at once on a CPU (bounds the temporaries of a large first batch)."""
+_DEVICE_CONTEXT_QUERIES = 1 << 22
+"""... and off it, where each look-up chunk is a dozen kernel launches (temporaries ~250 MB): the
+fixed-shape context fills ask for every slot of a table (demo SAE: 184,320 x 33 look-ups each)."""
 
 
 class WindowBatch(NamedTuple):
@@ -82,18 +91,28 @@ class WindowBatch(NamedTuple):
     """[rows] int64 token ids."""
     keep: torch.Tensor
     """[rows] bool: rows analysed (not excluded, within max_rows)."""
+    kept_rows: int
+    """keep's count, known on the host (asking a GPU for it would wait for the device)."""
 
-    def to(self, device: torch.device) -> WindowBatch:
-        return WindowBatch(self.start, self.x.to(device), self.tokens.to(device), self.keep.to(device))
+    def to(self, device: torch.device, non_blocking: bool = False) -> WindowBatch:
+        return self._replace(x=self.x.to(device, non_blocking=non_blocking),
+                             tokens=self.tokens.to(device, non_blocking=non_blocking),
+                             keep=self.keep.to(device, non_blocking=non_blocking))
+
+    def pinned(self) -> WindowBatch:
+        """In page-locked host memory, so that `to(gpu, non_blocking=True)` does not wait."""
+        return self._replace(x=self.x.pin_memory(), tokens=self.tokens.pin_memory(),
+                             keep=self.keep.pin_memory())
 
 
 def window_batches(store: ActivationStore, hook: str, selection: RowSelection, windows_per_batch: int,
-                   first_window: int = 0, kept_before: int = 0) -> Iterator[WindowBatch]:
+                   first_window: int = 0, kept_before: int = 0, rows: bool = True) -> Iterator[WindowBatch]:
     """Batches of `windows_per_batch` whole windows in store order, until `selection.max_rows` kept
     rows. Kept rows are those `activations.rows.iter_kept_rows` yields. The last batch ends with the
     window that holds the last kept row wanted (its token ids are read first): no window is read or
     encoded for nothing. `first_window`, `kept_before`: resume after the batches that held that many
-    kept rows."""
+    kept rows. `rows=False`: the batches' activations are not read (x is empty; `read_rows` reads
+    them), so that several threads can read them."""
     store.require_complete()
     if hook not in store.hooks:
         raise StoreError(f"store {store.url!r} has no hook {hook!r}; it holds {', '.join(store.hooks)}")
@@ -125,14 +144,20 @@ def window_batches(store: ActivationStore, hook: str, selection: RowSelection, w
         if kept + kept_rows >= limit and kept_rows:  # the last batch: up to the window of its last kept row
             stop = start + (int(torch.nonzero(keep)[-1]) // context + 1) * context
             tokens, keep = tokens[: stop - start], keep[: stop - start]
-        x = to_tensor(store.read(hook, start, stop), store.store_dtype)  # widened by encode_batch
-        return WindowBatch(start, x, tokens, keep), kept + kept_rows
+        x = to_tensor(store.read(hook, start, stop), store.store_dtype) if rows else torch.empty(0)
+        return WindowBatch(start, x, tokens, keep, kept_rows), kept + kept_rows  # x widened by encode_batch
 
     window, kept = first_window, kept_before
     while kept < limit and window < n_windows:
         batch, kept = read(window, kept)
         window = (batch.start + batch.tokens.shape[0]) // context
         yield batch
+
+
+def read_rows(store: ActivationStore, hook: str, batch: WindowBatch) -> WindowBatch:
+    """`batch` (from `window_batches(..., rows=False)`) with its activations read."""
+    stop = batch.start + batch.tokens.shape[0]
+    return batch._replace(x=to_tensor(store.read(hook, batch.start, stop), store.store_dtype))
 
 
 class EncodedBatch:
@@ -148,14 +173,21 @@ class EncodedBatch:
         self.features = features.long()
         """[nnz] int64: latent."""
         self.values = values
-        """[nnz] float32 > 0: activation."""
+        """[nnz] float32 activation, > 0 on a CPU; off it a TopK row's inactive entries stay, as zeros
+        (dropping them would make the host wait for the device), and the bookkeeping skips them."""
         self.d_sae, self.context_size = d_sae, context_size
         self._row_start: torch.Tensor | None = None  # [rows + 1] each row's first entry, when needed
+        self._keys: torch.Tensor | None = None  # [nnz] row * d_sae + latent, for the torch lookup
 
     @property
     def kept(self) -> torch.Tensor:
         """[nnz] bool: entries on analysed rows."""
         return self.batch.keep[self.local]
+
+    @property
+    def analysed(self) -> torch.Tensor:
+        """[nnz] bool: active entries (> 0) on analysed rows."""
+        return self.kept & (self.values > 0)
 
     @property
     def entries(self) -> Entries:
@@ -179,10 +211,13 @@ class EncodedBatch:
         (searchsorted 1.1 s and its gathers 0.8 s of 23 s, demo SAE, 131,072 tokens)."""
         if self.values.numel() == 0:
             return torch.zeros(local.shape, device=local.device)
-        found = native_sparse.sparse_lookup(self.row_start, self.features, self.values, local, features)
-        if found is not None:
-            return found
-        keys = self.local * self.d_sae + self.features  # [nnz] ascending
+        if not waits_for_nothing(self.values.device):  # row_start would wait for the device
+            found = native_sparse.sparse_lookup(self.row_start, self.features, self.values, local, features)
+            if found is not None:
+                return found
+        if self._keys is None:
+            self._keys = self.local * self.d_sae + self.features  # [nnz] ascending
+        keys = self._keys
         wanted = local * self.d_sae + features
         at = torch.searchsorted(keys, wanted).clamp_(max=keys.numel() - 1)
         return torch.where(keys[at] == wanted, self.values[at], 0.0)
@@ -193,15 +228,17 @@ class EncodedBatch:
         at offsets -before..after of each (row, latent), within the row's window. On a CPU one native
         pass (sae/kernels/sparse_lookup.c; ~a dozen [n, C] torch ops were 0.8-1.8 s of an analysis
         of 131,072 tokens, most in its first batches, where most candidates enter the tables)."""
-        native = native_sparse.sparse_window_lookup(self.row_start, self.features, self.values,
-                                                    self.batch.tokens, local, features, self.context_size,
-                                                    before, after)
-        if native is not None:
-            return native
+        if not waits_for_nothing(self.values.device):  # row_start would wait for the device
+            native = native_sparse.sparse_window_lookup(self.row_start, self.features, self.values,
+                                                        self.batch.tokens, local, features, self.context_size,
+                                                        before, after)
+            if native is not None:
+                return native
         offsets = torch.arange(-before, after + 1, device=local.device)  # [C]
         tokens = torch.empty(local.shape[0], offsets.shape[0], dtype=torch.int32, device=local.device)
         acts = torch.empty(tokens.shape, device=local.device)
-        step = max(1, _CONTEXT_QUERIES // offsets.shape[0])
+        queries = _CONTEXT_QUERIES if local.device.type == "cpu" else _DEVICE_CONTEXT_QUERIES
+        step = max(1, queries // offsets.shape[0])
         for lo in range(0, local.shape[0], step):
             rows, feats = local[lo:lo + step], features[lo:lo + step]
             position = (rows % self.context_size)[:, None] + offsets  # [n, C], batches start at windows
@@ -232,7 +269,8 @@ def encode_batch(sae: SparseAutoencoder, batch: WindowBatch, context_size: int) 
         values, indices = sae.encode_active(x)  # [B, k], each row by ascending latent
         local = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
         active = values > 0
-        if bool(active.all()):  # the usual case: no compaction (2.7 ms a batch of 4,096 x 32 entries)
+        if waits_for_nothing(x.device) or bool(active.all()):  # the usual case on a CPU (no
+            # compaction: 2.7 ms a batch of 4,096 x 32 entries); off it zeros stay (`EncodedBatch.values`)
             return EncodedBatch(batch, local.reshape(-1), indices.reshape(-1), values.reshape(-1).float(),
                                 sae.d_sae, context_size, per_row=values.shape[1])
         local, features, values = local[active], indices[active], values[active]
@@ -262,6 +300,47 @@ def encoded_reading_ahead(sae: SparseAutoencoder, batches: Iterator[WindowBatch]
             yield encoded
 
 
+def device_readers() -> int:
+    """Threads that read a device analysis' batches: all but one of the host's cores, at most 8
+    (zarr's decompressors release the GIL: 4,096 demo rows took 7.5-12 ms on one thread, 6.5 ms a
+    batch with two threads on two cores)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def encoded_on_device(sae: SparseAutoencoder, store: ActivationStore, hook: str,
+                      batches: Iterator[WindowBatch], device: torch.device, context_size: int,
+                      readers: int) -> Iterator[EncodedBatch]:
+    """`encoded_reading_ahead` off the CPU: `readers` threads read the batches' rows (`batches` from
+    `window_batches(..., rows=False)`) into page-locked memory, `readers` batches ahead, and each
+    is encoded on `device` after a non-blocking copy. Nothing here or in the bookkeeping after waits
+    for the device (see `waits_for_nothing`), so the host queues the next batch's work while the
+    device runs this one's, and the reads overlap both. (With the tables on a GPU updated by torch
+    ops that counted, compacted and sorted through the host, an H200 measured 0.03-0.10 of its
+    matmul limit: ~21 synchronisations and ~287 launches a batch, CPU and GPU never overlapping.)"""
+    pin = device.type == "cuda"
+
+    def read(batch: WindowBatch) -> WindowBatch:
+        batch = read_rows(store, hook, batch)
+        return batch.pinned() if pin else batch
+
+    with ThreadPoolExecutor(readers) as pool:
+        ahead: deque[Future[WindowBatch]] = deque()
+        for batch in batches:
+            ahead.append(pool.submit(read, batch))
+            if len(ahead) > readers:
+                yield encode_batch(sae, ahead.popleft().result().to(device, non_blocking=pin), context_size)
+        while ahead:
+            yield encode_batch(sae, ahead.popleft().result().to(device, non_blocking=pin), context_size)
+
+
+def waits_for_nothing(device: torch.device) -> bool:
+    """Whether the bookkeeping on `device` keeps to fixed-shape torch ops (no counts, compactions or
+    values read back by the host: each would wait for the device). Off the CPU, always; on it the
+    native kernels (or, without them, torch ops that may read back) are faster. Tests patch this
+    to run the fixed-shape formulation on a CPU."""
+    return device.type != "cpu"
+
+
 class Replay:
     """Pass 1's encoded batches, held compactly (int32 indices, no input rows) up to `budget` bytes,
     so that pass 2 re-encodes only the batches after them: one encode pass when all fit. A batch
@@ -287,14 +366,15 @@ class Replay:
                           encoded.values, encoded.per_row))
         self.bytes += size
         self.next_window = (batch.start + batch.tokens.shape[0]) // self.context_size
-        self.kept += int(batch.keep.sum())
+        self.kept += batch.kept_rows
 
     def replay(self) -> Iterator[EncodedBatch]:
         """The held batches in order, each released as it is handed out."""
         while self.held:
             batch, local, features, values, per_row = self.held.popleft()
             if local is None:
-                local = torch.arange(batch.tokens.shape[0], device=values.device).repeat_interleave(per_row)
+                rows = batch.tokens.shape[0]
+                local = torch.arange(rows, device=values.device)[:, None].expand(rows, per_row).reshape(-1)
             yield EncodedBatch(batch, local, features, values, self.d_sae, self.context_size, per_row)
 
 
@@ -364,36 +444,69 @@ class SlotTable:
 
     def offer(self, groups: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
               context_of: ContextFn | None) -> None:
-        """Merge candidates (in ascending row order) into their groups' slots; `context_of` is asked
-        only for the candidates that get in (None: their contexts are filled in later, `fill_contexts`)."""
+        """Merge candidates into their groups' slots: per group the `slots` smallest (key, row) pairs
+        stay (an entry with key EMPTY_KEY never gets in). `context_of` (None: the contexts are
+        filled in later, `fill_contexts`) is asked for the candidates that get in; where nothing
+        may wait for the device (`waits_for_nothing`), for `slots` places of every group at once,
+        whatever gets in (placeholders: candidate 0), and only those that get in are kept.
+
+        Off the native merge, in fixed shapes: each group's best `slots` candidates are set beside
+        its slots, a stable sort of each group's 2 x slots entries decides, and the j-th candidate
+        that gets in takes the j-th slot that is freed, so no other slot is written."""
         if groups.numel() == 0:
             return
         if self._offer_native(groups, keys, values, rows, context_of):
             return
-        affected, group_of = torch.unique(groups, return_inverse=True)  # [A], [n]
-        n_affected, slots, n_old = affected.shape[0], self.slots, affected.shape[0] * self.slots
+        n_groups, slots = self.keys.shape
         device = groups.device
-        all_groups = torch.cat([torch.arange(n_affected, device=device).repeat_interleave(slots), group_of])
-        all_keys = torch.cat([self.keys[affected].flatten(), keys])
-        # by (group, key, row): equal keys go to the earlier row, as when they were offered (the
-        # slots hold no order, so their position cannot say which came first)
-        by_row = torch.cat([self.rows[affected].flatten(), rows]).argsort(stable=True)
-        order = by_row[((all_groups << _KEY_BITS) | all_keys)[by_row].argsort(stable=True)]
-        sizes = slots + torch.bincount(group_of, minlength=n_affected)  # [A] entries per group
-        group_start = sizes.cumsum(0) - sizes
-        rank = torch.arange(order.shape[0], device=device) - group_start[all_groups[order]]
-        winners = order[rank < slots]  # [A * slots], group-major
-        entering = winners[winners >= n_old] - n_old  # candidates that get in, group-major
-        staying = torch.zeros(n_old, dtype=torch.bool, device=device)
-        staying[winners[winners < n_old]] = True
-        freed = torch.nonzero(~staying).squeeze(1)  # slots they take: as many per group, group-major
-        group, slot = affected[freed // slots], freed % slots
-        self.keys[group, slot] = keys[entering]
-        self.values[group, slot] = values[entering]
-        self.rows[group, slot] = rows[entering]
+        # the candidates by (group, key, row); those that cannot get in (a key above their group's
+        # worst; an equal key may still win by an earlier row) go to group n_groups, last
+        group = torch.where((keys <= self.worst_keys[groups]) & (keys < EMPTY_KEY), groups, n_groups)
+        by_row = rows.argsort(stable=True)
+        order = by_row[((group[by_row] << _KEY_BITS) | keys[by_row]).argsort(stable=True)]  # [n]
+        sorted_group = group[order]
+        rank = torch.arange(order.shape[0], device=device) - torch.searchsorted(sorted_group, sorted_group)
+        # each group's best `slots` candidates at (group, rank); the others in a last, dropped place
+        place = torch.where((rank < slots) & (sorted_group < n_groups), sorted_group * slots + rank,
+                            n_groups * slots)
+        candidate = torch.full((n_groups * slots + 1,), -1, dtype=torch.int64, device=device)
+        candidate.scatter_(0, place, order)
+        candidate = candidate[:-1].view(n_groups, slots)  # [groups, slots] candidate index, -1: none
+        has, some = candidate >= 0, candidate.clamp(min=0)
+        # beside each group's slots; the `slots` smallest (key, row) pairs of the two stay
+        all_keys = torch.cat([self.keys, torch.where(has, keys[some], EMPTY_KEY)], 1)  # [groups, 2 slots]
+        all_rows = torch.cat([self.rows, torch.where(has, rows[some], -1)], 1)
+        by_row = all_rows.argsort(dim=1, stable=True)
+        stay = by_row.gather(1, all_keys.gather(1, by_row).argsort(dim=1, stable=True))[:, :slots]
+        # the j-th candidate that gets in takes the j-th slot that is freed (no other slot moves)
+        staying = torch.zeros(n_groups, 2 * slots, dtype=torch.uint8, device=device).scatter_(1, stay, 1)
+        freed = staying[:, :slots].argsort(dim=1, stable=True)  # [groups, slots] freed slots first
+        getting_in = staying[:, slots:]  # [groups, slots] 1 where that candidate place stays
+        entering = candidate.gather(1, (1 - getting_in).argsort(dim=1, stable=True))  # those first
+        write = torch.arange(slots, device=device) < getting_in.sum(1, keepdim=True)  # [groups, slots]
+        entering = entering.clamp(min=0)
+        for table, new in ((self.keys, keys), (self.rows, rows), (self.values, values)):
+            table.scatter_(1, freed, torch.where(write, new[entering], table.gather(1, freed)))
         if context_of is not None:
-            self.tokens[group, slot], self.context[group, slot] = context_of(entering)
-        self.worst_keys[affected] = self.keys[affected].amax(dim=1)
+            self._write_contexts(context_of, entering, freed, write)
+        torch.amax(self.keys, dim=1, out=self.worst_keys)
+
+    def _write_contexts(self, context_of: ContextFn, entering: torch.Tensor, freed: torch.Tensor,
+                        write: torch.Tensor) -> None:
+        """The contexts of the candidates `entering` [groups, slots] into slots `freed` [groups,
+        slots] where `write` [groups, slots]."""
+        width = self.tokens.shape[2]
+        if waits_for_nothing(write.device):  # every (group, j) asked at once: fixed shapes
+            tokens, context = context_of(entering.view(-1))  # [groups * slots, width]
+            per_slot = freed[:, :, None].expand(-1, -1, width)
+            for table, new in ((self.tokens, tokens), (self.context, context)):
+                old = table.gather(1, per_slot)
+                table.scatter_(1, per_slot, torch.where(write[:, :, None], new.view(old.shape), old))
+            return
+        flat = torch.nonzero(write.view(-1)).squeeze(1)  # on a CPU, only the candidates that get in
+        slot = torch.div(flat, self.slots, rounding_mode="floor") * self.slots + freed.view(-1)[flat]
+        self.tokens.view(-1, width)[slot], self.context.view(-1, width)[slot] = \
+            context_of(entering.view(-1)[flat])
 
     def _offer_native(self, groups: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       rows: torch.Tensor, context_of: ContextFn | None) -> bool:
@@ -419,6 +532,9 @@ class SlotTable:
     def fill_contexts(self, encoded: EncodedBatch, before: int, after: int) -> None:
         """The contexts of the entries on `encoded`'s rows, for a table filled with no `context_of`
         (its rows final): looked up once per entry that stayed, not per entry that got in."""
+        if waits_for_nothing(self.rows.device):
+            self._fill_contexts_in_place(encoded, before, after)
+            return
         if self._by_row is None:
             rows = self.rows.view(-1)
             order = rows.argsort(stable=True)  # [groups * slots] empty slots (row -1) first
@@ -434,6 +550,17 @@ class SlotTable:
         tokens, context = encoded.contexts(sorted_rows[lo:hi] - start, slots // self.slots, before, after)
         self.tokens.view(-1, width)[slots] = tokens
         self.context.view(-1, width)[slots] = context
+
+    def _fill_contexts_in_place(self, encoded: EncodedBatch, before: int, after: int) -> None:
+        """`fill_contexts` in fixed shapes: every slot's context looked up, kept where its row is
+        in the batch."""
+        local = self.rows.view(-1) - encoded.batch.start  # [groups * slots]
+        inside = ((local >= 0) & (local < encoded.batch.tokens.shape[0]))[:, None]
+        latents = torch.arange(local.shape[0], device=local.device) // self.slots
+        tokens, context = encoded.contexts(torch.where(inside[:, 0], local, 0), latents, before, after)
+        width = self.tokens.shape[2]
+        for table, new in ((self.tokens, tokens), (self.context, context)):
+            table.view(-1, width).copy_(torch.where(inside, new, table.view(-1, width)))
 
     def contexts(self, groups_per_row: int = 1) -> Contexts:
         """The table as `Contexts` on the CPU, each group's entries by ascending key (ties: the
@@ -468,25 +595,21 @@ class TopPass:
                 **{f"top.{k}": v for k, v in self.top.state().items()}}
 
     def add(self, encoded: EncodedBatch) -> None:
+        # contexts in pass 2 (add_contexts): most entries that get in drop out again (demo SAE:
+        # 710k got in, 184k stayed), and each would cost a window lookup and its table writes
         better = top_stats(encoded.entries, self.count, self.sum, self.max, self.top.worst_keys)
         if better is not None:
             local, features, values = encoded.local[better], encoded.features[better], encoded.values[better]
-            self._offer(encoded, local, features, values, descending_keys(values))
+            self.top.offer(features, descending_keys(values), values, local + encoded.batch.start, None)
             return
-        kept = encoded.kept
-        local, features, values = encoded.local[kept], encoded.features[kept], encoded.values[kept]
-        self.count += torch.bincount(features, minlength=self.count.shape[0])
-        self.sum.index_add_(0, features, values.double())
-        self.max.scatter_reduce_(0, features, values, "amax")
-        keys = descending_keys(values)
-        better = keys < self.top.worst(features)
-        self._offer(encoded, local[better], features[better], values[better], keys[better])
-
-    def _offer(self, encoded: EncodedBatch, local: torch.Tensor, features: torch.Tensor,
-               values: torch.Tensor, keys: torch.Tensor) -> None:
-        # contexts in pass 2 (add_contexts): most entries that get in drop out again (demo SAE:
-        # 710k got in, 184k stayed), and each would cost a window lookup and its table writes
-        self.top.offer(features, keys, values, local + encoded.batch.start, None)
+        # every entry, the others masked: nothing waits for the device (`waits_for_nothing`); adding
+        # 0.0 to the sums leaves them as they were, bit for bit
+        analysed, features, values = encoded.analysed, encoded.features, encoded.values
+        self.count.index_add_(0, features, analysed.long())
+        self.sum.index_add_(0, features, torch.where(analysed, values.double(), 0.0))
+        self.max.scatter_reduce_(0, features, torch.where(analysed, values, 0.0), "amax")
+        keys = torch.where(analysed, descending_keys(values), EMPTY_KEY)  # the others never get in
+        self.top.offer(features, keys, values, encoded.local + encoded.batch.start, None)
 
     def add_contexts(self, encoded: EncodedBatch) -> None:
         """Pass 2: the contexts of the top-N entries on this batch's rows."""
@@ -504,6 +627,9 @@ class DistributionPass:
         self.fine = torch.zeros(d_sae, self.sub_bins, dtype=torch.int64, device=device)
         self.band_edges = band_edges(cfg.bands)
         self._inner_edges = self.band_edges[1:-1].to(device)  # [bands - 1]
+        self._top_pairs: torch.Tensor | None = None
+        """[d_sae * top_n] latent * 2^40 + store row of every top-N entry, ascending (the
+        fixed-shape path's test of whether an entry is in its latent's top-N)."""
         self.bands = SlotTable(d_sae * cfg.bands, cfg.samples_per_band,
                                cfg.context_before + 1 + cfg.context_after, device)
 
@@ -518,18 +644,24 @@ class DistributionPass:
             self._offer(encoded, found.groups, found.keys, encoded.local[chosen], encoded.features[chosen],
                         encoded.values[chosen])
             return
-        kept = encoded.kept
-        local, features, values = encoded.local[kept], encoded.features[kept], encoded.values[kept]
+        # every entry, the others masked (`waits_for_nothing`)
+        analysed, local, features, values = encoded.analysed, encoded.local, encoded.features, encoded.values
         maxima = self.max[features]
-        sub_bin = fine_bin(values, maxima, self.sub_bins)
-        self.fine.view(-1).index_add_(0, features * self.sub_bins + sub_bin, torch.ones_like(sub_bin))
+        sub_bin = fine_bin(values, maxima, self.sub_bins)  # masked entries: any bin, counted 0 times
+        self.fine.view(-1).index_add_(0, features * self.sub_bins + sub_bin, analysed.long())
         band = (values[:, None] <= self._inner_edges * maxima[:, None]).sum(1)  # [n]
-        groups = features * self.cfg.bands + band
         rows = local + encoded.batch.start
-        keys = sample_keys(rows, features)
-        chosen = torch.nonzero(keys < self.bands.worst(groups)).squeeze(1)
-        chosen = chosen[~(self.top_rows[features[chosen]] == rows[chosen, None]).any(1)]  # not top-N
-        self._offer(encoded, groups[chosen], keys[chosen], local[chosen], features[chosen], values[chosen])
+        keys = torch.where(analysed & ~self._in_top(features, rows), sample_keys(rows, features), EMPTY_KEY)
+        self._offer(encoded, features * self.cfg.bands + band, keys, local, features, values)
+
+    def _in_top(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[n] bool: whether store row `rows` is among latent `features`' top-N rows."""
+        if self._top_pairs is None:
+            latents = torch.arange(self.top_rows.shape[0], device=self.top_rows.device)[:, None]
+            self._top_pairs = (latents * _PAIR_BASE + self.top_rows).view(-1).sort().values
+        pairs = features * _PAIR_BASE + rows
+        at = torch.searchsorted(self._top_pairs, pairs).clamp_(max=self._top_pairs.shape[0] - 1)
+        return self._top_pairs[at] == pairs
 
     def _offer(self, encoded: EncodedBatch, groups: torch.Tensor, keys: torch.Tensor, local: torch.Tensor,
                features: torch.Tensor, values: torch.Tensor) -> None:
@@ -589,7 +721,7 @@ def _run_pass(name: str, add: Callable[[EncodedBatch], None], batches: Iterator[
             add(encoded)
             if after_batch is not None:
                 after_batch()
-            kept = int(encoded.batch.keep.sum())
+            kept = encoded.batch.kept_rows
             encoded_rows += encoded.batch.tokens.shape[0] if fresh else 0
             kept_rows += kept
             bar.update(kept)
@@ -629,8 +761,11 @@ def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, 
     replay = Replay(replay_bytes, sae.d_sae, context)
 
     def encoded(first_window: int = 0, kept_before: int = 0) -> Iterator[tuple[EncodedBatch, bool]]:
-        batches = window_batches(store, hook, selection, windows, first_window, kept_before)
-        yield from ((batch, True) for batch in encoded_reading_ahead(sae, batches, device, context))
+        on_cpu = device.type == "cpu"
+        batches = window_batches(store, hook, selection, windows, first_window, kept_before, rows=on_cpu)
+        stream = encoded_reading_ahead(sae, batches, device, context) if on_cpu else \
+            encoded_on_device(sae, store, hook, batches, device, context, device_readers())
+        yield from ((batch, True) for batch in stream)
 
     def first_pass() -> Iterator[tuple[EncodedBatch, bool]]:
         for item in encoded():

@@ -10,10 +10,12 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from saeworks.activations.rows import RowSelection, iter_kept_rows
 from saeworks.activations.store import ActivationStore
+from saeworks.eval import analysis as analysis_module
 from saeworks.eval import logit_effects, native_analysis
 from saeworks.eval.analysis import (
     SUB_BINS,
@@ -25,6 +27,7 @@ from saeworks.eval.analysis import (
     WindowBatch,
     analyze_features,
     encode_batch,
+    encoded_on_device,
     encoded_reading_ahead,
     fine_bin,
     logit_effects_for,
@@ -499,7 +502,7 @@ def test_lookup_native_and_torch_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     values[5] = 0  # a row with no active latent
     active = values > 0
     local = torch.arange(rows)[:, None].expand_as(latents)[active]
-    batch = WindowBatch(0, torch.zeros(rows, 4), torch.arange(rows), torch.ones(rows, dtype=torch.bool))
+    batch = WindowBatch(0, torch.zeros(rows, 4), torch.arange(rows), torch.ones(rows, dtype=torch.bool), rows)
     encoded = EncodedBatch(batch, local, latents[active], values[active], d_sae, context_size=16)
     query_rows = torch.arange(rows)[:, None].expand(rows, d_sae)
     query_latents = torch.arange(d_sae).expand(rows, d_sae)
@@ -530,7 +533,8 @@ def test_native_bookkeeping_gives_the_torch_result(tiny: Tiny, monkeypatch: pyte
 def test_native_slot_merge_keeps_what_the_torch_merge_keeps() -> None:
     """Random offers with many equal keys and rows in any order (each row offered once, as the
     analysis does): after every offer the native merge and the torch merge hold the same entries
-    and the same worst keys, and ask for the contexts of the same candidates."""
+    with the same contexts and the same worst keys, and on a CPU both ask only for the contexts of
+    the candidates that got in."""
     generator = torch.Generator().manual_seed(0)
     unused_rows = torch.randperm(40 * 30, generator=generator)
     tables = {name: SlotTable(groups=7, slots=3, width=2, device=torch.device("cpu"))
@@ -545,7 +549,9 @@ def test_native_slot_merge_keeps_what_the_torch_merge_keeps() -> None:
         asked: dict[str, list[int]] = {}
         for name, table in tables.items():
             table.offer(groups, keys, values, rows, recording_contexts(asked, name, rows, keys, values))
-        assert asked.get("c") == asked.get("torch")
+        held = set(tables["c"].rows.flatten().tolist())
+        for name in tables:
+            assert asked.get(name, []) == [i for i, row in enumerate(rows.tolist()) if row in held], name
         mine, theirs = tables["c"].contexts(), tables["torch"].contexts()
         for field in CONTEXT_FIELDS:
             assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
@@ -576,3 +582,111 @@ def test_native_bookkeeping_refuses_an_index_out_of_range() -> None:
         native_analysis.slot_offer(torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([0, 1]),
                                    table_keys, table_rows, torch.full((2,), 1 << 32), torch.full((2, 2), -1))
     assert (table_rows == -1).all()
+
+
+def inactive_top_k(tiny: Tiny) -> SparseAutoencoder:
+    """The tiny TopK SAE with b_enc lowered so that some of each row's k selected are not positive."""
+    sae = copy.deepcopy(tiny.sae)
+    x = tiny.store.read_rows(TINY_HOOK, 0, 256).float()
+    with torch.no_grad():
+        sae.b_enc -= sae.pre_activations(x).topk(2, dim=1).values[:, 1].median()
+    return sae
+
+
+def assert_same_analysis(mine: FeatureAnalysis, theirs: FeatureAnalysis) -> None:
+    for name in ("count", "sum", "max", "quantiles", "histogram"):
+        assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
+    for ours, other in ((mine.top, theirs.top), (mine.bands, theirs.bands)):
+        for field in CONTEXT_FIELDS:
+            assert torch.equal(getattr(ours, field), getattr(other, field)), field
+
+
+def test_fixed_shape_bookkeeping_gives_the_native_result(tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The formulation a GPU runs (`waits_for_nothing`: every entry masked instead of compacted, a
+    TopK row's inactive entries kept as zeros, the slot merges and context fills in fixed shapes),
+    run on the CPU: the whole analysis equals the native one bit for bit, for a TopK SAE with every
+    entry active and one with inactive entries, replayed or encoded twice."""
+    sparse = inactive_top_k(tiny)
+    expected = {sae_name: analyze_features(sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False)
+                for sae_name, sae in (("all active", tiny.sae), ("inactive", sparse))}
+    assert (expected["inactive"].count < expected["all active"].count).any()
+    monkeypatch.setenv("SAEWORKS_NATIVE", "0")
+    monkeypatch.setattr(analysis_module, "waits_for_nothing", lambda device: True)
+    for sae_name, sae in (("all active", tiny.sae), ("inactive", sparse)):
+        for replay_bytes in (1 << 30, 0):
+            fixed = analyze_features(sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False,
+                                     replay_bytes=replay_bytes)
+            assert_same_analysis(fixed, expected[sae_name])
+
+
+SYNCHRONISING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                     "unique_consecutive", "unique_dim", "bincount", "repeat_interleave", "equal",
+                     "is_nonzero", "item"}
+"""aten ops whose result size or value the host must read from the device (on a GPU, each waits)."""
+
+
+class SynchronisationCounter(TorchDispatchMode):
+    """Records every aten op that would make the host wait for a device: those above, and
+    indexing or assigning with a boolean mask (a hidden nonzero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        indexing = (torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten.index_put_)
+        masks = func.overloadpacket in indexing and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if name in SYNCHRONISING_OPS or masks:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fixed_shape_bookkeeping_never_waits_for_the_device(tiny: Tiny, monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """What runs per batch on a GPU (the encode, both passes' bookkeeping, the replay) holds no op
+    that reads a size or a value back to the host; the same passes on the CPU's native path do
+    (so the counter sees them)."""
+    context, cfg, selection = tiny.store.context_size, tiny.cfg, RowSelection.of_store(tiny.store)
+    sae = inactive_top_k(tiny)
+    batches = list(window_batches(tiny.store, TINY_HOOK, selection, 3))
+
+    def run_passes() -> SynchronisationCounter:
+        counter = SynchronisationCounter()
+        first, replay = TopPass(sae.d_sae, cfg, torch.device("cpu")), Replay(1 << 30, sae.d_sae, context)
+        for batch in batches:
+            with counter:
+                encoded = encode_batch(sae, batch, context)
+                first.add(encoded)
+            replay.hold(encoded)
+        second = DistributionPass(first, cfg, torch.device("cpu"))
+        with counter:
+            for encoded in replay.replay():
+                first.add_contexts(encoded)
+                second.add(encoded)
+        return counter
+
+    with monkeypatch.context() as patched:
+        patched.setenv("SAEWORKS_NATIVE", "0")
+        patched.setattr(analysis_module, "waits_for_nothing", lambda device: True)
+        assert run_passes().found == []
+    assert "nonzero" in run_passes().found  # the CPU path compacts its entries
+
+
+def test_device_reading_gives_the_batches_read_in_line(tiny: Tiny) -> None:
+    """`encoded_on_device` (several threads reading ahead, as on a GPU), run on the CPU: the same
+    batches in the same order as `encoded_reading_ahead`, and stopping early is fine."""
+    context, selection = tiny.store.context_size, RowSelection.of_store(tiny.store, 1000)
+    inline = list(encoded_reading_ahead(tiny.sae, window_batches(tiny.store, TINY_HOOK, selection, 3),
+                                        torch.device("cpu"), context))
+    plans = window_batches(tiny.store, TINY_HOOK, selection, 3, rows=False)
+    ahead = list(encoded_on_device(tiny.sae, tiny.store, TINY_HOOK, plans, torch.device("cpu"), context, 3))
+    assert len(ahead) == len(inline) > 3
+    for mine, theirs in zip(inline, ahead, strict=True):
+        assert mine.batch.start == theirs.batch.start and mine.batch.kept_rows == theirs.batch.kept_rows
+        assert torch.equal(mine.batch.x, theirs.batch.x) and torch.equal(mine.features, theirs.features)
+        assert torch.equal(mine.values, theirs.values)
+    plans = window_batches(tiny.store, TINY_HOOK, selection, 3, rows=False)
+    first = next(encoded_on_device(tiny.sae, tiny.store, TINY_HOOK, plans, torch.device("cpu"), context, 2))
+    assert first.batch.start == 0 and first.batch.x.shape[0] == 3 * context
