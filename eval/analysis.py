@@ -279,8 +279,9 @@ def encode_batch(sae: SparseAutoencoder, batch: WindowBatch, context_size: int) 
         local, features = acts.nonzero(as_tuple=True)
         values = acts[local, features]
         del acts
-        active = values > 0
-        local, features, values = local[active], features[active], values[active]
+        if not waits_for_nothing(x.device):  # (off the CPU the bookkeeping masks what is not > 0)
+            active = values > 0
+            local, features, values = local[active], features[active], values[active]
     return EncodedBatch(batch, local, features, values.float(), sae.d_sae, context_size)
 
 
@@ -300,11 +301,15 @@ def encoded_reading_ahead(sae: SparseAutoencoder, batches: Iterator[WindowBatch]
             yield encoded
 
 
-def device_readers() -> int:
-    """Threads that read a device analysis' batches: all but one of the host's cores, at most 8
-    (zarr's decompressors release the GIL: 4,096 demo rows took 7.5-12 ms on one thread, 6.5 ms a
-    batch with two threads on two cores)."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+READ_AHEAD_BYTES = 1 << 30
+"""Most page-locked bytes of rows read ahead of a device analysis."""
+
+
+def device_readers(batch_bytes: int) -> int:
+    """Threads that read a device analysis' batches of `batch_bytes` (as many batches ahead): all
+    but one of the host's cores, at most 8 and READ_AHEAD_BYTES (zarr's decompressors release the
+    GIL: 4,096 demo rows took 7.5-12 ms on one thread, 6.5 ms a batch with two threads on two cores)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1, READ_AHEAD_BYTES // max(batch_bytes, 1)))
 
 
 def encoded_on_device(sae: SparseAutoencoder, store: ActivationStore, hook: str,
@@ -763,8 +768,9 @@ def analyze_features(sae: SparseAutoencoder, store: ActivationStore, hook: str, 
     def encoded(first_window: int = 0, kept_before: int = 0) -> Iterator[tuple[EncodedBatch, bool]]:
         on_cpu = device.type == "cpu"
         batches = window_batches(store, hook, selection, windows, first_window, kept_before, rows=on_cpu)
+        batch_bytes = windows * context * store.d(hook) * getattr(torch, store.store_dtype).itemsize
         stream = encoded_reading_ahead(sae, batches, device, context) if on_cpu else \
-            encoded_on_device(sae, store, hook, batches, device, context, device_readers())
+            encoded_on_device(sae, store, hook, batches, device, context, device_readers(batch_bytes))
         yield from ((batch, True) for batch in stream)
 
     def first_pass() -> Iterator[tuple[EncodedBatch, bool]]:

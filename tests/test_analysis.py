@@ -605,14 +605,16 @@ def test_fixed_shape_bookkeeping_gives_the_native_result(tiny: Tiny, monkeypatch
     """The formulation a GPU runs (`waits_for_nothing`: every entry masked instead of compacted, a
     TopK row's inactive entries kept as zeros, the slot merges and context fills in fixed shapes),
     run on the CPU: the whole analysis equals the native one bit for bit, for a TopK SAE with every
-    entry active and one with inactive entries, replayed or encoded twice."""
-    sparse = inactive_top_k(tiny)
-    expected = {sae_name: analyze_features(sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False)
-                for sae_name, sae in (("all active", tiny.sae), ("inactive", sparse))}
+    entry active, one with inactive entries and a ReLU SAE, replayed or encoded twice."""
+    torch.manual_seed(0)
+    saes = {"all active": tiny.sae, "inactive": inactive_top_k(tiny),
+            "relu": create_sae(SAEConfig(architecture="relu", d_sae=64).resolved(tiny.sae.d_in))}
+    expected = {name: analyze_features(sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False)
+                for name, sae in saes.items()}
     assert (expected["inactive"].count < expected["all active"].count).any()
     monkeypatch.setenv("SAEWORKS_NATIVE", "0")
     monkeypatch.setattr(analysis_module, "waits_for_nothing", lambda device: True)
-    for sae_name, sae in (("all active", tiny.sae), ("inactive", sparse)):
+    for sae_name, sae in saes.items():
         for replay_bytes in (1 << 30, 0):
             fixed = analyze_features(sae, tiny.store, TINY_HOOK, tiny.cfg, progress=False,
                                      replay_bytes=replay_bytes)
