@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -674,6 +675,40 @@ def test_fixed_shape_bookkeeping_never_waits_for_the_device(tiny: Tiny, monkeypa
         patched.setattr(analysis_module, "waits_for_nothing", lambda device: True)
         assert run_passes().found == []
     assert "nonzero" in run_passes().found  # the CPU path compacts its entries
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_a_gpu_batch_never_synchronises(tiny: Tiny) -> None:
+    """On a GPU itself, with CUDA's synchronisation check set to raise: a batch's encode and both
+    passes' bookkeeping, replayed, never wait for the device."""
+    context, cfg, selection = tiny.store.context_size, tiny.cfg, RowSelection.of_store(tiny.store)
+    device = torch.device("cuda")
+    sae = copy.deepcopy(inactive_top_k(tiny)).to(device)
+    batches = [batch.pinned().to(device, non_blocking=True)
+               for batch in window_batches(tiny.store, TINY_HOOK, selection, 3)]
+    first, replay = TopPass(sae.d_sae, cfg, device), Replay(1 << 30, sae.d_sae, context)
+    torch.cuda.synchronize()
+    with raising_on_synchronisation():
+        for batch in batches:
+            encoded = encode_batch(sae, batch, context)
+            first.add(encoded)
+            replay.hold(encoded)
+    second = DistributionPass(first, cfg, device)  # once, between the passes: it may copy
+    with raising_on_synchronisation():
+        for encoded in replay.replay():
+            first.add_contexts(encoded)
+            second.add(encoded)
+    assert int(first.count.sum()) > 0 and int(second.fine.sum()) == int(first.count.sum())
+
+
+@contextmanager
+def raising_on_synchronisation() -> Iterator[None]:
+    """CUDA's check that raises where the host would wait for the device."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_device_reading_gives_the_batches_read_in_line(tiny: Tiny) -> None:
