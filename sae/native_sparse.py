@@ -98,8 +98,9 @@ def encoder_copies(W_enc: torch.Tensor, into: EncoderCopies | None = None) -> En
     transposed = reused.transposed if reused is not None else torch.empty(d_sae, d_in)
     rounded = reused.rounded if reused is not None else torch.empty(d_in, d_sae, dtype=torch.bfloat16)
     stats = torch.empty(2, dtype=torch.float64)
-    lib.encoder_copies(W.data_ptr(), d_in, d_sae, transposed.data_ptr(), rounded.data_ptr(), stats.data_ptr(),
-                       threads())
+    if lib.encoder_copies(W.data_ptr(), d_in, d_sae, transposed.data_ptr(), rounded.data_ptr(),
+                          stats.data_ptr(), threads()) < 0:
+        raise MemoryError(f"encoder_copies: no memory for the per-thread sums of a {d_sae}-wide encoder")
     return EncoderCopies(transposed, rounded, float(stats[0]), float(stats[1]))
 
 

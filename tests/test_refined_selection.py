@@ -42,9 +42,12 @@ def _inputs(rows: int, d_in: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(rows, d_in, generator=generator) * spectrum * scale
 
 
-def test_encoder_copies_are_the_transpose_the_rounding_and_their_norms() -> None:
+@pytest.mark.parametrize(("d_in", "d_sae"), [(37, 1040), (64, 1040), (48, 1024)])
+def test_encoder_copies_are_the_transpose_the_rounding_and_their_norms(d_in: int, d_sae: int) -> None:
+    """Any shape: d_in a multiple of 16 takes the line-by-line (streaming) stores of the transpose;
+    a width that is not a multiple of 16 a last narrower block."""
     torch.manual_seed(0)
-    W = torch.randn(37, 1040) * torch.linspace(0.1, 3.0, 1040)  # a width that is not a multiple of 16
+    W = torch.randn(d_in, d_sae) * torch.linspace(0.1, 3.0, d_sae)
     copies = native_sparse.encoder_copies(W)
     assert copies is not None
     assert torch.equal(copies.transposed, W.T) and copies.transposed.is_contiguous()

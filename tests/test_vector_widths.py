@@ -58,7 +58,8 @@ def test_bias_top_k_selects_as_torch(narrower_build: str) -> None:
 
 def test_the_refined_selection_certifies_the_float32_top_k(narrower_build: str) -> None:
     assert native.library("bias_top_k") is not None
-    test_refined_selection.test_encoder_copies_are_the_transpose_the_rounding_and_their_norms()
+    for d_in, d_sae in ((37, 1040), (64, 1040)):  # the transpose element by element, by lines
+        test_refined_selection.test_encoder_copies_are_the_transpose_the_rounding_and_their_norms(d_in, d_sae)
     test_refined_selection.test_the_kernel_certifies_only_the_float32_top_k(300, 200, 4096, 32)
     test_refined_selection.test_the_kernel_certifies_only_the_float32_top_k(7, 33, 1024, 1)
 
