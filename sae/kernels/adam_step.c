@@ -21,16 +21,17 @@
 #include "team.h"
 #include "vectors.h"
 
-#define DOT_VECTORS (32 / LANES)
+#define ROW_DOT_VECTORS (32 / LANES)
 
-/* sum over c < n of a[c] * b[c], 32 at a time in DOT_VECTORS running sums. */
+/* sum over c < n of a[c] * b[c], 32 at a time in ROW_DOT_VECTORS running sums. */
 static float dot(const float *a, const float *b, int64_t n) {
-    FloatsN sums[DOT_VECTORS];
-    for (int v = 0; v < DOT_VECTORS; v++) sums[v] = (FloatsN){0};
+    FloatsN sums[ROW_DOT_VECTORS];
+    for (int v = 0; v < ROW_DOT_VECTORS; v++) sums[v] = (FloatsN){0};
     int64_t c = 0;
     for (; c + 32 <= n; c += 32)
-        for (int v = 0; v < DOT_VECTORS; v++) sums[v] += load_lanes(a + c + LANES * v) * load_lanes(b + c + LANES * v);
-    float sum = total_lanes(pairwise_total(sums, DOT_VECTORS));
+        for (int v = 0; v < ROW_DOT_VECTORS; v++)
+            sums[v] += load_lanes(a + c + LANES * v) * load_lanes(b + c + LANES * v);
+    float sum = total_lanes(pairwise_total(sums, ROW_DOT_VECTORS));
     for (; c < n; c++) sum += a[c] * b[c];
     return sum;
 }

@@ -35,10 +35,6 @@
 #include "team.h"
 #include "vectors.h"
 
-#if defined(__AVX512F__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #define COUNTING_MAX 256  /* the most values whose ranks are counted (n^2 / 16 vector compares) */
 
 static inline float bf16_to_float(uint16_t h) {
@@ -448,38 +444,17 @@ static inline UintsN round_to_bf16_bits(FloatsN w) {
     return (rounded & ~nan) | (nan & 0x7FC00000u);
 }
 
-/* The 16 floats at `from` (64-byte aligned) to the 64-byte aligned line `to`, by a non-temporal
- * store where the CPU has one (then `stores_done` before other threads read it): a plain store
- * first reads the line it fills, and the transposed copy's lines are written 64 bytes at a time,
- * each on its own line (encoder_copies of the demo encoder, 2 threads, caches flushed: 9.4 -> 3.2
- * ms). */
-static inline void store_line(float *to, const float *from) {
-#if defined(__AVX512F__)
-    _mm512_stream_ps(to, _mm512_load_ps(from));
-#elif defined(__AVX__)
-    _mm256_stream_ps(to, _mm256_load_ps(from));
-    _mm256_stream_ps(to + 8, _mm256_load_ps(from + 8));
-#else
-    memcpy(to, from, 16 * sizeof(float));
-#endif
-}
-
-static inline void stores_done(void) {
-#if defined(__AVX512F__) || defined(__AVX__)
-    _mm_sfence();
-#endif
-}
-
 /* Columns [16 b0, 16 b1) of encoder_copies (below) as vectors, 16 rows of W at a time: each row's
  * 16-column blocks are rounded, their squares summed into squares/errors [16 (b1 - b0)] (each
  * column's sum in row order) and kept in a 16 x 16 tile, which is then stored transposed. Reading
- * 16 rows along (not a 16-column block down all rows) lets the prefetcher follow each row; as plain
- * C over the columns (the tile written column by column) the compiler left it scalar: 12.5 ms for
- * the demo encoder [576, 9216], 2 threads, caches flushed. */
+ * 16 rows along (not a 16-column block down all rows) lets the prefetcher follow each row. As plain
+ * C over the columns (the tile written column by column) the compiler left it scalar, and plain
+ * stores of the transposed lines read each line first: 11.5 -> 3.6 ms for the demo encoder
+ * [576, 9216], 2 threads, caches flushed. */
 static void copy_blocks(const float *W, int64_t d_in, int64_t d_sae, int64_t b0, int64_t b1, float *WT,
                         uint16_t *Wb, float *squares, float *errors) {
     float tile[16][16];
-    const int lines = d_in % 16 == 0 && (uintptr_t)WT % 64 == 0;  /* WT's tile columns are whole lines */
+    const int lines = stream_aligned(WT, d_in);  /* WT's tile columns are whole lines: streamed */
     for (int64_t i0 = 0; i0 < d_in; i0 += 16) {
         const int64_t height = d_in - i0 < 16 ? d_in - i0 : 16;
         for (int64_t block = b0; block < b1; block++) {
@@ -507,10 +482,10 @@ static void copy_blocks(const float *W, int64_t d_in, int64_t d_sae, int64_t b0,
             memcpy(block_squares, square_sums, sizeof square_sums);
             memcpy(block_errors, error_sums, sizeof error_sums);
             if (height == 16 && lines) {
-                for (int c = 0; c < 16; c++) {
-                    float column[16] __attribute__((aligned(64)));
+                for (int c = 0; c < 16; c++) {  /* a plain store would read each line first */
+                    float column[16];
                     for (int r = 0; r < 16; r++) column[r] = tile[r][c];
-                    store_line(WT + (j0 + c) * d_in + i0, column);
+                    stream16(WT + (j0 + c) * d_in + i0, column);
                 }
             } else {
                 for (int c = 0; c < 16; c++)
@@ -518,7 +493,7 @@ static void copy_blocks(const float *W, int64_t d_in, int64_t d_sae, int64_t b0,
             }
         }
     }
-    stores_done();
+    stream_fence();
 }
 
 /* W [d_in, d_sae] float32 -> WT [d_sae, d_in] (its transpose, for contiguous dot products) and

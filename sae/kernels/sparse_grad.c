@@ -22,10 +22,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #include "team.h"
 #include "vectors.h"
 
@@ -98,30 +94,11 @@ static inline void latent_chunk_sum(const int64_t *rows, const float *sorted_wei
     memcpy(sum, acc[0], sizeof acc[0]);
 }
 
-/* Whole 64-byte lines of a gradient go out with non-temporal stores where the CPU has them: the
+/* Whole 64-byte lines of a gradient go out with non-temporal stores (vectors.h, stream16): the
  * 21 MB gradients are not read again in this call, and through the cache each line costs a read
  * for ownership and evicts the chunk of `dense` that the next latents gather from (both outer
  * products of a demo step, [4096, 576], k 32, d_sae 9216, 2 threads: ~10.5 -> ~8.5 ms on AVX-512;
  * the fused topk_backward on AVX2, two 32-byte stores a line: 16.8-18.6 -> 14.1-15.1 ms). */
-#if defined(__AVX512F__) || defined(__AVX__)
-static inline int stream_aligned(const float *base, int64_t stride) {
-    return ((uintptr_t)base % 64 == 0) && (stride % 16 == 0);
-}
-#ifdef __AVX512F__
-static inline void stream16(float *to, const float *from) { _mm512_stream_ps(to, _mm512_loadu_ps(from)); }
-#else
-static inline void stream16(float *to, const float *from) {
-    _mm256_stream_ps(to, _mm256_loadu_ps(from));
-    _mm256_stream_ps(to + 8, _mm256_loadu_ps(from + 8));
-}
-#endif
-/* Each thread orders its own streamed stores before the team's closing barrier. */
-static inline void stream_fence(void) { _mm_sfence(); }
-#else
-static inline int stream_aligned(const float *base, int64_t stride) { (void)base; (void)stride; return 0; }
-static inline void stream16(float *to, const float *from) { memcpy(to, from, 64); }
-static inline void stream_fence(void) {}
-#endif
 
 /* Latents [s_begin, s_end) of M^T @ dense (dense [batch, d]): into out [d_sae, d] rows, or with
  * transposed != 0 into out [d, d_sae] columns. The columns of dense go CHUNK at a time, so that the

@@ -17,6 +17,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #if defined(__AVX512F__)
 #define LANES 16
 #define REGISTERS 32
@@ -77,5 +81,29 @@ static inline float row_dot(const float *restrict a, const float *restrict b, in
     for (; c < d; c++) sum += a[c] * b[c];
     return sum + total_lanes(pairwise_total(sums, DOT_VECTORS));
 }
+
+/* Whole 64-byte lines written with non-temporal stores where the CPU has them (AVX-512: one
+ * store a line; AVX: two), plain stores elsewhere. A line written through the cache is first read
+ * (for ownership) and evicts data the kernel reads next; a line streamed past it is neither.
+ * stream_aligned: whether the lines of rows `stride` floats apart from `base` are whole lines. */
+#if defined(__AVX512F__) || defined(__AVX__)
+static inline int stream_aligned(const float *base, int64_t stride) {
+    return ((uintptr_t)base % 64 == 0) && (stride % 16 == 0);
+}
+#ifdef __AVX512F__
+static inline void stream16(float *to, const float *from) { _mm512_stream_ps(to, _mm512_loadu_ps(from)); }
+#else
+static inline void stream16(float *to, const float *from) {
+    _mm256_stream_ps(to, _mm256_loadu_ps(from));
+    _mm256_stream_ps(to + 8, _mm256_loadu_ps(from + 8));
+}
+#endif
+/* Each thread orders its own streamed stores before the team's closing barrier. */
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+static inline int stream_aligned(const float *base, int64_t stride) { (void)base; (void)stride; return 0; }
+static inline void stream16(float *to, const float *from) { memcpy(to, from, 64); }
+static inline void stream_fence(void) {}
+#endif
 
 #endif
