@@ -32,6 +32,7 @@ from saeworks.eval.analysis import (
     encoded_reading_ahead,
     fine_bin,
     logit_effects_for,
+    read_rows_together,
     sample_keys,
     window_batches,
 )
@@ -238,6 +239,20 @@ def test_batches_end_with_the_window_of_the_last_kept_row(tiny: Tiny) -> None:
     first = next(encoded_reading_ahead(tiny.sae, window_batches(tiny.store, TINY_HOOK, selection, 2),
                                        torch.device("cpu"), context))
     assert first.batch.start == 0 and first.batch.x.shape[0] == 2 * context
+
+
+@pytest.mark.parametrize("together", [1, 2, 3])
+def test_batches_read_together_hold_their_own_rows(tiny: Tiny, together: int) -> None:
+    """Rows read several batches a call (the last group shorter): each batch holds exactly the
+    rows read for it alone, and no batch is lost or repeated."""
+    selection = RowSelection.of_store(tiny.store, 1000)
+    alone = list(window_batches(tiny.store, TINY_HOOK, selection, 2))
+    plans = window_batches(tiny.store, TINY_HOOK, selection, 2, rows=False)
+    grouped = list(read_rows_together(tiny.store, TINY_HOOK, plans, together))
+    assert len(grouped) == len(alone) and len(alone) % 2 and len(alone) % 3  # a shorter last group
+    for mine, theirs in zip(alone, grouped, strict=True):
+        assert mine.start == theirs.start and mine.kept_rows == theirs.kept_rows
+        assert torch.equal(mine.x, theirs.x) and torch.equal(mine.keep, theirs.keep)
 
 
 def test_sparse_encoding_equals_dense_encode(tiny: Tiny) -> None:
