@@ -76,8 +76,9 @@ _PAIR_BASE = 1 << 40
 _CONTEXT_QUERIES = 1 << 20
 """Context look-ups done at once on a CPU (bounds the temporaries of a large first batch)."""
 _DEVICE_CONTEXT_QUERIES = 1 << 22
-"""... and off it, where each look-up chunk is a dozen kernel launches (temporaries ~250 MB): the
-fixed-shape context fills ask for every slot of a table (demo SAE: 184,320 x 33 look-ups each)."""
+"""Context look-ups done at once off the CPU, where each chunk is a dozen kernel launches
+(temporaries ~250 MB) and the fixed-shape context fills ask for every slot of a table (demo SAE:
+184,320 x 33 look-ups each)."""
 
 
 class WindowBatch(NamedTuple):
@@ -112,8 +113,8 @@ def window_batches(store: ActivationStore, hook: str, selection: RowSelection, w
     rows. Kept rows are those `activations.rows.iter_kept_rows` yields. The last batch ends with the
     window that holds the last kept row wanted (its token ids are read first): no window is read or
     encoded for nothing. `first_window`, `kept_before`: resume after the batches that held that many
-    kept rows. `rows=False`: the batches' activations are not read (x is empty; `read_rows` reads
-    them), so that several threads can read them."""
+    kept rows. `rows=False`: the batches' activations are not read (x is empty), for `read_rows`
+    (one batch, in any thread) or `read_rows_together` (several a call) to read."""
     store.require_complete()
     if hook not in store.hooks:
         raise StoreError(f"store {store.url!r} has no hook {hook!r}; it holds {', '.join(store.hooks)}")
@@ -485,19 +486,7 @@ class SlotTable:
             return
         n_groups, slots = self.keys.shape
         device = groups.device
-        # the candidates by (group, key, row); those that cannot get in (a key above their group's
-        # worst; an equal key may still win by an earlier row) go to group n_groups, last
-        group = torch.where((keys <= self.worst_keys[groups]) & (keys < EMPTY_KEY), groups, n_groups)
-        by_row = rows.argsort(stable=True)
-        order = by_row[((group[by_row] << _KEY_BITS) | keys[by_row]).argsort(stable=True)]  # [n]
-        sorted_group = group[order]
-        rank = torch.arange(order.shape[0], device=device) - torch.searchsorted(sorted_group, sorted_group)
-        # each group's best `slots` candidates at (group, rank); the others in a last, dropped place
-        place = torch.where((rank < slots) & (sorted_group < n_groups), sorted_group * slots + rank,
-                            n_groups * slots)
-        candidate = torch.full((n_groups * slots + 1,), -1, dtype=torch.int64, device=device)
-        candidate.scatter_(0, place, order)
-        candidate = candidate[:-1].view(n_groups, slots)  # [groups, slots] candidate index, -1: none
+        candidate = self._best_candidates(groups, keys, rows)  # [groups, slots] candidate index, -1: none
         has, some = candidate >= 0, candidate.clamp(min=0)
         # beside each group's slots; the `slots` smallest (key, row) pairs of the two stay
         all_keys = torch.cat([self.keys, torch.where(has, keys[some], EMPTY_KEY)], 1)  # [groups, 2 slots]
@@ -516,6 +505,23 @@ class SlotTable:
         if context_of is not None:
             self._write_contexts(context_of, entering, freed, write)
         torch.amax(self.keys, dim=1, out=self.worst_keys)
+
+    def _best_candidates(self, groups: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[groups, slots] each group's best candidates by (key, row), as indices into the
+        candidates; -1 where a group has fewer that could get in (a key above the group's worst
+        cannot; an equal key may still win by an earlier row)."""
+        n_groups, slots = self.keys.shape
+        group = torch.where((keys <= self.worst_keys[groups]) & (keys < EMPTY_KEY), groups, n_groups)
+        by_row = rows.argsort(stable=True)
+        order = by_row[((group[by_row] << _KEY_BITS) | keys[by_row]).argsort(stable=True)]  # [n]
+        sorted_group = group[order]  # those that cannot get in last, as group n_groups
+        first_of_group = torch.searchsorted(sorted_group, sorted_group)
+        rank = torch.arange(order.shape[0], device=keys.device) - first_of_group
+        place = torch.where((rank < slots) & (sorted_group < n_groups), sorted_group * slots + rank,
+                            n_groups * slots)  # the others in a last place, dropped
+        candidate = torch.full((n_groups * slots + 1,), -1, dtype=torch.int64, device=keys.device)
+        candidate.scatter_(0, place, order)
+        return candidate[:-1].view(n_groups, slots)
 
     def _write_contexts(self, context_of: ContextFn, entering: torch.Tensor, freed: torch.Tensor,
                         write: torch.Tensor) -> None:
