@@ -460,6 +460,9 @@ class SlotTable:
         """Whether to try the native merge (until it does not apply)."""
         self._by_row: tuple[torch.Tensor, torch.Tensor] | None = None
         """fill_contexts: the slots' rows ascending, and their flat (group, slot) indices."""
+        self._batch_slots: tuple[int, int, list[int]] = (1, -1, [])
+        """fill_contexts: a batch size, the last row held, and where each batch of that size starts
+        in `_by_row`."""
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys, "values": self.values, "rows": self.rows, "tokens": self.tokens,
@@ -564,35 +567,41 @@ class SlotTable:
     def fill_contexts(self, encoded: EncodedBatch, before: int, after: int) -> None:
         """The contexts of the entries on `encoded`'s rows, for a table filled with no `context_of`
         (its rows final): looked up once per entry that stayed, not per entry that got in."""
-        if waits_for_nothing(self.rows.device):
-            self._fill_contexts_in_place(encoded, before, after)
-            return
-        if self._by_row is None:
-            rows = self.rows.view(-1)
-            order = rows.argsort(stable=True)  # [groups * slots] empty slots (row -1) first
-            self._by_row = rows[order], order
-        sorted_rows, order = self._by_row
         start = encoded.batch.start
-        bounds = torch.tensor([start, start + encoded.batch.tokens.shape[0]], device=sorted_rows.device)
-        lo, hi = torch.searchsorted(sorted_rows, bounds).tolist()
+        lo, hi = self._slots_on_rows(start, encoded.batch.tokens.shape[0])
         if lo == hi:
             return
+        assert self._by_row is not None  # set by _slots_on_rows
+        sorted_rows, order = self._by_row
         slots = order[lo:hi]  # [n] flat (group, slot) indices
         width = self.tokens.shape[2]
         tokens, context = encoded.contexts(sorted_rows[lo:hi] - start, slots // self.slots, before, after)
         self.tokens.view(-1, width)[slots] = tokens
         self.context.view(-1, width)[slots] = context
 
-    def _fill_contexts_in_place(self, encoded: EncodedBatch, before: int, after: int) -> None:
-        """`fill_contexts` in fixed shapes: every slot's context looked up, kept where its row is
-        in the batch."""
-        local = self.rows.view(-1) - encoded.batch.start  # [groups * slots]
-        inside = ((local >= 0) & (local < encoded.batch.tokens.shape[0]))[:, None]
-        latents = torch.arange(local.shape[0], device=local.device) // self.slots
-        tokens, context = encoded.contexts(torch.where(inside[:, 0], local, 0), latents, before, after)
-        width = self.tokens.shape[2]
-        for table, new in ((self.tokens, tokens), (self.context, context)):
-            table.view(-1, width).copy_(torch.where(inside, new, table.view(-1, width)))
+    def _slots_on_rows(self, start: int, rows: int) -> tuple[int, int]:
+        """[lo, hi): the slots (in row order, `_by_row`) whose rows are in [start, start + rows).
+        The first call sorts the slots by row and finds the range of every batch of its size at
+        once, the one time `fill_contexts` reads from the device: later batches of that size (an
+        analysis' pass 2) need nothing read back, where a search per batch would wait for the
+        device each time (as it still does for a batch of another size)."""
+        if self._by_row is None:
+            flat = self.rows.view(-1)
+            order = flat.argsort(stable=True)  # [groups * slots] empty slots (row -1) first
+            self._by_row = flat[order], order
+            last = int(self._by_row[0][-1])  # the last row held
+            edges = torch.arange(0, last + 1 + rows, rows, device=flat.device)
+            self._batch_slots = (rows, last, torch.searchsorted(self._by_row[0], edges).tolist())
+        sorted_rows = self._by_row[0]
+        step, last, bounds = self._batch_slots
+        if start > last:
+            return 0, 0
+        if start % step == 0 and (rows == step or start + rows > last):
+            lo = bounds[start // step]
+            return lo, (bounds[start // step + 1] if rows == step else sorted_rows.shape[0])
+        edges = torch.tensor([start, start + rows], device=sorted_rows.device)
+        lo, hi = torch.searchsorted(sorted_rows, edges).tolist()
+        return lo, hi
 
     def contexts(self, groups_per_row: int = 1) -> Contexts:
         """The table as `Contexts` on the CPU, each group's entries by ascending key (ties: the

@@ -664,8 +664,8 @@ class SynchronisationCounter(TorchDispatchMode):
 def test_fixed_shape_bookkeeping_never_waits_for_the_device(tiny: Tiny, monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     """What runs per batch on a GPU (the encode, both passes' bookkeeping, the replay) holds no op
-    that reads a size or a value back to the host; the same passes on the CPU's native path do
-    (so the counter sees them)."""
+    that reads a size or a value back to the host, after pass 2's first batch (which indexes the
+    final top-N rows once); the same passes on the CPU's native path do (so the counter sees them)."""
     context, cfg, selection = tiny.store.context_size, tiny.cfg, RowSelection.of_store(tiny.store)
     sae = inactive_top_k(tiny)
     batches = list(window_batches(tiny.store, TINY_HOOK, selection, 3))
@@ -679,8 +679,12 @@ def test_fixed_shape_bookkeeping_never_waits_for_the_device(tiny: Tiny, monkeypa
                 first.add(encoded)
             replay.hold(encoded)
         second = DistributionPass(first, cfg, torch.device("cpu"))
+        replayed = replay.replay()
+        encoded = next(replayed)
+        first.add_contexts(encoded)  # indexes the top-N rows: reads back once
+        second.add(encoded)
         with counter:
-            for encoded in replay.replay():
+            for encoded in replayed:
                 first.add_contexts(encoded)
                 second.add(encoded)
         return counter
@@ -695,7 +699,8 @@ def test_fixed_shape_bookkeeping_never_waits_for_the_device(tiny: Tiny, monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_a_gpu_batch_never_synchronises(tiny: Tiny) -> None:
     """On a GPU itself, with CUDA's synchronisation check set to raise: a batch's encode and both
-    passes' bookkeeping, replayed, never wait for the device."""
+    passes' bookkeeping, replayed, never wait for the device (after pass 2's first batch, which
+    indexes the final top-N rows once)."""
     context, cfg, selection = tiny.store.context_size, tiny.cfg, RowSelection.of_store(tiny.store)
     device = torch.device("cuda")
     sae = copy.deepcopy(inactive_top_k(tiny)).to(device)
@@ -709,8 +714,12 @@ def test_a_gpu_batch_never_synchronises(tiny: Tiny) -> None:
             first.add(encoded)
             replay.hold(encoded)
     second = DistributionPass(first, cfg, device)  # once, between the passes: it may copy
+    replayed = replay.replay()
+    encoded = next(replayed)
+    first.add_contexts(encoded)  # indexes the top-N rows: reads back once
+    second.add(encoded)
     with raising_on_synchronisation():
-        for encoded in replay.replay():
+        for encoded in replayed:
             first.add_contexts(encoded)
             second.add(encoded)
     assert int(first.count.sum()) > 0 and int(second.fine.sum()) == int(first.count.sum())
