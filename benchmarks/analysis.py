@@ -120,7 +120,7 @@ def run_once(sae: SparseAutoencoder, store: ActivationStore, hook: str, cfg: Ana
     if not on_cpu:
         probes.extend(probe() for _ in range(5))
     info = analysis.info
-    limit = batch / statistics.median(probes)  # rows/s of one encode, measured between the batches
+    limit = batch / statistics.median(probes)  # rows/s of one encode (between the batches on a CPU)
     encode_rate = batch / encode_seconds(sae, store, hook, batch)
     passes = info["encode_passes"]
     half = len(probing) // 2  # both passes go through the same batches (none off the CPU)
