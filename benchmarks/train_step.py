@@ -14,7 +14,9 @@ it because its backward and decode are sparse (k of d_sae latents), a ReLU step 
 backward is dense: about 3 such matmuls). `--profile` prints where the TopK step's time goes.
 Where the TopK step's top k comes from a bfloat16 product refined in float32 (sae/refined_selection.py,
 measured faster on CPUs with fast bfloat16 matmuls), the step can beat that float32 limit; a second
-line then gives its ratio to the bfloat16 product's limit too.
+line then gives its ratio to the bfloat16 product's limit too. A last line gives a second floor:
+the product plus a bare Adam update of every parameter (torch's fused Adam, sae/limits.py
+`AdamProbe`), memory bound, so the most any step can reach of the product's limit on this machine.
 
     python benchmarks/train_step.py --synthetic 2304 --d-sae 65536 --device cuda --autocast bfloat16
 
@@ -39,7 +41,7 @@ from saeworks.activations.reader import ActivationReader
 from saeworks.activations.store import ActivationStore
 from saeworks.sae.config import SAEConfig
 from saeworks.sae.heap import keep_freed_heap
-from saeworks.sae.limits import MatmulProbe, synchronize
+from saeworks.sae.limits import AdamProbe, MatmulProbe, synchronize
 from saeworks.sae.refined_selection import chosen_for
 from saeworks.sae.registry import ARCHITECTURES, create_sae
 from saeworks.train.config import TrainConfig
@@ -84,6 +86,22 @@ def step_seconds(cfg: SAEConfig, batches: Iterator[torch.Tensor], batch: int, ho
         table = profiler.key_averages().table(sort_by=key, row_limit=25)  # type: ignore[union-attr]
         print(table)
     return statistics.median(times), statistics.median(limits) if limits else probe()
+
+
+def print_update_floor(cfg: SAEConfig, batch: int, seconds: float, product: float,
+                       device: torch.device) -> None:
+    """A second floor beside the product: every step also updates every parameter (Adam's moments
+    move even where a gradient is zero), and that update is memory bound. Timed bare (`AdamProbe`,
+    torch's fused Adam on tensors of this SAE's shapes, the median of 7), the product's time
+    `product` plus it is the least any step can take here; its share says how far the product's
+    limit alone can be approached at all."""
+    update = AdamProbe([tuple(p.shape) for p in create_sae(cfg).parameters()], device)
+    update_seconds = statistics.median(update() for _ in range(7))
+    floor = product + update_seconds
+    print(f"  update floor: the product ({product * 1e3:.1f} ms) + a bare Adam update of the "
+          f"{update.elements:,} parameters ({update_seconds * 1e3:.1f} ms, fused torch Adam) = "
+          f"{batch / floor:,.0f} tok/s; this step {floor / seconds:.2f} of it; no step here passes "
+          f"{product / floor:.2f} of the product's limit", flush=True)
 
 
 def synthetic_batches(d_in: int, batch: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -140,12 +158,14 @@ def main() -> None:
               f"d_sae {cfg.d_sae}, k {cfg.k}, batch {args.batch_size}, {args.autocast}, {device}) | "
               f"encoder matmul limit {args.batch_size / limit:,.0f} tok/s | "
               f"{limit / seconds:.2f} of the limit", flush=True)
+        product_limit = limit
         if refined:  # the step's dense product ran in bfloat16 (sae/refined_selection.py): its own limit
             product = MatmulProbe(args.batch_size, d_in, args.d_sae, torch.bfloat16, device)
             product_limit = statistics.median(product() for _ in range(5))
             print(f"  refined selection: the dense product in bfloat16, limit "
                   f"{args.batch_size / product_limit:,.0f} tok/s | "
                   f"{product_limit / seconds:.2f} of that limit", flush=True)
+        print_update_floor(cfg, args.batch_size, seconds, product_limit, device)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,36 @@ class MatmulProbe:
         return time.perf_counter() - start
 
 
+class AdamProbe:
+    """One bare Adam step (torch.optim.Adam, fused where torch has it for the device) over float32
+    parameters of the given shapes, each holding a gradient: the machine's floor for updating every
+    parameter once. It is memory bound (each element's parameter, gradient and two moments read,
+    three written: 28 bytes), so where a fast matmul makes the product short, as bfloat16 on AMX or
+    any GPU, an SAE's update alone can cost a large part of the product's time: a training step
+    takes at least product + update. Call it to time one step."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.parameters = [torch.nn.Parameter(torch.randn(shape, device=self.device) * 0.01)
+                           for shape in shapes]
+        for parameter in self.parameters:
+            parameter.grad = torch.randn_like(parameter) * 1e-3
+        self.optimizer = torch.optim.Adam(self.parameters, lr=1e-4, fused=True)
+        self.optimizer.step()  # the moments exist from here on, as in training after the first step
+
+    @property
+    def elements(self) -> int:
+        """Parameters updated by one step."""
+        return sum(p.numel() for p in self.parameters)
+
+    def __call__(self) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.optimizer.step()
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on `device` (a no-op on a CPU, whose work is synchronous)."""
     if device.type == "cuda":
