@@ -103,7 +103,9 @@ class HarvestConfig:
     """Dtype on disk. bfloat16 is stored as its raw 16 bits (uint16) with `dtype` in the array
     attributes, since Zarr v3 has no bfloat16 type; the reader restores it."""
     compression: Literal["zstd", "lz4", "none"] = "zstd"
-    """Codec of the activation chunks (Blosc with byte shuffling for lz4)."""
+    """Codec of the activation chunks (Blosc with byte shuffling for lz4). On the demo's float16
+    activations zstd (level 1) keeps 77% of the bytes at ~6.8 ms of the reader's CPU per 4,096-row
+    chunk, none ~3.5 ms, lz4 100% at ~4.3 ms (README, "Compression trade-off")."""
     chunk_tokens: int = 4096
     """Rows per chunk (rounded to whole windows): the unit of reading and shuffling."""
     chunks_per_shard: int = 16
