@@ -59,7 +59,8 @@ def _check(pre: torch.Tensor, bias: torch.Tensor, k: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "width", "k"), [(257, 9216, 32), (7, 2048, 8), (1, 1024, 16),
-                                                  (5, 4096, 64), (3, 1000, 4), (4, 512, 16)])
+                                                  (5, 4096, 64), (3, 1000, 4), (4, 512, 16),
+                                                  (6, 16 * 37, 8)])  # blocks not a multiple of 16
 def test_bias_top_k_adds_the_bias_and_selects_as_torch(dtype: torch.dtype, rows: int, width: int,
                                                        k: int) -> None:
     torch.manual_seed(rows)
@@ -107,9 +108,27 @@ def test_bias_top_k_with_ties_at_the_threshold(width: int) -> None:
     assert (indices.diff(dim=-1) > 0).all()  # k distinct columns, ascending (the heap's too)
 
 
-def test_bias_top_k_with_nan_rows_answers_as_torch() -> None:
+def test_bias_top_k_rounds_bfloat16_denormal_sums_as_torch() -> None:
+    """Sums below float's smallest normal keep their denormal bfloat16 bits (vcvtneps2bf16, where
+    the kernel uses it, would flush them to zero): the row written back is torch's add, bit for bit."""
+    torch.manual_seed(1)
+    width = 2048
+    pre = torch.randn(3, width).to(torch.bfloat16)
+    tiny = torch.finfo(torch.float32).tiny
+    pre[0, :40] = torch.tensor(3e-39).to(torch.bfloat16)  # denormal already
+    pre[1, 7::16] = torch.tensor(1.5 * tiny).to(torch.bfloat16)  # normal, denormal once the bias is in
+    bias = torch.randn(width)
+    bias[:40] = 0.0
+    bias[7::16] = -tiny
+    added, _, _ = _reference(pre, bias, 8)
+    assert (added.float().abs() < tiny).logical_and(added != 0).sum() >= 40 + width // 16
+    _check(pre, bias, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_top_k_with_nan_rows_answers_as_torch(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    pre, bias = torch.randn(6, 2048), torch.randn(2048)
+    pre, bias = torch.randn(6, 2048).to(dtype), torch.randn(2048)
     pre[3, 100] = float("nan")
     added, _, want_indices = _reference(pre, bias, 8)
     values, indices = bias_top_k_(pre, bias, 8, ascending=True)

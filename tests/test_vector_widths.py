@@ -26,26 +26,40 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(params=["-mno-avx512f", "-mno-avx"], ids=["avx2", "sse"])
-def narrower_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    """Every kernel loaded in the test is built (into a fresh cache) by a compiler that takes the
-    flags of -march=native less one vector extension."""
+def build_without(flag: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Every kernel loaded from here on is built (into a fresh cache) by a compiler that takes the
+    flags of -march=native plus `flag` (one extension taken away)."""
     narrowing = tmp_path / "cc-narrower"
-    narrowing.write_text(f'#!/bin/sh\nexec {native.compiler()} "$@" {request.param}\n')
+    narrowing.write_text(f'#!/bin/sh\nexec {native.compiler()} "$@" {flag}\n')
     narrowing.chmod(0o755)
     monkeypatch.setenv("SAEWORKS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(narrowing))
     monkeypatch.setattr(native, "_libraries", {})
-    return str(request.param)
+    return flag
 
 
-def test_bias_top_k_selects_as_torch(narrower_build: str) -> None:
+@pytest.fixture(params=["-mno-avx512f", "-mno-avx"], ids=["avx2", "sse"])
+def narrower_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Every kernel loaded in the test is built for a narrower vector width."""
+    return build_without(str(request.param), monkeypatch, tmp_path)
+
+
+@pytest.fixture(params=["-mno-avx512f", "-mno-avx", "-mno-avx512bf16"], ids=["avx2", "sse", "avx512-no-bf16"])
+def top_k_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """As narrower_build, and AVX-512 without its bfloat16 instructions (bias_top_k's bfloat16 rows
+    round with vcvtneps2bf16 where it has them, by integer adds where not)."""
+    return build_without(str(request.param), monkeypatch, tmp_path)
+
+
+def test_bias_top_k_selects_as_torch(top_k_build: str) -> None:
     assert native.library("bias_top_k") is not None
     torch.manual_seed(0)
     pre = torch.randn(33, 9216) * 2
     pre[:, :50] += 3  # winners crowded into few blocks
     test_top_k._check(pre, torch.randn(9216), 32)
     test_top_k._check(pre[:, :2048].to(torch.bfloat16), torch.randn(2048), 8)
+    test_top_k._check(pre[:6, :16 * 37].to(torch.bfloat16), torch.randn(16 * 37), 8)  # a slice's tail
+    test_top_k.test_bias_top_k_rounds_bfloat16_denormal_sums_as_torch()
     ties = torch.zeros(3, 2048)
     ties[0, 100 + torch.arange(20) * 37] = 1.0  # 20 tied for 8 places, in many blocks
     ties[1] = -1.0  # every column tied

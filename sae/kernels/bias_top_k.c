@@ -321,8 +321,56 @@ static int64_t bias_top_k_f32_rows(void *rows_in, const float *bias, int64_t row
     return nan_rows;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define BF16_VECTOR_PASS 1
+
+/* 16 floats rounded to bfloat16 as float_to_bf16 rounds them. vcvtneps2bf16 rounds to nearest even
+ * too, but flushes denormals to zero and keeps a NaN's payload: lanes holding those (never seen in
+ * a real pre-activation) are rounded again one by one. */
+static inline __m256i round16_bf16(__m512 v) {
+    __m256i rounded = (__m256i)_mm512_cvtneps_pbh(v);
+    const __mmask16 special = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0x1p-126f), _CMP_NGE_UQ)
+                              & _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    if (__builtin_expect(special != 0, 0)) {
+        uint16_t lanes[16];
+        float floats[16];
+        _mm256_storeu_si256((__m256i *)lanes, rounded);
+        _mm512_storeu_ps(floats, v);
+        for (int lane = 0; lane < 16; lane++)
+            if (special >> lane & 1) lanes[lane] = float_to_bf16(floats[lane]);
+        rounded = _mm256_loadu_si256((const __m256i *)lanes);
+    }
+    return rounded;
+}
+
+/* 16 bfloat16 values as floats. */
+static inline __m512 widen16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* Columns [begin, end) of one slice of a bfloat16 row: the bias added in float and the sum rounded
+ * in place, its float value into `wide`, into the block maxima (set where `first`); nonzero if a
+ * sum is NaN. */
+static inline int bf16_slice(uint16_t *slice, const float *bias_slice, float *wide_slice, float *maxima,
+                             int64_t begin, int64_t end, int first) {
+    int bad = 0;
+    for (int64_t b = begin; b < end; b++) {
+        uint16_t h = float_to_bf16(bf16_to_float(slice[b]) + bias_slice[b]);
+        slice[b] = h;
+        float v = bf16_to_float(h);
+        wide_slice[b] = v;
+        maxima[b] = first || v > maxima[b] ? v : maxima[b];
+        bad |= v != v;
+    }
+    return bad;
+}
+
 /* bfloat16 rows (as uint16) [rows, width]; values out as bfloat16; bias as float (see above).
- * The row is widened into `scratch` so that pass 2 reads floats. */
+ * The row is widened into `scratch` so that pass 2 reads floats. Pass 1 goes 16 columns at a time
+ * with vcvtneps2bf16 rounding where the CPU has AVX512-BF16 (the rounding by integer adds and a
+ * NaN blend was most of it: [4096, 9216], k 32, 2 threads, 11.3 -> 9.1 ms, the same bits); a block
+ * vector's 16 slices in the inner loop instead, its maximum in a register, took 12.5. */
 static int64_t bias_top_k_bf16_rows(void *rows_in, const float *bias, int64_t rows, int64_t width,
                                     int64_t k, void *values_out, int64_t *indices,
                                     float *scratch /* scratch_bytes, then [width + nb + k] */) {
@@ -331,30 +379,34 @@ static int64_t bias_top_k_bf16_rows(void *rows_in, const float *bias, int64_t ro
     Scratch select = scratch_at(scratch, nb, k);
     float *wide = scratch + scratch_bytes(nb, k) / (int64_t)sizeof(float);
     float *maxima = wide + width, *kept = maxima + nb;
+#ifdef BF16_VECTOR_PASS
+    const int64_t vectors_end = nb / 16 * 16;
+#else
+    const int64_t vectors_end = 0;
+#endif
     int64_t nan_rows = 0;
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *row = pre + r * width;
         int bad = 0;
-        for (int64_t b = 0; b < nb; b++) {  /* slice 0, then the others as the float32 rows do */
-            uint16_t h = float_to_bf16(bf16_to_float(row[b]) + bias[b]);
-            row[b] = h;
-            float v = bf16_to_float(h);
-            wide[b] = v;
-            maxima[b] = v;
-            bad |= v != v;
-        }
-        for (int64_t s = 1; s < 16; s++) {
+        for (int64_t s = 0; s < 16; s++) {  /* slice 0 sets the maxima, the others raise them */
             uint16_t *slice = row + s * nb;
             const float *bias_slice = bias + s * nb;
             float *wide_slice = wide + s * nb;
-            for (int64_t b = 0; b < nb; b++) {
-                uint16_t h = float_to_bf16(bf16_to_float(slice[b]) + bias_slice[b]);
-                slice[b] = h;
-                float v = bf16_to_float(h);
-                wide_slice[b] = v;
-                maxima[b] = maxima[b] > v ? maxima[b] : v;
-                bad |= v != v;
+#ifdef BF16_VECTOR_PASS
+            __mmask16 nan = 0;
+            for (int64_t b = 0; b < vectors_end; b += 16) {
+                const __m512 sum = _mm512_add_ps(widen16(_mm256_loadu_si256((const __m256i *)(slice + b))),
+                                                 _mm512_loadu_ps(bias_slice + b));
+                const __m256i rounded = round16_bf16(sum);
+                _mm256_storeu_si256((__m256i *)(slice + b), rounded);
+                const __m512 v = widen16(rounded);
+                _mm512_storeu_ps(wide_slice + b, v);
+                _mm512_storeu_ps(maxima + b, s == 0 ? v : _mm512_max_ps(_mm512_loadu_ps(maxima + b), v));
+                nan |= _mm512_cmp_ps_mask(sum, sum, _CMP_UNORD_Q);
             }
+            bad |= nan != 0;
+#endif
+            bad |= bf16_slice(slice, bias_slice, wide_slice, maxima, vectors_end, nb, s == 0);
         }
         if (bad) { nan_rows++; continue; }
         select_row(wide, maxima, &select, nb, k, kept, indices + r * k);
