@@ -33,7 +33,7 @@ class MatmulProbe:
 
 
 class AdamProbe:
-    """One bare Adam step (torch.optim.Adam, fused where torch has it for the device) over float32
+    """One bare Adam step (torch.optim.Adam with fused=True: torch's fastest) over float32
     parameters of the given shapes, each holding a gradient: the machine's floor for updating every
     parameter once. It is memory bound (each element's parameter, gradient and two moments read,
     three written: 28 bytes), so where a fast matmul makes the product short, as bfloat16 on AMX or
