@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saeworks.activations.compiled import compile_blocks
 from saeworks.activations.config import DataConfig, HarvestConfig, ModelConfig
 from saeworks.activations.hooks import HookPoint, capture_activations, resolve_hooks
 from saeworks.activations.model import (
@@ -99,6 +100,8 @@ def _harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, 
     cfg = HarvestJob(with_resolved_dtype(model_cfg, rank), data, settings, store_url)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, rank.device)
+    if cfg.harvest.compile:
+        compile_blocks(model)
     hooks = resolve_hooks(model, cfg.harvest.hooks)
     check_context_size(model, cfg.data.context_size)
     windows = _windows_or_error(tokenizer, cfg)

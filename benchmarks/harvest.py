@@ -2,6 +2,7 @@
 
     python benchmarks/harvest.py                       # embedded SmolLM2, layer 15, fp32, bf16, auto
     python benchmarks/harvest.py --dtypes float32 --tokens 32768
+    python benchmarks/harvest.py --dtypes bfloat16 --tokens 131072 --compile   # harvest.compile
 
 Both sides run the same token windows with the same batch size in the same process, each on a
 freshly loaded model (so both pay the same first-batch warm-up; loading is not timed). The limit is
@@ -9,6 +10,9 @@ the model's own base forward with its block list cut after the hooked layer (no 
 no disk); the harvester's figure is end to end: tokenising, the forward, the float16 conversion,
 compressing and writing the Zarr store. Prints one line per dtype with the ratio; for `auto`, the
 dtype this machine's probe resolved it to (sae/precision.py), beside the fixed figures.
+`--compile` harvests with `harvest.compile` (activations/compiled.py) against the same eager limit,
+so a ratio above 1 is the compiled forward's gain; the process's first harvest pays the compile
+(each run's figure is printed).
 """
 
 from __future__ import annotations
@@ -61,12 +65,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "auto"])
+    parser.add_argument("--compile", action="store_true", help="harvest with harvest.compile=true")
     args = parser.parse_args()
     hook = f"blocks.{args.layer}.hook_resid_post"
     for dtype in args.dtypes:
         cfg = load_config(RunConfig, None, [
             f"model.dtype={dtype}", "model.device=cpu", f"harvest.hooks=[{hook}]",
-            f"harvest.max_tokens={args.tokens}", f"harvest.batch_size={args.batch_size}"])
+            f"harvest.max_tokens={args.tokens}", f"harvest.batch_size={args.batch_size}",
+            f"harvest.compile={str(args.compile).lower()}"])
         model_cfg = ModelConfig(dtype=dtype, device="cpu")
         windows = np.stack(list(iter_windows(load_tokenizer(model_cfg), cfg.data,
                                              args.tokens // cfg.data.context_size)))
@@ -78,9 +84,10 @@ def main() -> None:
             ours.append(harvester(cfg))
         limit, rate = statistics.median(limits), statistics.median(ours)
         shown = f"auto -> {resolve_dtype(dtype, 'cpu')}" if dtype == "auto" else dtype
+        runs = f" | compiled, each run: {', '.join(f'{r:,.0f}' for r in ours)} tok/s" if args.compile else ""
         print(f"harvest: {rate:,.0f} tok/s ({shown}, {hook}, ctx {cfg.data.context_size}, batch "
               f"{args.batch_size}, {args.tokens} tokens, float16 store) | bare truncated forward "
-              f"{limit:,.0f} tok/s | ratio {rate / limit:.3f}", flush=True)
+              f"{limit:,.0f} tok/s | ratio {rate / limit:.3f}{runs}", flush=True)
 
 
 if __name__ == "__main__":
