@@ -23,30 +23,38 @@ from saeworks.activations.hooks import blocks_of
 log = logging.getLogger(__name__)
 
 
+class CompileState:
+    """What the blocks of one model share: whether compiling has failed (then none tries again)."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+
 class CompiledForward:
     """A block's `forward`: compiled where no hook is attached inside the block, else eager. A
-    compiled call that fails (no C compiler for inductor, an op it cannot lower) logs a warning
-    once and leaves the block eager; the same call then runs eagerly, so a genuine error of the
-    inputs is raised from there."""
+    compiled call that fails (no C compiler for inductor, an op it cannot lower) logs one warning
+    and leaves every block sharing `state` eager; the same call then runs eagerly, so a genuine
+    error of the inputs is raised from there."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, state: CompileState | None = None) -> None:
         self.block = block
+        self.state = state or CompileState()
         self.eager = block.forward
         self.compiled: Any = torch.compile(self.eager)
         self.calls = {"compiled": 0, "eager": 0}
         """How many calls took each forward (tests and benchmarks read it)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None and not hooked_inside(self.block):
+        if not self.state.failed and not hooked_inside(self.block):
             try:
                 out = self.compiled(*args, **kwargs)
                 self.calls["compiled"] += 1
                 return out
             except Exception as err:
-                log.warning("harvest.compile: compiling %s failed, it runs eagerly (%s: %s)",
-                            type(self.block).__name__, type(err).__name__, str(err).splitlines()[0][:300]
-                            if str(err) else "")
-                self.compiled = None
+                first_line = str(err).splitlines()[0][:300] if str(err) else ""
+                log.warning("harvest.compile: compiling %s failed, the blocks run eagerly (%s: %s)",
+                            type(self.block).__name__, type(err).__name__, first_line)
+                self.state.failed = True
         self.calls["eager"] += 1
         return self.eager(*args, **kwargs)
 
@@ -60,10 +68,10 @@ def hooked_inside(block: nn.Module) -> bool:
 def compile_blocks(model: nn.Module) -> list[CompiledForward]:
     """Give every transformer block of `model` a CompiledForward (once: a model already compiled
     keeps its own); returns them in block order."""
-    forwards = []
+    forwards, state = [], CompileState()
     for block in blocks_of(model):
         if not isinstance(block.forward, CompiledForward):
-            block.forward = CompiledForward(block)  # type: ignore[method-assign]
+            block.forward = CompiledForward(block, state)  # type: ignore[method-assign]
         forwards.append(block.forward)
     return forwards
 

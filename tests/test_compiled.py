@@ -83,26 +83,33 @@ def test_a_block_with_a_hook_inside_is_seen_and_its_own_hooks_are_not() -> None:
     assert not hooked_inside(block)
 
 
-def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_compile_warns_once_and_runs_every_block_eagerly(monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    attempts = []
+
     def no_compiler(fn):  # type: ignore[no-untyped-def]
         def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+            attempts.append(fn)
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
         return fail
 
     monkeypatch.setattr(compiled.torch, "compile", no_compiler)
-    block = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
-    block.forward = CompiledForward(block)  # type: ignore[method-assign]
+    state = compiled.CompileState()
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(2)]
+    for block in blocks:
+        block.forward = CompiledForward(block, state)  # type: ignore[method-assign]
     x = torch.randn(5, 4)
     with caplog.at_level(logging.WARNING, logger="saeworks.activations.compiled"):
-        first, second = block(x), block(x)
-    want = torch.tanh(x @ block[0].weight.T + block[0].bias)
-    torch.testing.assert_close(first, want)
-    torch.testing.assert_close(second, want)
+        outputs = [blocks[1](blocks[0](x)) for _ in range(2)]
+    want = torch.tanh(torch.tanh(x @ blocks[0][0].weight.T + blocks[0][0].bias) @ blocks[1][0].weight.T
+                      + blocks[1][0].bias)
+    for out in outputs:
+        torch.testing.assert_close(out, want)
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "compiling Sequential failed, it runs eagerly" in warnings[0]
+    assert len(warnings) == 1 and "compiling Sequential failed, the blocks run eagerly" in warnings[0]
     assert "no working C++ compiler" in warnings[0] and "more detail" not in warnings[0]
-    assert block.forward.calls == {"compiled": 0, "eager": 2}
+    assert len(attempts) == 1  # the second block never tried
+    assert [b.forward.calls for b in blocks] == [{"compiled": 0, "eager": 2}] * 2
 
 
 @pytest.mark.slow
