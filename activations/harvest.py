@@ -49,6 +49,7 @@ from saeworks.activations.verify import repair_store
 from saeworks.sae.atomic import fault_point
 from saeworks.sae.configio import ConfigError
 from saeworks.sae.distributed import RankInfo, barrier, rank_info
+from saeworks.sae.heap import keep_freed_heap
 from saeworks.sae.locks import exclusive_writer
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def _harvest(model_cfg: ModelConfig, data: DataConfig, settings: HarvestConfig, 
         log.info("store %s is already complete (%d tokens)", store.url, store.n_tokens)
         return HarvestResult(store.url, store.n_tokens, 0, [], rank.rank, rank.world_size, 0.0)
     start = time.perf_counter()
-    shards, n_windows = _harvest_shards(store, model, hooks, windows, rank, cfg.harvest.batch_size)
+    with keep_freed_heap():  # each batch's temporaries reused, not page-faulted anew (sae/heap.py)
+        shards, n_windows = _harvest_shards(store, model, hooks, windows, rank, cfg.harvest.batch_size)
     barrier()
     if rank.is_main:
         finalize(store, n_windows)
