@@ -75,7 +75,3 @@ def compile_blocks(model: nn.Module) -> list[CompiledForward]:
         forwards.append(block.forward)
     return forwards
 
-
-def compiled_forwards(model: nn.Module) -> list[CompiledForward]:
-    """The CompiledForwards of `model`'s blocks (empty where `compile_blocks` never ran on it)."""
-    return [b.forward for b in blocks_of(model) if isinstance(b.forward, CompiledForward)]

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from saeworks.activations import compiled
-from saeworks.activations.compiled import CompiledForward, compile_blocks, compiled_forwards, hooked_inside
+from saeworks.activations.compiled import CompiledForward, compile_blocks, hooked_inside
 from saeworks.activations.config import ModelConfig
-from saeworks.activations.hooks import capture_activations, hooks_attached
+from saeworks.activations.hooks import blocks_of, capture_activations, hooks_attached
 from saeworks.activations.model import load_model
 from saeworks.activations.store import ActivationStore
 from saeworks.cli import main
@@ -24,10 +24,10 @@ HOOKS = ["blocks.2.hook_resid_post", "blocks.3.mlp.hook_post"]
 
 @pytest.fixture(scope="module")
 def compiled_model():  # type: ignore[no-untyped-def]
-    """The embedded model with compiled blocks (its own instance: the shared fixture stays eager)."""
+    """(the embedded model with compiled blocks, their CompiledForwards): its own instance, the
+    shared fixture stays eager."""
     model = load_model(ModelConfig(name="embedded", dtype="float32", device="cpu"))
-    compile_blocks(model)
-    return model
+    return model, compile_blocks(model)
 
 
 INPUT_IDS = torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -38,11 +38,13 @@ def test_compiled_blocks_give_the_eager_activations(  # type: ignore[no-untyped-
         compiled_model, embedded_model) -> None:
     """Blocks 0-2 run compiled (block 2's hook is its own post-hook, outside its forward); block 3
     holds the MLP hook, so it runs eagerly; the forward stops there. Activations as eager's."""
-    forwards = compiled_forwards(compiled_model)
-    assert len(forwards) == compiled_model.config.num_hidden_layers
-    assert compiled_forwards(embedded_model) == []
+    model, forwards = compiled_model
+    assert len(forwards) == model.config.num_hidden_layers
+    assert [block.forward for block in blocks_of(model)] == forwards
+    assert compile_blocks(model) == forwards  # compiling again keeps the same ones
+    assert not any(isinstance(block.forward, CompiledForward) for block in blocks_of(embedded_model))
     before = [dict(f.calls) for f in forwards[:5]]
-    got = capture_activations(compiled_model, INPUT_IDS, HOOKS)
+    got = capture_activations(model, INPUT_IDS, HOOKS)
     want = capture_activations(embedded_model, INPUT_IDS, HOOKS)
     for name in HOOKS:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
@@ -61,14 +63,14 @@ def test_a_hook_writing_a_blocks_output_intervenes_through_the_compiled_block(  
         return activation * 0.5
 
     logits = []
-    for model in (compiled_model, embedded_model):
+    for model in (compiled_model[0], embedded_model):
         with torch.no_grad(), hooks_attached(model, {"blocks.1.hook_resid_post": halve}):
             logits.append(model(input_ids=INPUT_IDS).logits)
     with torch.no_grad():
         clean = embedded_model(input_ids=INPUT_IDS).logits
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-3)
     assert (logits[1] - clean).abs().max() > 1.0  # the hook did change the output
-    assert all(f.calls["compiled"] >= 1 for f in compiled_forwards(compiled_model))
+    assert all(f.calls["compiled"] >= 1 for f in compiled_model[1])
 
 
 def test_a_block_with_a_hook_inside_is_seen_and_its_own_hooks_are_not() -> None:
